@@ -1,0 +1,50 @@
+"""Quantized tensor kernels: dequantize, matmul (y = x @ W.T), get_rows, behind one fast backend.
+
+The backend is chosen once at import: ahead-of-time compiled kernels for the best CPU
+variant present, else Numba JIT (if numba is importable), else pure NumPy. The
+GGUFILE_KERNELS environment variable forces one (generic|x86-64-v3|x86-64-v4|jit|numpy).
+
+Weights come in the reader's form: a read-only (rows, row_bytes) uint8 view for quantized
+types, (rows, k) float32/float16 for F32/F16, (rows, k) uint16 for BF16. They are never
+written or copied whole.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggufile.runtime import quants
+from ggufile.runtime.constants import GGMLType
+from ggufile.runtime.kernels import numpy_backend as _impl
+
+backend: str = _impl.NAME
+
+
+def _as_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x)
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
+    """A tensor's bytes (any shape, C-contiguous) -> float32 (n_elements,)."""
+    return _impl.dequantize(raw, GGMLType(qtype), n_elements)
+
+
+def matmul(w: np.ndarray, qtype: GGMLType, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ dequant(W).T for x (n_tok, k) float32 -> (n_tok, rows) float32 (written into `out` if given)."""
+    x = _as_rows(x)
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    return _impl.matmul(w, GGMLType(qtype), x, out)
+
+
+def matmul_multi(pairs: list[tuple[np.ndarray, GGMLType]], x: np.ndarray) -> list[np.ndarray]:
+    """Several weights applied to the same input (fused q/k/v, gate/up) in one dispatch round."""
+    x = _as_rows(x)
+    return [matmul(w, qtype, x) for w, qtype in pairs]
+
+
+def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray) -> np.ndarray:
+    """Embedding lookup: the dequantized rows `ids` of W -> float32 (len(ids), k)."""
+    qtype = GGMLType(qtype)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return _impl.get_rows(w, qtype, ids, quants.row_elements(w, qtype))

@@ -1,0 +1,27 @@
+"""The slowest backend: NumPy only (no compiled kernels). Dequantizes W in row tiles and uses BLAS."""
+from __future__ import annotations
+
+import numpy as np
+
+from ggufile.runtime import quants
+from ggufile.runtime.constants import GGMLType
+
+NAME = "numpy"
+# Rows dequantized at once: bounds the float32 scratch to ~TILE_ROWS * k * 4 bytes.
+TILE_ROWS = 1024
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
+    return quants.dequantize(raw, qtype, n_elements)
+
+
+def matmul(w: np.ndarray, qtype: GGMLType, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    k = x.shape[1]
+    for r0 in range(0, w.shape[0], TILE_ROWS):
+        tile = quants.dequantize_matrix(w[r0:r0 + TILE_ROWS], qtype, k)
+        np.matmul(x, tile.T, out=out[:, r0:r0 + tile.shape[0]])
+    return out
+
+
+def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray, k: int) -> np.ndarray:
+    return quants.dequantize_matrix(np.ascontiguousarray(w[ids]), qtype, k)

@@ -1,0 +1,203 @@
+"""Pure-NumPy reference for every GGML weight format: dequantization and the 8-bit activation scheme.
+
+This module is the test oracle for the compiled kernels and the slow fallback when none
+exist. Each `_dequant_*` takes the blocks of a tensor as a (n_blocks, type_size) uint8 array
+and returns (n_blocks, block_size) float32, with the same operation order as ggml's
+dequantize_row_* so results are bit-exact.
+
+The activation side mirrors llama.cpp's CPU backend: before a quantized dot product it
+quantizes the float activation row per block (Q8_0, Q8_1 or Q8_K) and sums integer products,
+so our logits follow the same rounding as the implementation we are compared against.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.errors import UnsupportedModelError
+
+_NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
+_CRUMB_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
+_BIT_SHIFTS8 = np.arange(8, dtype=np.uint8)
+_BIT_SHIFTS32 = np.arange(32, dtype=np.uint32)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 -> (n, 1) float32, the way ggml widens its fp16 scales."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, group: int) -> np.ndarray:
+    """Split packed 4-bit values: each run of `group` bytes gives `group` low then `group` high nibbles."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, group) >> _NIBBLE_SHIFTS.reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(n, -1)
+
+
+def _high_bits_32(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: bit j of the little-endian uint32 qh is the 5th bit of element j."""
+    bits = np.ascontiguousarray(qh).view(np.uint32).reshape(-1, 1) >> _BIT_SHIFTS32
+    return (bits & np.uint32(1)).astype(np.uint8)
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:
+    d = _f16(b[:, :2])
+    q = _nibbles(b[:, 2:], QK // 2).astype(np.int8) - np.int8(8)
+    return d * q.astype(np.float32)
+
+
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return d * _nibbles(b[:, 4:], QK // 2).astype(np.float32) + m
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
+    d = _f16(b[:, :2])
+    q = _nibbles(b[:, 6:], QK // 2) | (_high_bits_32(b[:, 2:6]) << np.uint8(4))
+    return d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = _nibbles(b[:, 8:], QK // 2) | (_high_bits_32(b[:, 4:8]) << np.uint8(4))
+    return d * q.astype(np.float32) + m
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """2-bit values: each 32-byte run gives 4 x 32 values (shifts 0, 2, 4, 6)."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, 32) >> _CRUMB_SHIFTS.reshape(1, 1, 4, 1)
+    return (q & np.uint8(3)).reshape(n, -1)
+
+
+def _dequant_q2_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (scales & np.uint8(0xF)).astype(np.float32)).reshape(n, 16, 1)
+    ml = (dmin * (scales >> np.uint8(4)).astype(np.float32)).reshape(n, 16, 1)
+    q = _crumbs(qs).reshape(n, 16, 16).astype(np.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """Q3_K: 16 signed 6-bit scales from 12 bytes -> (n, 16) int8 (already minus 32)."""
+    n = packed.shape[0]
+    low = (packed[:, :8].reshape(n, 1, 8) >> _NIBBLE_SHIFTS.reshape(1, 2, 1)).reshape(n, 16)
+    high = (packed[:, 8:12].reshape(n, 1, 4) >> _CRUMB_SHIFTS.reshape(1, 4, 1)).reshape(n, 16)
+    sc = (low & np.uint8(0x0F)) | ((high & np.uint8(3)) << np.uint8(4))
+    return sc.astype(np.int8) - np.int8(32)
+
+
+def _dequant_q3_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    hmask, qs, packed = b[:, :32], b[:, 32:96], b[:, 96:108]
+    d = _f16(b[:, 108:110])
+    dl = (d * q3_k_scales(packed).astype(np.float32)).reshape(n, 16, 1)
+    low = _crumbs(qs).reshape(n, 16, 16)
+    high = (hmask.reshape(n, 1, 32) >> _BIT_SHIFTS8.reshape(1, 8, 1)).reshape(n, 16, 16) & np.uint8(1)
+    # A clear hmask bit means "subtract 4" (ggml stores the bit inverted).
+    q = low.astype(np.int8) - ((high ^ np.uint8(1)) << np.uint8(2)).astype(np.int8)
+    return (dl * q.astype(np.float32)).reshape(n, QK_K)
+
+
+def k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: eight 6-bit (scale, min) pairs from 12 bytes -> two (n, 8) uint8 arrays."""
+    n = packed.shape[0]
+    p = packed.reshape(n, 3, 4)
+    d, m, md = p[:, 0], p[:, 1], p[:, 2]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = k_scale_min(b[:, 4:16])
+    dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
+    ml = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).astype(np.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = k_scale_min(b[:, 4:16])
+    qh, qs = b[:, 16:48], b[:, 48:]
+    dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
+    ml = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+    high = (qh.reshape(n, 1, 32) >> _BIT_SHIFTS8.reshape(1, 8, 1)) & np.uint8(1)
+    q = _nibbles(qs, 32).reshape(n, 8, 32) | (high << np.uint8(4))
+    return (dl * q.astype(np.float32) - ml).reshape(n, QK_K)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    ql, qh, scales = b[:, :128], b[:, 128:192], b[:, 192:208]
+    d = _f16(b[:, 208:210])
+    dl = (d * scales.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+    low = _nibbles(ql, 64).reshape(n, 8, 32)
+    high = _crumbs(qh).reshape(n, 8, 32)
+    q = (low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
+    return (dl * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+_BLOCK_DEQUANT = {
+    GGMLType.Q4_0: _dequant_q4_0,
+    GGMLType.Q4_1: _dequant_q4_1,
+    GGMLType.Q5_0: _dequant_q5_0,
+    GGMLType.Q5_1: _dequant_q5_1,
+    GGMLType.Q8_0: _dequant_q8_0,
+    GGMLType.Q2_K: _dequant_q2_k,
+    GGMLType.Q3_K: _dequant_q3_k,
+    GGMLType.Q4_K: _dequant_q4_k,
+    GGMLType.Q5_K: _dequant_q5_k,
+    GGMLType.Q6_K: _dequant_q6_k,
+}
+
+FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16/uint8 bytes) -> float32: the top half of a float32."""
+    bits = np.ascontiguousarray(raw).reshape(-1).view(np.uint16)
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
+    """The first n_elements of a tensor's bytes (any shape/dtype, C-contiguous) -> float32 (n_elements,)."""
+    qtype = GGMLType(qtype)
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if qtype == GGMLType.F32:
+        return data[: 4 * n_elements].view(np.float32).copy()
+    if qtype == GGMLType.F16:
+        return data[: 2 * n_elements].view(np.float16).astype(np.float32)
+    if qtype == GGMLType.BF16:
+        return bf16_to_f32(data[: 2 * n_elements])
+    if qtype not in _BLOCK_DEQUANT:
+        raise UnsupportedModelError(f"tensor type {qtype.name} is not supported")
+    info = QUANT_TABLE[qtype]
+    n_blocks = n_elements // info.block_size
+    blocks = data[: n_blocks * info.type_size].reshape(n_blocks, info.type_size)
+    return _BLOCK_DEQUANT[qtype](blocks).reshape(-1)
+
+
+def dequantize_matrix(w: np.ndarray, qtype: GGMLType, k: int) -> np.ndarray:
+    """A (rows, row_bytes) or (rows, k) weight as the reader gives it -> float32 (rows, k)."""
+    rows = w.shape[0]
+    return dequantize(w, qtype, rows * k).reshape(rows, k)
+
+
+def row_elements(w: np.ndarray, qtype: GGMLType) -> int:
+    """Elements per row (k) of a weight matrix in the reader's form."""
+    qtype = GGMLType(qtype)
+    if qtype in FLOAT_TYPES:
+        return w.shape[1]
+    info = QUANT_TABLE[qtype]
+    return w.shape[1] // info.type_size * info.block_size
