@@ -1,0 +1,258 @@
+"""The runtime's command line: `ggufile run -m MODEL …` and, inside a built executable, `./model …`.
+
+Both are the same click command. In an executable the model is embedded (no -m) and the
+build-time default arguments come first, so whatever the user types overrides them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from .errors import GGUFileError
+from .sampling import SamplingParams
+
+
+def sampling_options(f):
+    """Options shared by every command that generates text."""
+    decorators = [
+        click.option("--temp", "temperature", type=click.FloatRange(0, 10), default=0.8, show_default=True,
+                     help="Sampling temperature; 0 is greedy and deterministic."),
+        click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="0 disables."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(0, 10), default=1.0, show_default=True),
+        click.option("--repeat-last-n", type=click.IntRange(0), default=64, show_default=True),
+        click.option("-s", "--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+                     help="Random seed for reproducible sampling."),
+    ]
+    for decorate in reversed(decorators):
+        f = decorate(f)
+    return f
+
+
+def model_options(f):
+    """Options that say which model to load and how."""
+    decorators = [
+        click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False), default=None,
+                     help="GGUF model file (not needed inside a built executable)."),
+        click.option("-c", "--ctx-size", type=click.IntRange(0, 1 << 20), default=4096, show_default=True,
+                     help="Context size in tokens; 0 means the model's training context."),
+        click.option("-t", "--threads", type=click.IntRange(1, 1024), default=None,
+                     help="Worker threads (default: all cores)."),
+    ]
+    for decorate in reversed(decorators):
+        f = decorate(f)
+    return f
+
+
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@model_options
+@click.option("-p", "--prompt", default=None, help="Complete this prompt and stream the text to stdout.")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", type=click.IntRange(-1), default=-1, show_default=True,
+              help="Tokens to generate; -1 runs until the model stops or the context is full.")
+@sampling_options
+@click.option("--chat", "-cnv", is_flag=True, help="Chat in the terminal (keeps the conversation).")
+@click.option("--system", default=None, help="System prompt for --chat.")
+@click.option("--server", is_flag=True, help="Serve the web UI and an OpenAI-compatible API.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Server address (0.0.0.0 shares it on your network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Require this Bearer key on API requests.")
+@click.option("--nobrowser", is_flag=True, help="Do not open a browser when the server starts.")
+@click.option("--info", is_flag=True, help="Describe the model and exit.")
+@click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
+              help="Echo the prompt before the completion.")
+@click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
+@click.pass_context
+def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
+                server, host, port, api_key, nobrowser, info, display_prompt, verbose, **sampling):
+    """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server)."""
+    embedded = ctx.obj
+    if threads:
+        os.environ["GGUFILE_THREADS"] = str(threads)  # read by the kernels' thread pool at import
+    if prompt_file is not None:
+        prompt = prompt_file.read()
+    if info:
+        _print_info(embedded, model_path)
+        return
+    if prompt is None and not chat and not server:
+        click.echo(_short_help(embedded, model_path, ctx))
+        return
+    engine = _open_engine(embedded, model_path, ctx_size)
+    params = SamplingParams(**sampling)
+    if server:
+        from .server import serve
+
+        serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser)
+    elif chat:
+        chat_repl(engine, params, system, n_predict)
+    else:
+        complete(engine, prompt, params, n_predict, display_prompt, verbose)
+
+
+def _open_engine(embedded, model_path, ctx_size):
+    from .engine import Engine
+
+    n_ctx = ctx_size or None
+    if ctx_size == 0:
+        n_ctx = 1 << 20  # clipped to the model's training context by the engine
+    if embedded is not None and model_path is None:
+        return Engine.open(embedded.path, embedded.offset, embedded.size, n_ctx=n_ctx,
+                           name=getattr(embedded, "name", None))
+    if model_path is None:
+        raise GGUFileError("no model given: use -m MODEL.gguf")
+    return Engine.open(model_path, n_ctx=n_ctx)
+
+
+def complete(engine, prompt: str, params: SamplingParams, n_predict: int, display_prompt: bool,
+             verbose: bool) -> None:
+    """Stream a plain completion of `prompt` to stdout."""
+    ids = engine.tokenize(prompt)
+    out = sys.stdout
+    if display_prompt:
+        out.write(prompt)
+        out.flush()
+    t0 = time.perf_counter()
+    n_out = 0
+    t_first = None
+    for chunk in engine.generate(ids, params, max_tokens=n_predict):
+        if t_first is None:
+            t_first = time.perf_counter()
+        n_out += chunk.token_id is not None and chunk.finish_reason is None
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if verbose and t_first is not None:
+        t_end = time.perf_counter()
+        decode_s = t_end - t_first
+        click.echo(f"prompt: {len(ids)} tokens in {t_first - t0:.3f} s "
+                   f"({len(ids) / max(t_first - t0, 1e-9):.1f} tok/s); "
+                   f"generated: {n_out} tokens in {decode_s:.3f} s "
+                   f"({n_out / max(decode_s, 1e-9):.1f} tok/s)", err=True)
+
+
+def chat_repl(engine, params: SamplingParams, system: str | None, n_predict: int) -> None:
+    """A terminal chat that keeps the conversation (and the KV cache of it) across turns."""
+    interactive = sys.stdin.isatty()
+    messages = [{"role": "system", "content": system}] if system else []
+    if interactive:
+        click.echo(f"Chatting with {engine.model_name}. /reset starts over, /exit or Ctrl-D quits.", err=True)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _chat_turn(engine, messages, params, n_predict)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _chat_turn(engine, messages, params, n_predict) -> str:
+    ids = _fit_history(engine, messages)
+    parts = []
+    try:
+        for chunk in engine.generate(ids, params, max_tokens=n_predict):
+            parts.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass  # stop this answer, keep chatting
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts).strip()
+
+
+def _fit_history(engine, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation, dropping the oldest turns until a reply has room."""
+    reserve = min(512, engine.n_ctx // 4)
+    while True:
+        ids = engine.chat_ids(messages)
+        first_turn = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) + reserve <= engine.n_ctx or len(messages) - first_turn <= 1:
+            return ids
+        del messages[first_turn:first_turn + 2]  # oldest user/assistant pair
+
+
+def _print_info(embedded, model_path) -> None:
+    from .gguf_reader import GGUFReader
+    from .model_info import describe_gguf
+
+    if embedded is not None and model_path is None:
+        info = embedded.describe()
+    elif model_path is not None:
+        info = describe_gguf(GGUFReader(model_path))
+    else:
+        raise GGUFileError("no model given: use -m MODEL.gguf")
+    for key, value in info.items():
+        click.echo(f"{key:>16}: {value}")
+
+
+def _short_help(embedded, model_path, ctx) -> str:
+    if embedded is None:
+        return ctx.get_help()
+    prog = os.path.basename(sys.argv[0]) or "model"
+    name = getattr(embedded, "name", None) or "the embedded model"
+    return "\n".join([
+        f"{prog}: {name}, packed into one executable by ggufile.",
+        "",
+        f"  ./{prog} -p \"Once upon a time\"     complete a prompt",
+        f"  ./{prog} --chat                     chat in the terminal",
+        f"  ./{prog} --server                   web UI + OpenAI-compatible API on http://127.0.0.1:8080",
+        f"  ./{prog} --info                     what is inside",
+        f"  ./{prog} --help                     every option",
+    ])
+
+
+@click.command("tokenize")
+@click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False), required=True, help="GGUF model file.")
+@click.option("--no-bos", is_flag=True, help="Do not add the BOS/special tokens the model's metadata asks for.")
+@click.option("--special", is_flag=True, help="Parse control tokens such as <|im_start|> in the text.")
+@click.argument("text")
+def tokenize_command(model_path, no_bos, special, text):
+    """Print the token ids of TEXT as a JSON list (like llama.cpp's llama-tokenize)."""
+    from .gguf_reader import GGUFReader
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_metadata(GGUFReader(model_path).metadata)
+    click.echo(json.dumps(tok.encode(text, add_special=not no_bos, parse_special=special)))
+
+
+def main(argv: list[str] | None = None, embedded=None) -> int:
+    """Entry point of the executable (embedded model) and of `python -m ggufile.runtime`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if embedded is not None and argv:
+        argv = list(getattr(embedded, "default_args", []) or []) + argv
+    try:
+        run_command.main(args=argv, prog_name=os.path.basename(sys.argv[0]) or "ggufile",
+                         standalone_mode=False, obj=embedded)
+    except click.exceptions.Exit as exit_:
+        return exit_.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.Abort:
+        return 130
+    except GGUFileError as err:
+        click.echo(f"Error: {err}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
