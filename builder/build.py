@@ -1,0 +1,180 @@
+"""Write, re-stub, extract and verify ggufile executables (layout: ggufile.runtime.container).
+
+Every output is written to a temporary file in the destination folder and renamed into place
+only when complete, so an interrupted or failed build (bad model, full disk, Ctrl-C) leaves
+nothing behind and never clobbers an existing file with half of a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ggufile.runtime import __version__
+from ggufile.runtime.container import (
+    FORMAT_VERSION,
+    EmbeddedModel,
+    align_up,
+    find_pyinstaller_archive,
+    pack_trailer,
+    read_container,
+    read_exe,
+)
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError
+from ggufile.runtime.gguf_reader import GGUFReader
+from ggufile.runtime.model_info import describe_gguf
+
+from . import elf
+from .stub import stub_info
+
+Progress = Callable[[int], None] | None
+CHUNK = 4 << 20
+
+
+def validate_model(path: Path) -> dict:
+    """Open the GGUF the way the runtime will, so a broken or unsupported model fails here,
+    before anything is written. Returns describe_gguf() facts."""
+    with GGUFReader(path) as reader:
+        from ggufile.runtime.model import load_model  # weights stay mmap views: cheap
+
+        load_model(reader)
+        return describe_gguf(reader)
+
+
+def default_name(path: Path, facts: dict) -> str:
+    return facts.get("model") or Path(path).stem
+
+
+# -- output ------------------------------------------------------------------------------------
+def check_output(dest: Path) -> Path:
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise GGUFileError(f"output folder {parent} does not exist")
+    if dest.is_dir():
+        raise GGUFileError(f"{dest} is a directory")
+    return dest
+
+
+@contextmanager
+def atomic_output(dest: Path, executable: bool) -> Iterator:
+    """Yield a binary file in dest's folder; rename it to dest on success, delete it otherwise."""
+    dest = check_output(dest)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as err:
+        raise GGUFileError(f"cannot write to {dest.parent}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if executable else 0o666) & ~umask)
+        os.replace(tmp, dest)
+    except OSError as err:
+        _unlink(tmp)
+        raise GGUFileError(f"cannot write {dest}: {err.strerror or err}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def copy_window(src: Path, offset: int, size: int, out, progress: Progress = None) -> str:
+    """Copy src[offset:offset+size] to `out`, returning the sha256 of the bytes copied."""
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = size
+        while left:
+            block = f.read(min(left, CHUNK))
+            if not block:
+                raise GGUFFormatError(f"{src}: truncated, the model ends early")
+            h.update(block)
+            out.write(block)
+            left -= len(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+# -- executables -----------------------------------------------------------------------------
+def check_stub(stub: Path) -> int:
+    """The archive offset of a bare stub (error if it is not one)."""
+    stub = Path(stub)
+    if not stub.is_file():
+        raise GGUFileError(f"stub {stub}: no such file")
+    pkg = find_pyinstaller_archive(stub)
+    if pkg is None:
+        raise GGUFileError(f"{stub} is not a ggufile stub (no PyInstaller archive)")
+    try:
+        read_exe(stub)
+    except GGUFileError:
+        return pkg
+    raise GGUFileError(f"{stub} already holds a model; pass a bare stub")
+
+
+def write_executable(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
+                     progress: Progress = None, expect_sha256: str | None = None) -> str:
+    """[stub head][pad][GGUF = src window][trailer][stub archive+tail] -> out; returns sha256."""
+    pkg = check_stub(stub)
+    data = bytearray(Path(stub).read_bytes())
+    gguf_offset = align_up(pkg)
+    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)))
+    trailer_len = len(pack_trailer(gguf_offset, size, "00" * 32, meta))
+    elf.shift_after(data, pkg, gguf_offset - pkg + size + trailer_len)
+    with atomic_output(out, executable=True) as f:
+        f.write(data[:pkg])
+        f.write(bytes(gguf_offset - pkg))
+        digest = copy_window(src, offset, size, f, progress)
+        if expect_sha256 and digest != expect_sha256:
+            raise GGUFileError(f"{src}: the model's checksum does not match its record "
+                               f"(corrupted); nothing written")
+        f.write(pack_trailer(gguf_offset, size, digest, meta))
+        f.write(data[pkg:])
+    return digest
+
+
+def build_executable(model: Path, out: Path, stub: Path, name: str | None = None,
+                     default_args: list[str] | None = None, progress: Progress = None) -> EmbeddedModel:
+    facts = validate_model(model)
+    check_output(out)
+    meta = {"name": name or default_name(model, facts), "default_args": list(default_args or []),
+            "source": Path(model).name, "built_by": __version__}
+    write_executable(out, stub, Path(model), 0, Path(model).stat().st_size, meta, progress)
+    return read_exe(out)
+
+
+def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress = None) -> EmbeddedModel:
+    """Swap the launcher of a built executable, keeping its model, name and default args."""
+    old = read_exe(path)
+    keep = {k: v for k, v in old.meta.items() if k not in ("stub", "format_version")}
+    write_executable(out or path, stub, old.path, old.offset, old.size, keep, progress,
+                     expect_sha256=old.sha256)
+    return read_exe(out or path)
+
+
+# -- any container -----------------------------------------------------------------------------
+def extract(path: Path, out: Path, progress: Progress = None) -> EmbeddedModel:
+    """Write the embedded GGUF, byte-identical, to `out` (checked against its sha256)."""
+    model = read_container(path)
+    with atomic_output(out, executable=False) as f:
+        digest = copy_window(model.path, model.offset, model.size, f, progress)
+        if digest != model.sha256:
+            raise GGUFileError(f"{path}: the embedded model fails its checksum (corrupted); "
+                               f"nothing extracted")
+    return model
+
+
+def verify(path: Path, progress: Progress = None) -> tuple[EmbeddedModel, bool]:
+    model = read_container(path)
+    return model, model.verify(progress)

