@@ -201,3 +201,67 @@ def row_elements(w: np.ndarray, qtype: GGMLType) -> int:
         return w.shape[1]
     info = QUANT_TABLE[qtype]
     return w.shape[1] // info.type_size * info.block_size
+
+
+# --- the 8-bit activation scheme of llama.cpp's CPU dot products --------------------------------
+# Which activation format each weight type's dot product uses (ggml's vec_dot_type).
+Q8_0_FAMILY = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0})
+Q8_K_FAMILY = frozenset({GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+
+
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activation rows (n_tok, k) -> Q8_0/Q8_1 as ggml's x86 path makes them.
+
+    Returns the int8 values as float32 (n_tok, k), the fp16-rounded block scales d
+    (n_tok, k/32) and Q8_1's fp16-rounded d * sum(values) (n_tok, k/32).
+    """
+    n_tok, k = x.shape
+    blocks = x.astype(np.float32).reshape(n_tok, k // QK, QK)
+    amax = np.abs(blocks).max(axis=-1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv[..., None])  # _mm256_round_ps nearest: ties to even
+    s = (d * q.sum(axis=-1, dtype=np.float32)).astype(np.float16).astype(np.float32)
+    return q.reshape(n_tok, k), d.astype(np.float16).astype(np.float32), s
+
+
+def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activation rows -> Q8_K (quantize_row_q8_K_ref): values, float32 scales (n_tok, k/256), sums of 16."""
+    n_tok, k = x.shape
+    blocks = x.astype(np.float32).reshape(n_tok, k // QK_K, QK_K)
+    first_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(first_max != 0, np.float32(-127) / first_max, np.float32(0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.float32(127), np.rint(iscale[..., None] * blocks))
+    bsums = q.reshape(n_tok, k // 16, 16).sum(axis=-1)
+    return q.reshape(n_tok, k), d, bsums
+
+
+def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
+    """x @ W.T with x quantized like llama.cpp does for W's type, summed exactly (float64).
+
+    For Q4_1/Q5_1 the block minimum multiplies Q8_1's stored fp16 d*sum, as in ggml.
+    Other types (float weights) use x as is.
+    """
+    qtype = GGMLType(qtype)
+    k = x.shape[1]
+    wf = dequantize_matrix(w, qtype, k).astype(np.float64)
+    if qtype in Q8_K_FAMILY:
+        q, d, _ = quantize_q8_k(x)
+        xr = (q.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
+        return xr.astype(np.float64) @ wf.T
+    if qtype not in Q8_0_FAMILY:
+        return x.astype(np.float64) @ wf.T
+    q, d, s = quantize_q8_0(x)
+    xr = (q.reshape(len(x), -1, QK).astype(np.float64) * d[..., None]).reshape(x.shape)
+    y = xr @ wf.T
+    if qtype in (GGMLType.Q4_1, GGMLType.Q5_1):
+        # ggml adds m * s where s = fp16(d * sum q); dequant(W) @ xr added m * d * sum q.
+        info = QUANT_TABLE[qtype]
+        blocks = np.ascontiguousarray(w).reshape(-1, info.type_size)
+        m = _f16(blocks[:, 2:4]).astype(np.float64).reshape(w.shape[0], -1)
+        exact = d.astype(np.float64) * q.reshape(len(x), -1, QK).sum(axis=-1)
+        y += (s - exact) @ m.T
+    return y

@@ -1,8 +1,10 @@
 """Quantized tensor kernels: dequantize, matmul (y = x @ W.T), get_rows, behind one fast backend.
 
-The backend is chosen once at import: ahead-of-time compiled kernels for the best CPU
-variant present, else Numba JIT (if numba is importable), else pure NumPy. The
-GGUFILE_KERNELS environment variable forces one (generic|x86-64-v3|x86-64-v4|jit|numpy).
+The backend is chosen once at import: ahead-of-time compiled kernels for the best CPU variant
+this machine runs (built by `python -m ggufile.runtime.kernels.aot_build`), else Numba JIT (if
+numba is importable), else pure NumPy. GGUFILE_KERNELS forces one:
+generic | x86-64-v3 | x86-64-v4 | aarch64 | jit | numpy. With an AOT build present, importing
+this package neither compiles anything nor imports numba.
 
 Weights come in the reader's form: a read-only (rows, row_bytes) uint8 view for quantized
 types, (rows, k) float32/float16 for F32/F16, (rows, k) uint16 for BF16. They are never
@@ -10,13 +12,57 @@ written or copied whole.
 """
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy as np
 
 from ggufile.runtime import quants
 from ggufile.runtime.constants import GGMLType
-from ggufile.runtime.kernels import numpy_backend as _impl
+from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.kernels import cpu
+from ggufile.runtime.kernels import numpy_backend as _numpy_backend
 
-backend: str = _impl.NAME
+ENV_BACKEND = "GGUFILE_KERNELS"
+
+
+def _load_aot(variant: str):
+    from ggufile.runtime.kernels.compiled import CompiledBackend
+
+    module = importlib.import_module(f"{__name__}.{cpu.module_name(variant)}")
+    return CompiledBackend(f"aot:{variant}", module)
+
+
+def _load_jit():
+    from ggufile.runtime.kernels import jit_backend
+    from ggufile.runtime.kernels.compiled import CompiledBackend
+
+    return CompiledBackend(jit_backend.NAME, jit_backend.load())
+
+
+def _select():
+    forced = os.environ.get(ENV_BACKEND, "").strip()
+    if forced == "numpy":
+        return _numpy_backend
+    if forced == "jit":
+        return _load_jit()
+    if forced:
+        if forced not in cpu.variants_for_machine():
+            raise GGUFileError(f"{ENV_BACKEND}={forced}: unknown backend for {cpu.machine()}")
+        return _load_aot(forced)
+    for variant in cpu.runnable_variants():
+        try:
+            return _load_aot(variant)
+        except ImportError:
+            continue
+    try:
+        return _load_jit()
+    except ImportError:
+        return _numpy_backend
+
+
+_impl = _select()
+backend: str = _impl.NAME if _impl is _numpy_backend else _impl.name
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
@@ -40,11 +86,15 @@ def matmul(w: np.ndarray, qtype: GGMLType, x: np.ndarray, out: np.ndarray | None
 def matmul_multi(pairs: list[tuple[np.ndarray, GGMLType]], x: np.ndarray) -> list[np.ndarray]:
     """Several weights applied to the same input (fused q/k/v, gate/up) in one dispatch round."""
     x = _as_rows(x)
-    return [matmul(w, qtype, x) for w, qtype in pairs]
+    outs = [np.empty((x.shape[0], w.shape[0]), dtype=np.float32) for w, _ in pairs]
+    pairs = [(w, GGMLType(qtype)) for w, qtype in pairs]
+    if _impl is _numpy_backend:
+        return [_impl.matmul(w, qtype, x, out) for (w, qtype), out in zip(pairs, outs)]
+    return _impl.matmul_multi(pairs, x, outs)
 
 
 def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray) -> np.ndarray:
     """Embedding lookup: the dequantized rows `ids` of W -> float32 (len(ids), k)."""
     qtype = GGMLType(qtype)
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
     return _impl.get_rows(w, qtype, ids, quants.row_elements(w, qtype))

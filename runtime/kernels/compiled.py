@@ -1,0 +1,172 @@
+"""The compiled backends (AOT extension modules or Numba JIT) behind the kernels API.
+
+`CompiledBackend(name, ns)` drives the kernels found as attributes of `ns` (same names and
+signatures as source.SIGNATURES):
+
+- decode (n_tok <= MATVEC_MAX_TOKENS): the activation rows are quantized to 8 bits per block
+  once (shared by every weight of a matmul_multi), then each thread runs the `mv_*` kernel on
+  its slice of the rows, straight on the quantized blocks.
+- prefill: each thread dequantizes tiles of its rows to float32 (`dq_*`) and multiplies them
+  with NumPy's matmul (BLAS), so no dequantized copy of a whole weight is ever made.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggufile.runtime import quants
+from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.errors import UnsupportedModelError
+from ggufile.runtime.kernels.pool import RowPool, split_rows
+
+# At or below this many tokens the quantized matvec kernels beat dequantize + BLAS.
+MATVEC_MAX_TOKENS = 4
+# Below this many weight bytes a matvec is not worth a thread hand-off.
+MIN_PARALLEL_BYTES = 128 * 1024
+# Float32 elements of one dequantized prefill tile (per thread): fits in L2.
+TILE_ELEMENTS = 64 * 1024
+
+F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+F16_TABLE.flags.writeable = False
+
+T = GGMLType
+# Which activation format each weight type is multiplied with (as in ggml's type traits).
+_Q8_0, _Q8_K = "q8_0", "q8_k"  # Q8_0 and Q8_1 share one quantization (Q8_1 adds d*sum)
+ACTIVATION = {T.Q4_0: _Q8_0, T.Q4_1: _Q8_0, T.Q5_0: _Q8_0, T.Q5_1: _Q8_0, T.Q8_0: _Q8_0,
+              T.Q2_K: _Q8_K, T.Q3_K: _Q8_K, T.Q4_K: _Q8_K, T.Q5_K: _Q8_K, T.Q6_K: _Q8_K}
+# Kernels whose activation arguments include the Q8_1 sums / Q8_K group sums.
+_WITH_SUMS = {T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+
+
+class CompiledBackend:
+    def __init__(self, name: str, ns, pool: RowPool | None = None):
+        self.name = name
+        self.pool = pool or RowPool()
+        self._mv = {t: getattr(ns, f"mv_{t.name.lower()}") for t in ACTIVATION}
+        self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
+        self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
+        self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
+
+    # --- dequantization ---------------------------------------------------------------------
+
+    def dequantize(self, raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
+        if qtype not in self._dq:
+            return quants.dequantize(raw, qtype, n_elements)
+        info = QUANT_TABLE[qtype]
+        n_bytes = n_elements // info.block_size * info.type_size
+        row = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)[:n_bytes].reshape(1, n_bytes)
+        out = np.empty((1, n_elements), dtype=np.float32)
+        self._dq[qtype](row, np.zeros(1, np.int64), out, F16_TABLE, info.block_size)
+        return out.reshape(-1)
+
+    def get_rows(self, w: np.ndarray, qtype: GGMLType, ids: np.ndarray, k: int) -> np.ndarray:
+        if qtype == T.F16:
+            out = np.empty((len(ids), k), dtype=np.float32)
+            self._dq_f16(_u16(w), ids, out, F16_TABLE)
+            return out
+        if qtype not in self._dq:
+            return quants.dequantize_matrix(np.ascontiguousarray(w[ids]), qtype, k)
+        out = np.empty((len(ids), k), dtype=np.float32)
+        self._dq[qtype](w, ids, out, F16_TABLE, QUANT_TABLE[qtype].block_size)
+        return out
+
+    # --- matmul -----------------------------------------------------------------------------
+
+    def matmul(self, w: np.ndarray, qtype: GGMLType, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        self.matmul_multi([(w, qtype)], x, [out])
+        return out
+
+    def matmul_multi(self, pairs, x: np.ndarray, outs: list[np.ndarray]) -> list[np.ndarray]:
+        n_tok = x.shape[0]
+        activations: dict[str, tuple] = {}
+        tasks = []  # (run(r0, r1), rows, weight bytes)
+        for (w, qtype), out in zip(pairs, outs):
+            if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
+                tasks.append((self._prefill_task(w, qtype, x, out), w.shape[0], w.nbytes))
+            else:
+                tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes))
+        self._dispatch(tasks)
+        return outs
+
+    def _matvec_task(self, w, qtype, x, out, activations):
+        if qtype == T.F32:
+            kernel = self._mv_f32
+            return lambda r0, r1: kernel(w, x, out, r0, r1)
+        if qtype == T.F16:
+            kernel, w16 = self._mv_f16, _u16(w)
+            return lambda r0, r1: kernel(w16, x, out, r0, r1, F16_TABLE)
+        family = ACTIVATION.get(qtype)
+        if family is None:
+            raise UnsupportedModelError(f"tensor type {GGMLType(qtype).name} is not supported")
+        if family not in activations:
+            activations[family] = self._quantize_activations(family, x)
+        xq, xd, xs = activations[family]
+        kernel = self._mv[qtype]
+        block = QUANT_TABLE[qtype].block_size
+        if qtype in _WITH_SUMS:
+            return lambda r0, r1: kernel(w, xq, xd, xs, out, r0, r1, F16_TABLE, block)
+        return lambda r0, r1: kernel(w, xq, xd, out, r0, r1, F16_TABLE, block)
+
+    def _quantize_activations(self, family: str, x: np.ndarray) -> tuple:
+        n_tok, k = x.shape
+        block = QK if family == _Q8_0 else QK_K
+        n_blocks = k // block
+        xq = np.empty((n_tok, k), dtype=np.float32)
+        xd = np.empty((n_tok, n_blocks), dtype=np.float32)
+        # Q8_1: d * sum per block; Q8_K: sums of 16 values per group.
+        xs = np.empty((n_tok, n_blocks if family == _Q8_0 else k // 16), dtype=np.float32)
+        self._quantize[family](x, xq, xd, xs, block)
+        return xq, xd, xs
+
+    def _prefill_task(self, w, qtype, x, out):
+        k = x.shape[1]
+        tile_rows = max(8, TILE_ELEMENTS // k)
+
+        def run(r0: int, r1: int) -> None:
+            tile = np.empty((tile_rows, k), dtype=np.float32)
+            for t0 in range(r0, r1, tile_rows):
+                t1 = min(r1, t0 + tile_rows)
+                part = self._dequant_tile(w, qtype, t0, t1, tile[:t1 - t0])
+                np.matmul(x, part.T, out=out[:, t0:t1])
+
+        return run
+
+    def _dequant_tile(self, w, qtype, r0, r1, tile):
+        if qtype == T.F32:
+            return w[r0:r1]
+        if qtype == T.BF16:
+            tile[...] = quants.bf16_to_f32(w[r0:r1]).reshape(tile.shape)
+            return tile
+        ids = np.arange(r0, r1, dtype=np.int64)
+        if qtype == T.F16:
+            self._dq_f16(_u16(w), ids, tile, F16_TABLE)
+        elif qtype in self._dq:
+            self._dq[qtype](w, ids, tile, F16_TABLE, QUANT_TABLE[qtype].block_size)
+        else:
+            raise UnsupportedModelError(f"tensor type {GGMLType(qtype).name} is not supported")
+        return tile
+
+    def _dispatch(self, tasks) -> None:
+        """One pool round: thread i runs the i-th slice of every task's rows."""
+        n = self.pool.n_threads
+        if n == 1 or sum(nbytes for _, _, nbytes in tasks) < MIN_PARALLEL_BYTES:
+            for run, rows, _ in tasks:
+                run(0, rows)
+            return
+        per_thread: list[list] = [[] for _ in range(n)]
+        for run, rows, _ in tasks:
+            for i, (r0, r1) in enumerate(split_rows(rows, n, align=4)):
+                per_thread[i].append((run, r0, r1))
+        jobs = [_job(slices) for slices in per_thread if slices]
+        self.pool.run(jobs)
+
+
+def _job(slices):
+    def job() -> None:
+        for run, r0, r1 in slices:
+            run(r0, r1)
+    return job
+
+
+def _u16(w: np.ndarray) -> np.ndarray:
+    """F16 weights as their uint16 bit patterns (a view)."""
+    return w if w.dtype == np.uint16 else w.view(np.uint16)

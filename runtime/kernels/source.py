@@ -1,0 +1,704 @@
+"""Kernel source: plain functions over arrays, compiled by Numba (JIT) or numba.pycc (AOT).
+
+Kernels are plain (undecorated) functions; the JIT backend wraps them in numba.njit and
+aot_build exports them with the signatures in SIGNATURES. The few helpers they share are
+inlined at Numba-IR level (inline="always"), so each AOT variant compiles them for its own
+target CPU. The shipped runtime never imports this module (nor numba): it loads the AOT build.
+
+Conventions shared by all kernels:
+- `w` is a weight matrix as the GGUF reader gives it: (rows, row_bytes) uint8 for quantized
+  types, and kernels handle rows r0 <= r < r1 only (the thread pool splits rows).
+- `tab` maps fp16 bit patterns to float32 (65536 entries): one load per block scale.
+- Block geometry (qk, qk_k) comes in as arguments: it is defined once in constants.py, and a
+  loop whose trip count is a run-time value is one LLVM vectorizes along the elements (with
+  constant 32-trip loops it unrolls them and vectorizes across blocks with gathers instead).
+- Decode kernels (`mv_*`) follow llama.cpp's CPU backend: the activation rows are quantized to
+  8 bits per block first (`quantize_q8_*`), kept as integer-valued float32, and each block dot
+  product is a sum of integer products (exact in float32), scaled by the two block scales.
+- Dequantization kernels (`dq_*`) repeat quants.py's operation order, so they are bit-exact
+  with it (compiled without FMA contraction for that reason).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding.
+FASTMATH = frozenset({"reassoc", "nsz"})
+
+
+# --- activation quantization -----------------------------------------------------------------
+# Each block's scale is rounded to fp16 exactly as ggml stores it, with integer bit operations
+# (immune to fast-math): ties to even; values below fp16's normal range round to its 2**-24 step.
+
+
+def quantize_q8_0(x, xq, xd, xs, qk):
+    """Rows of x (n_tok, k) -> Q8_0/Q8_1 blocks: int values xq, fp16 scales xd, fp16 d*sum xs."""
+    n_tok, k = x.shape
+    nb = k // qk
+    bits = xd.view(np.uint32)
+    sbits = xs.view(np.uint32)
+    for t in range(n_tok):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(qk):
+                amax = max(amax, abs(x[t, b * qk + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            total = np.float32(0.0)
+            for j in range(qk):
+                q = np.rint(x[t, b * qk + j] * inv)
+                xq[t, b * qk + j] = q
+                total += q
+            xd[t, b] = d
+            xs[t, b] = d * total
+            for dst, a in ((bits, xd), (sbits, xs)):
+                v = a[t, b]
+                u = dst[t, b]
+                if abs(v) < np.float32(6.103515625e-05):  # fp16 subnormal: fixed 2**-24 step
+                    a[t, b] = np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
+                else:
+                    dst[t, b] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+
+
+def quantize_q8_k(x, xq, xd, xbs, qk_k):
+    """Rows of x -> Q8_K super-blocks: int values xq, float32 scale xd, sums of 16 values xbs."""
+    n_tok, k = x.shape
+    nb = k // qk_k
+    for t in range(n_tok):
+        for b in range(nb):
+            o = b * qk_k
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(qk_k):
+                a = abs(x[t, o + j])
+                if a > amax:
+                    amax = a
+                    vmax = x[t, o + j]
+            if amax == 0:
+                xd[t, b] = 0
+                for j in range(qk_k):
+                    xq[t, o + j] = 0
+            else:
+                iscale = np.float32(-127.0) / vmax
+                for j in range(qk_k):
+                    xq[t, o + j] = min(np.float32(127.0), np.rint(iscale * x[t, o + j]))
+                xd[t, b] = np.float32(1.0) / iscale
+            for g in range(qk_k // 16):
+                s = np.float32(0.0)
+                for j in range(16):
+                    s += xq[t, o + 16 * g + j]
+                xbs[t, b * (qk_k // 16) + g] = s
+
+
+# --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
+
+
+def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                q = row[o + 2:o + ts]
+                x = xq[t, b * qk:b * qk + qk]
+                s = np.float32(0.0)
+                for j in range(half):
+                    v = q[j]
+                    s += np.float32(np.int32(v & np.uint8(15)) - 8) * x[j]
+                    s += np.float32(np.int32(v >> np.uint8(4)) - 8) * x[j + half]
+                acc += dw * xd[t, b] * s
+            out[t, r] = acc
+
+
+def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+                q = row[o + 4:o + ts]
+                x = xq[t, b * qk:b * qk + qk]
+                s = np.float32(0.0)
+                for j in range(half):
+                    v = q[j]
+                    s += np.float32(v & np.uint8(15)) * x[j] + np.float32(v >> np.uint8(4)) * x[j + half]
+                acc += dw * xd[t, b] * s + mw * xs[t, b]
+            out[t, r] = acc
+
+
+def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                qh = (np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << np.uint32(8))
+                      | (np.uint32(row[o + 4]) << np.uint32(16)) | (np.uint32(row[o + 5]) << np.uint32(24)))
+                q = row[o + 6:o + ts]
+                x = xq[t, b * qk:b * qk + qk]
+                s = np.float32(0.0)
+                for j in range(half):
+                    v = q[j]
+                    h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
+                    h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
+                    s += np.float32(np.int32(np.uint32(v & np.uint8(15)) | h0) - 16) * x[j]
+                    s += np.float32(np.int32(np.uint32(v >> np.uint8(4)) | h1) - 16) * x[j + half]
+                acc += dw * xd[t, b] * s
+            out[t, r] = acc
+
+
+def mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+                qh = (np.uint32(row[o + 4]) | (np.uint32(row[o + 5]) << np.uint32(8))
+                      | (np.uint32(row[o + 6]) << np.uint32(16)) | (np.uint32(row[o + 7]) << np.uint32(24)))
+                q = row[o + 8:o + ts]
+                x = xq[t, b * qk:b * qk + qk]
+                s = np.float32(0.0)
+                for j in range(half):
+                    v = q[j]
+                    h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
+                    h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
+                    s += np.float32(np.uint32(v & np.uint8(15)) | h0) * x[j]
+                    s += np.float32(np.uint32(v >> np.uint8(4)) | h1) * x[j + half]
+                acc += dw * xd[t, b] * s + mw * xs[t, b]
+            out[t, r] = acc
+
+
+def mv_q8_0(w, xq, xd, out, r0, r1, tab, qk):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk
+    ts = w.shape[1] // nb
+    wi = w.view(np.int8)
+    for r in range(r0, r1):
+        row = w[r]
+        rowi = wi[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                q = rowi[o + 2:o + ts]
+                x = xq[t, b * qk:b * qk + qk]
+                s = np.float32(0.0)
+                for j in range(qk):
+                    s += np.float32(q[j]) * x[j]
+                acc += dw * xd[t, b] * s
+            out[t, r] = acc
+
+
+def mv_q2_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                sc = row[o:o + 16]
+                qs = row[o + 16:o + 80]
+                dw = tab[np.int64(row[o + 80]) | (np.int64(row[o + 81]) << 8)]
+                mw = tab[np.int64(row[o + 82]) | (np.int64(row[o + 83]) << 8)]
+                summ = np.float32(0.0)
+                for g in range(16):
+                    summ += np.float32(sc[g] >> np.uint8(4)) * xbs[t, b * 16 + g]
+                sumi = np.float32(0.0)
+                for h in range(2):  # two 128-element halves, 32 bytes of qs each
+                    q = qs[32 * h:32 * h + 32]
+                    for shift in range(4):
+                        x = xq[t, b * qk_k + 128 * h + 32 * shift:b * qk_k + 128 * h + 32 * shift + 32]
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        for j in range(16):
+                            s0 += np.float32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) * x[j]
+                            s1 += np.float32((q[j + 16] >> np.uint8(2 * shift)) & np.uint8(3)) * x[j + 16]
+                        g = 8 * h + 2 * shift
+                        sumi += np.float32(sc[g] & np.uint8(15)) * s0 + np.float32(sc[g + 1] & np.uint8(15)) * s1
+                acc += xd[t, b] * (dw * sumi - mw * summ)
+            out[t, r] = acc
+
+
+def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                hm = row[o:o + 32]
+                qs = row[o + 32:o + 96]
+                p = row[o + 96:o + 108]
+                dw = tab[np.int64(row[o + 108]) | (np.int64(row[o + 109]) << 8)]
+                sumi = np.float32(0.0)
+                for h in range(2):
+                    q = qs[32 * h:32 * h + 32]
+                    for shift in range(4):
+                        base = b * qk_k + 128 * h + 32 * shift
+                        x = xq[t, base:base + 32]
+                        bit = np.uint8(4 * h + shift)
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        for j in range(16):
+                            v0 = np.int32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) - 4 * np.int32(1 - ((hm[j] >> bit) & np.uint8(1)))
+                            v1 = np.int32((q[j + 16] >> np.uint8(2 * shift)) & np.uint8(3)) - 4 * np.int32(1 - ((hm[j + 16] >> bit) & np.uint8(1)))
+                            s0 += np.float32(v0) * x[j]
+                            s1 += np.float32(v1) * x[j + 16]
+                        sumi += np.float32(_q3_scale(p, 8 * h + 2 * shift)) * s0
+                        sumi += np.float32(_q3_scale(p, 8 * h + 2 * shift + 1)) * s1
+                acc += dw * xd[t, b] * sumi
+            out[t, r] = acc
+
+
+def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+                p = row[o + 4:o + 16]
+                qs = row[o + 16:o + ts]
+                sumi = np.float32(0.0)
+                summ = np.float32(0.0)
+                for pair in range(4):
+                    q = qs[32 * pair:32 * pair + 32]
+                    base = b * qk_k + 64 * pair
+                    x = xq[t, base:base + 64]
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for j in range(32):
+                        v = q[j]
+                        s0 += np.float32(v & np.uint8(15)) * x[j]
+                        s1 += np.float32(v >> np.uint8(4)) * x[j + 32]
+                    j0 = 2 * pair
+                    sc0, m0 = _k_scale_min(p, j0)
+                    sc1, m1 = _k_scale_min(p, j0 + 1)
+                    sumi += np.float32(sc0) * s0 + np.float32(sc1) * s1
+                    g = b * 16 + 4 * pair
+                    summ += np.float32(m0) * (xbs[t, g] + xbs[t, g + 1]) + np.float32(m1) * (xbs[t, g + 2] + xbs[t, g + 3])
+                acc += xd[t, b] * (dw * sumi - mw * summ)
+            out[t, r] = acc
+
+
+def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+                p = row[o + 4:o + 16]
+                qh = row[o + 16:o + 48]
+                qs = row[o + 48:o + ts]
+                sumi = np.float32(0.0)
+                summ = np.float32(0.0)
+                for pair in range(4):
+                    q = qs[32 * pair:32 * pair + 32]
+                    base = b * qk_k + 64 * pair
+                    x = xq[t, base:base + 64]
+                    b0 = np.uint8(2 * pair)
+                    b1 = np.uint8(2 * pair + 1)
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for j in range(32):
+                        v = q[j]
+                        h = qh[j]
+                        s0 += np.float32((v & np.uint8(15)) | (((h >> b0) & np.uint8(1)) << np.uint8(4))) * x[j]
+                        s1 += np.float32((v >> np.uint8(4)) | (((h >> b1) & np.uint8(1)) << np.uint8(4))) * x[j + 32]
+                    j0 = 2 * pair
+                    sc0, m0 = _k_scale_min(p, j0)
+                    sc1, m1 = _k_scale_min(p, j0 + 1)
+                    sumi += np.float32(sc0) * s0 + np.float32(sc1) * s1
+                    g = b * 16 + 4 * pair
+                    summ += np.float32(m0) * (xbs[t, g] + xbs[t, g + 1]) + np.float32(m1) * (xbs[t, g + 2] + xbs[t, g + 3])
+                acc += xd[t, b] * (dw * sumi - mw * summ)
+            out[t, r] = acc
+
+
+def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    n_tok = xq.shape[0]
+    nb = xq.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    sc_all = w.view(np.int8)
+    for r in range(r0, r1):
+        row = w[r]
+        sc_row = sc_all[r]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * ts
+                dw = tab[np.int64(row[o + 208]) | (np.int64(row[o + 209]) << 8)]
+                sumi = np.float32(0.0)
+                for h in range(2):
+                    ql = row[o + 64 * h:o + 64 * h + 64]
+                    qh = row[o + 128 + 32 * h:o + 128 + 32 * h + 32]
+                    sc = sc_row[o + 192 + 8 * h:o + 192 + 8 * h + 8]
+                    base = b * qk_k + 128 * h
+                    x = xq[t, base:base + 128]
+                    for c in range(2):  # 16-element groups sharing one scale
+                        l0 = 16 * c
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        s3 = np.float32(0.0)
+                        s4 = np.float32(0.0)
+                        for j in range(l0, l0 + 16):
+                            a = ql[j]
+                            a2 = ql[j + 32]
+                            hh = qh[j]
+                            s1 += np.float32(np.int32((a & np.uint8(15)) | ((hh & np.uint8(3)) << np.uint8(4))) - 32) * x[j]
+                            s2 += np.float32(np.int32((a2 & np.uint8(15)) | (((hh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) - 32) * x[j + 32]
+                            s3 += np.float32(np.int32((a >> np.uint8(4)) | (((hh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))) - 32) * x[j + 64]
+                            s4 += np.float32(np.int32((a2 >> np.uint8(4)) | ((hh >> np.uint8(6)) << np.uint8(4))) - 32) * x[j + 96]
+                        sumi += (np.float32(sc[c]) * s1 + np.float32(sc[c + 2]) * s2
+                                 + np.float32(sc[c + 4]) * s3 + np.float32(sc[c + 6]) * s4)
+                acc += dw * xd[t, b] * sumi
+            out[t, r] = acc
+
+
+def mv_f32(w, x, out, r0, r1):
+    n_tok, k = x.shape
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += row[j] * x[t, j]
+            out[t, r] = s
+
+
+def mv_f16(w, x, out, r0, r1, tab):
+    """w: (rows, k) uint16 bit patterns of fp16."""
+    n_tok, k = x.shape
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += tab[np.int64(row[j])] * x[t, j]
+            out[t, r] = s
+
+
+# --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with quants.py ----------------------
+
+
+def dq_q4_0(w, ids, out, tab, qk):
+    nb = out.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            y = out[i, b * qk:b * qk + qk]
+            for j in range(half):
+                v = row[o + 2 + j]
+                y[j] = d * np.float32(np.int32(v & np.uint8(15)) - 8)
+                y[j + half] = d * np.float32(np.int32(v >> np.uint8(4)) - 8)
+
+
+def dq_q4_1(w, ids, out, tab, qk):
+    nb = out.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            m = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+            y = out[i, b * qk:b * qk + qk]
+            for j in range(half):
+                v = row[o + 4 + j]
+                y[j] = d * np.float32(v & np.uint8(15)) + m
+                y[j + half] = d * np.float32(v >> np.uint8(4)) + m
+
+
+def dq_q5_0(w, ids, out, tab, qk):
+    nb = out.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            qh = (np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << np.uint32(8))
+                  | (np.uint32(row[o + 4]) << np.uint32(16)) | (np.uint32(row[o + 5]) << np.uint32(24)))
+            y = out[i, b * qk:b * qk + qk]
+            for j in range(half):
+                v = row[o + 6 + j]
+                h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
+                h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
+                y[j] = d * np.float32(np.int32(np.uint32(v & np.uint8(15)) | h0) - 16)
+                y[j + half] = d * np.float32(np.int32(np.uint32(v >> np.uint8(4)) | h1) - 16)
+
+
+def dq_q5_1(w, ids, out, tab, qk):
+    nb = out.shape[1] // qk
+    ts = w.shape[1] // nb
+    half = qk // 2
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            m = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+            qh = (np.uint32(row[o + 4]) | (np.uint32(row[o + 5]) << np.uint32(8))
+                  | (np.uint32(row[o + 6]) << np.uint32(16)) | (np.uint32(row[o + 7]) << np.uint32(24)))
+            y = out[i, b * qk:b * qk + qk]
+            for j in range(half):
+                v = row[o + 8 + j]
+                h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
+                h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
+                y[j] = d * np.float32(np.uint32(v & np.uint8(15)) | h0) + m
+                y[j + half] = d * np.float32(np.uint32(v >> np.uint8(4)) | h1) + m
+
+
+def dq_q8_0(w, ids, out, tab, qk):
+    nb = out.shape[1] // qk
+    ts = w.shape[1] // nb
+    wi = w.view(np.int8)
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        rowi = wi[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            y = out[i, b * qk:b * qk + qk]
+            for j in range(qk):
+                y[j] = d * np.float32(rowi[o + 2 + j])
+
+
+def dq_q2_k(w, ids, out, tab, qk_k):
+    nb = out.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o + 80]) | (np.int64(row[o + 81]) << 8)]
+            dmin = tab[np.int64(row[o + 82]) | (np.int64(row[o + 83]) << 8)]
+            for h in range(2):
+                for shift in range(4):
+                    for half in range(2):
+                        g = 8 * h + 2 * shift + half
+                        dl = d * np.float32(row[o + g] & np.uint8(15))
+                        ml = dmin * np.float32(row[o + g] >> np.uint8(4))
+                        y = out[i, b * qk_k + 16 * g:b * qk_k + 16 * g + 16]
+                        q = row[o + 16 + 32 * h + 16 * half:o + 16 + 32 * h + 16 * half + 16]
+                        for j in range(16):
+                            y[j] = dl * np.float32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) - ml
+
+
+def dq_q3_k(w, ids, out, tab, qk_k):
+    nb = out.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            p = row[o + 96:o + 108]
+            d = tab[np.int64(row[o + 108]) | (np.int64(row[o + 109]) << 8)]
+            for h in range(2):
+                for shift in range(4):
+                    bit = np.uint8(4 * h + shift)
+                    for half in range(2):
+                        g = 8 * h + 2 * shift + half
+                        dl = d * np.float32(_q3_scale(p, g))
+                        y = out[i, b * qk_k + 16 * g:b * qk_k + 16 * g + 16]
+                        q = row[o + 32 + 32 * h + 16 * half:o + 32 + 32 * h + 16 * half + 16]
+                        hm = row[o + 16 * half:o + 16 * half + 16]
+                        for j in range(16):
+                            v = np.int32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) - 4 * np.int32(1 - ((hm[j] >> bit) & np.uint8(1)))
+                            y[j] = dl * np.float32(v)
+
+
+def dq_q4_k(w, ids, out, tab, qk_k):
+    nb = out.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            dmin = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+            p = row[o + 4:o + 16]
+            for pair in range(4):
+                sc0, m0 = _k_scale_min(p, 2 * pair)
+                sc1, m1 = _k_scale_min(p, 2 * pair + 1)
+                d0 = d * np.float32(sc0)
+                d1 = d * np.float32(sc1)
+                mm0 = dmin * np.float32(m0)
+                mm1 = dmin * np.float32(m1)
+                q = row[o + 16 + 32 * pair:o + 16 + 32 * pair + 32]
+                y = out[i, b * qk_k + 64 * pair:b * qk_k + 64 * pair + 64]
+                for j in range(32):
+                    y[j] = d0 * np.float32(q[j] & np.uint8(15)) - mm0
+                    y[j + 32] = d1 * np.float32(q[j] >> np.uint8(4)) - mm1
+
+
+def dq_q5_k(w, ids, out, tab, qk_k):
+    nb = out.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+            dmin = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
+            p = row[o + 4:o + 16]
+            qh = row[o + 16:o + 48]
+            for pair in range(4):
+                sc0, m0 = _k_scale_min(p, 2 * pair)
+                sc1, m1 = _k_scale_min(p, 2 * pair + 1)
+                d0 = d * np.float32(sc0)
+                d1 = d * np.float32(sc1)
+                mm0 = dmin * np.float32(m0)
+                mm1 = dmin * np.float32(m1)
+                b0 = np.uint8(2 * pair)
+                b1 = np.uint8(2 * pair + 1)
+                q = row[o + 48 + 32 * pair:o + 48 + 32 * pair + 32]
+                y = out[i, b * qk_k + 64 * pair:b * qk_k + 64 * pair + 64]
+                for j in range(32):
+                    lo = (q[j] & np.uint8(15)) | (((qh[j] >> b0) & np.uint8(1)) << np.uint8(4))
+                    hi = (q[j] >> np.uint8(4)) | (((qh[j] >> b1) & np.uint8(1)) << np.uint8(4))
+                    y[j] = d0 * np.float32(lo) - mm0
+                    y[j + 32] = d1 * np.float32(hi) - mm1
+
+
+def dq_q6_k(w, ids, out, tab, qk_k):
+    nb = out.shape[1] // qk_k
+    ts = w.shape[1] // nb
+    wi = w.view(np.int8)
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        rowi = wi[ids[i]]
+        for b in range(nb):
+            o = b * ts
+            d = tab[np.int64(row[o + 208]) | (np.int64(row[o + 209]) << 8)]
+            for h in range(2):
+                ql = row[o + 64 * h:o + 64 * h + 64]
+                qh = row[o + 128 + 32 * h:o + 128 + 32 * h + 32]
+                y = out[i, b * qk_k + 128 * h:b * qk_k + 128 * h + 128]
+                for c in range(2):
+                    sc = o + 192 + 8 * h + c
+                    d1 = d * np.float32(rowi[sc])
+                    d2 = d * np.float32(rowi[sc + 2])
+                    d3 = d * np.float32(rowi[sc + 4])
+                    d4 = d * np.float32(rowi[sc + 6])
+                    for j in range(16 * c, 16 * c + 16):
+                        a = ql[j]
+                        a2 = ql[j + 32]
+                        hh = qh[j]
+                        y[j] = d1 * np.float32(np.int32((a & np.uint8(15)) | ((hh & np.uint8(3)) << np.uint8(4))) - 32)
+                        y[j + 32] = d2 * np.float32(np.int32((a2 & np.uint8(15)) | (((hh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) - 32)
+                        y[j + 64] = d3 * np.float32(np.int32((a >> np.uint8(4)) | (((hh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))) - 32)
+                        y[j + 96] = d4 * np.float32(np.int32((a2 >> np.uint8(4)) | ((hh >> np.uint8(6)) << np.uint8(4))) - 32)
+
+
+def dq_f16(w, ids, out, tab):
+    """w: (rows, k) uint16 bit patterns of fp16."""
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for j in range(out.shape[1]):
+            out[i, j] = tab[np.int64(row[j])]
+
+
+# --- helpers (inlined into the kernels) -------------------------------------------------------
+
+
+@njit(inline="always")
+def _k_scale_min(p, j):
+    """Q4_K/Q5_K: the j-th 6-bit (scale, min) pair of the 12 packed bytes p."""
+    if j < 4:
+        return p[j] & np.uint8(63), p[j + 4] & np.uint8(63)
+    sc = (p[j + 4] & np.uint8(15)) | ((p[j - 4] >> np.uint8(6)) << np.uint8(4))
+    m = (p[j + 4] >> np.uint8(4)) | ((p[j] >> np.uint8(6)) << np.uint8(4))
+    return sc, m
+
+
+@njit(inline="always")
+def _q3_scale(p, j):
+    """Q3_K: the j-th signed 6-bit scale (minus 32) of the 12 packed bytes p."""
+    low = (p[j % 8] >> np.uint8(4 * (j // 8))) & np.uint8(15)
+    high = (p[8 + j % 4] >> np.uint8(2 * (j // 4))) & np.uint8(3)
+    return np.int32(low | (high << np.uint8(4))) - 32
+
+
+# --- exported signatures (AOT) -----------------------------------------------------------------
+
+def _signatures() -> dict:
+    from numba import types as nt
+
+    w_q = nt.Array(nt.uint8, 2, "C", readonly=True)  # weights are read-only mmap views
+    w_f32 = nt.Array(nt.float32, 2, "C", readonly=True)
+    w_u16 = nt.Array(nt.uint16, 2, "C", readonly=True)
+    f32_2d = nt.float32[:, ::1]
+    tab = nt.Array(nt.float32, 1, "C", readonly=True)
+    ids = nt.int64[::1]
+    i64 = nt.int64
+    sigs = {
+        "quantize_q8_0": nt.void(f32_2d, f32_2d, f32_2d, f32_2d, i64),
+        "quantize_q8_k": nt.void(f32_2d, f32_2d, f32_2d, f32_2d, i64),
+        "mv_f32": nt.void(w_f32, f32_2d, f32_2d, i64, i64),
+        "mv_f16": nt.void(w_u16, f32_2d, f32_2d, i64, i64, tab),
+        "dq_f16": nt.void(w_u16, ids, f32_2d, tab),
+    }
+    for name in ("mv_q4_0", "mv_q5_0", "mv_q8_0"):
+        sigs[name] = nt.void(w_q, f32_2d, f32_2d, f32_2d, i64, i64, tab, i64)
+    for name in ("mv_q4_1", "mv_q5_1", "mv_q2_k", "mv_q3_k", "mv_q4_k", "mv_q5_k", "mv_q6_k"):
+        sigs[name] = nt.void(w_q, f32_2d, f32_2d, f32_2d, f32_2d, i64, i64, tab, i64)
+    for name in ("dq_q4_0", "dq_q4_1", "dq_q5_0", "dq_q5_1", "dq_q8_0",
+                 "dq_q2_k", "dq_q3_k", "dq_q4_k", "dq_q5_k", "dq_q6_k"):
+        sigs[name] = nt.void(w_q, ids, f32_2d, tab, i64)
+    return sigs
+
+
+SIGNATURES = _signatures()
+KERNEL_NAMES = tuple(SIGNATURES)
