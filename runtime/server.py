@@ -1,0 +1,431 @@
+"""`--server`: an OpenAI-compatible HTTP API and a small chat page, served by uvicorn.
+
+    serve(engine, host="127.0.0.1", port=8080)        # blocks until Ctrl-C / SIGTERM
+    app = create_app(engine)                          # the Starlette app alone (tests)
+
+Routes: GET / (web UI), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
+POST /v1/completions (both with `stream`), POST /tokenize and /detokenize (llama.cpp's shapes).
+
+The `model` field is lenient but not blind: it may be absent, the served model's name, its file
+stem, or one of the generic aliases "default", "local", "ggufile" (compared case-insensitively);
+anything else is 404 `model_not_found`, so a client pointed at the wrong server finds out.
+
+Generation runs on one worker thread, one request at a time in arrival order (server_queue);
+this module is the HTTP side: validate, tokenize, queue, stream back, and stop the generation
+when the client goes away. Errors always have OpenAI's shape and never carry a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import webbrowser
+from collections.abc import AsyncIterator, Callable, Iterable
+from importlib import resources
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .errors import GGUFileError
+from .openai_schema import (ApiError, GenerationRequest, parse_chat_request, parse_completion_request,
+                            parse_detokenize, parse_tokenize)
+from .server_format import DONE_EVENT, Completion, sse, timings
+from .server_guard import LOOPBACK_HOSTS, Guard, is_loopback
+from .server_queue import GenerationQueue, Job, QueueFull
+
+DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: far more than any context's worth of text
+DEFAULT_MAX_WAITING = 8
+MODEL_ALIASES = ("default", "local", "ggufile")
+
+logger = logging.getLogger("ggufile.server")
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+class ServerState:
+    """What every handler needs: the engine, the generation queue and the limits."""
+
+    def __init__(self, engine, max_body_bytes: int, max_waiting: int, aliases: Iterable[str]):
+        self.engine = engine
+        self.max_body_bytes = max_body_bytes
+        self.queue = GenerationQueue(engine, max_waiting=max_waiting)
+        reader_path = getattr(getattr(engine, "reader", None), "path", None)
+        names = {engine.model_name, *MODEL_ALIASES, *aliases}
+        if reader_path is not None:
+            names.add(Path(reader_path).stem)
+        self.model_names = {n.lower() for n in names if n}
+
+    def check_model(self, model: str | None) -> None:
+        if model and model.lower() not in self.model_names:
+            raise ApiError(404, f"The model '{model}' does not exist; this server serves "
+                                f"'{self.engine.model_name}'.", param="model", code="model_not_found")
+
+
+def create_app(engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               max_waiting: int = DEFAULT_MAX_WAITING, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
+               allowed_origins: Iterable[str] = (), aliases: Iterable[str] = ()) -> Guard:
+    """The ASGI app (Starlette wrapped in the Host/Origin/API-key guard).
+
+    allowed_hosts: Host header names accepted (None: any; use when listening beyond loopback).
+    allowed_origins: foreign web origins allowed to call the API (CORS); default none.
+    max_waiting: requests that may wait behind the running one before new ones get 503."""
+    state = ServerState(engine, max_body_bytes, max_waiting, aliases)
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/index.html", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+    ]
+    handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan(state))
+    app.state.s = state
+    return Guard(app, api_key=api_key, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+
+
+def _lifespan(state: ServerState):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.queue.stop()  # the worker thread exits once its current job ends
+    return lifespan
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.s
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def api_error(request: Request, err: ApiError) -> Response:
+    return error_response(err)
+
+
+async def http_error(request: Request, err: HTTPException) -> Response:
+    """Starlette's own 404/405 in OpenAI's shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+    return error_response(ApiError(err.status_code, message, code=code))
+
+
+async def internal_error(request: Request, err: Exception) -> Response:
+    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=err)
+    return error_response(ApiError(500, "internal server error", type="server_error", code="internal_error"))
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+async def read_json(request: Request):
+    """The body as JSON, refusing more than max_body_bytes whether or not Content-Length says so."""
+    limit = _state(request).max_body_bytes
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large",
+                         headers={"connection": "close"})
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_large
+    body, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        body.append(part)
+    try:
+        return json.loads(b"".join(body))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+# -- simple routes ---------------------------------------------------------------------------------
+
+_index_html: bytes | None = None
+
+
+def index_html() -> bytes:
+    """The web page, read through importlib.resources so it also works frozen (PyInstaller)."""
+    global _index_html
+    if _index_html is None:
+        _index_html = resources.files("ggufile.runtime").joinpath("webui/index.html").read_bytes()
+    return _index_html
+
+
+async def index(request: Request) -> Response:
+    # The page talks to this server only; forbid framing (clickjacking) and foreign scripts.
+    headers = {"content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                          "style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+               "x-frame-options": "DENY", "cache-control": "no-cache"}
+    return Response(index_html(), media_type="text/html; charset=utf-8", headers=headers)
+
+
+async def health(request: Request) -> Response:
+    s = _state(request)
+    return JSONResponse({"status": "ok", "model": s.engine.model_name, "queued": s.queue.pending})
+
+
+def _model_card(engine) -> dict:
+    return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "ggufile",
+            "meta": {"n_ctx": engine.n_ctx}}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(_state(request).engine)]})
+
+
+async def get_model(request: Request) -> Response:
+    s = _state(request)
+    s.check_model(request.path_params["model_id"])
+    return JSONResponse(_model_card(s.engine))
+
+
+async def tokenize(request: Request) -> Response:
+    content, add_special, parse_special = parse_tokenize(await read_json(request))
+    engine = _state(request).engine
+    ids = await run_in_threadpool(engine.tokenize, content, add_special, parse_special)
+    return JSONResponse({"tokens": ids})
+
+
+async def detokenize(request: Request) -> Response:
+    ids = parse_detokenize(await read_json(request))
+    engine = _state(request).engine
+    try:
+        text = await run_in_threadpool(engine.detokenize, ids)
+    except (IndexError, KeyError, ValueError, OverflowError):
+        raise ApiError(400, "'tokens' holds ids outside the vocabulary", param="tokens", code="invalid_value") from None
+    return JSONResponse({"content": text})
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, parse_chat_request(await read_json(request)), chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, parse_completion_request(await read_json(request)), chat=False)
+
+
+def _prompt_ids(engine, req: GenerationRequest) -> list[int]:
+    """Tokenize (runs on a thread pool: the tokenizer is read-only, so no engine lock needed)."""
+    try:
+        if req.messages is not None:
+            return engine.chat_ids(req.messages)
+        if isinstance(req.prompt, list):
+            return list(req.prompt)
+        # A raw prompt is the caller's whole prompt, markup included, as in llama.cpp.
+        return engine.tokenize(req.prompt, add_special=True, parse_special=True)
+    except GGUFileError as err:  # e.g. the chat template refused the messages
+        raise ApiError(400, str(err), param="messages" if req.messages is not None else "prompt") from None
+
+
+async def _generate(request: Request, req: GenerationRequest, chat: bool) -> Response:
+    s = _state(request)
+    s.check_model(req.model)
+    ids = await run_in_threadpool(_prompt_ids, s.engine, req)
+    _check_prompt(s.engine, ids, req)
+    try:
+        job = s.queue.submit(ids, req.params, req.max_tokens, req.stop)
+    except QueueFull:
+        raise ApiError(503, "the server is busy: too many requests are waiting; retry shortly",
+                       type="server_error", code="server_busy", headers={"retry-after": "2"}) from None
+    completion = Completion(model=s.engine.model_name, chat=chat)
+    echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+    if req.stream:
+        return EventStream(_stream_events(job, completion, len(ids), req.include_usage, echo), job)
+    return await _whole_response(request, job, completion, len(ids), echo)
+
+
+def _check_prompt(engine, ids: list[int], req: GenerationRequest) -> None:
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt" if req.messages is None else "messages")
+    if len(ids) >= engine.n_ctx:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens but the context holds {engine.n_ctx} "
+                            "(one more is needed for the answer)",
+                       param="messages" if req.messages is not None else "prompt", code="context_length_exceeded")
+    vocab = getattr(engine, "n_vocab", None)
+    if isinstance(req.prompt, list) and vocab and max(ids) >= vocab:
+        raise ApiError(400, "'prompt' holds token ids outside the vocabulary", param="prompt")
+
+
+def _generation_error(err: BaseException) -> ApiError:
+    if isinstance(err, GGUFileError):
+        return ApiError(400, str(err))
+    logger.error("generation failed", exc_info=err)
+    return ApiError(500, "generation failed (internal error)", type="server_error", code="internal_error")
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _cancel_on_disconnect(receive, job: Job) -> asyncio.Task:
+    """A task that cancels `job` if the client hangs up; cancel the task when done."""
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it; a receive error counts as gone
+            job.cancel()
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    watcher.add_done_callback(done)
+    return watcher
+
+
+async def _whole_response(request: Request, job: Job, completion: Completion, n_prompt: int,
+                          echo: str) -> Response:
+    # Even without streaming, a client that hangs up frees its place in the queue.
+    watcher = _cancel_on_disconnect(request.receive, job)
+    text, finish, n = [echo], "length", 0
+    try:
+        async for chunk in job.chunks():
+            text.append(chunk.text)
+            n += chunk.token_id is not None
+            finish = chunk.finish_reason or finish
+    except Exception as err:
+        raise _generation_error(err) from None
+    finally:
+        watcher.cancel()
+    body = completion.response("".join(text), finish, n_prompt, n, timings(job.timings, n_prompt))
+    return JSONResponse(body)
+
+
+async def _stream_events(job: Job, completion: Completion, n_prompt: int, include_usage: bool,
+                         echo: str) -> AsyncIterator[bytes]:
+    """The SSE stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
+    chunk = completion.chunk
+    if completion.chat:
+        yield sse(chunk(role=True, include_usage=include_usage))
+    elif echo:
+        yield sse(chunk(echo, include_usage=include_usage))
+    n, finish = 0, None
+    try:
+        async for c in job.chunks():
+            n += c.token_id is not None
+            finish = c.finish_reason or finish
+            if c.text:
+                yield sse(chunk(c.text, include_usage=include_usage))
+    except Exception as err:
+        yield sse(_generation_error(err).body())  # headers are sent: the error goes in-band
+        return
+    if job.cancelled.is_set():
+        return  # the client is gone; nobody reads a tail
+    timing = timings(job.timings, n_prompt)
+    yield sse(chunk(finish_reason=finish or "length", include_usage=include_usage,
+                    timing=None if include_usage else timing))
+    if include_usage:
+        yield sse(completion.usage_chunk(n_prompt, n, timing))
+    yield DONE_EVENT
+
+
+class EventStream(Response):
+    """Server-sent events that cancel their job the moment the client disconnects.
+
+    Uvicorn silently drops writes to a closed connection, so disconnects are detected by
+    listening on `receive` alongside the writing, not by a failed send."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], job: Job):
+        self.events = events
+        self.job = job
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = _cancel_on_disconnect(receive, self.job)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.job.cancel()
+            await self.events.aclose()
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen before uvicorn starts, so a taken port is a clear error (uvicorn would sys.exit)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise GGUFileError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app, sock: socket.socket):
+    """A quiet uvicorn server for `app`: pure-Python h11 and asyncio, no reload, no access log."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, http="h11", loop="asyncio", ws="none",
+                            lifespan="on", log_level="warning", access_log=False, server_header=False,
+                            timeout_graceful_shutdown=3, timeout_keep_alive=30)
+    return uvicorn.Server(config)
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          open_browser: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
+          log: Callable[[str], None] = print, allowed_origins: Iterable[str] = (),
+          max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+    """Serve `engine` until Ctrl-C or SIGTERM. Prints the URL; opens a browser unless told not to."""
+    loopback = is_loopback(host)
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, max_waiting=max_waiting,
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, allowed_origins=allowed_origins)
+    sock = bind_socket(host, port)
+    server = make_server(app, sock)
+    url = _url(host, sock.getsockname()[1])
+    if not loopback:
+        log(f"warning: listening on {host}: the model is shared with every machine that can reach this one"
+            + ("" if api_key else " (consider --api-key)"))
+    threading.Thread(target=_announce, args=(server, url, engine.model_name, open_browser, log),
+                     daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled gracefully
+        pass
+    finally:
+        sock.close()
+        log("server stopped")
+
+
+def _announce(server, url: str, model: str, open_browser: bool, log) -> None:
+    """Print the URL (and open the browser) once uvicorn is actually accepting connections."""
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    log(f"serving {model} at {url}  (OpenAI API: {url}v1, Ctrl-C to stop)")
+    if open_browser:
+        try:
+            webbrowser.open(url)
+        except Exception:  # no browser is not an error: the URL is printed
+            pass
