@@ -5,8 +5,9 @@ the adjacent pair with the lowest merge rank is merged until none is left (ties:
 first). A min-heap of candidate pairs keeps this O(n log n); a popped pair is skipped when
 either side has changed since it was queued.
 
-    >>> bpe = BPE(token_to_id, {("Ġ", "w"): 0, ("Ġw", "orld"): 7, ...}, ignore_merges=False)
-    >>> bpe.encode_word("Ġworld")     # -> [id of 'Ġworld']
+    >>> bpe = BPE({"Ġ": 0, "w": 1, "o": 2, "Ġw": 3, "Ġwo": 4}, {("Ġ", "w"): 0, ("Ġw", "o"): 1}, False)
+    >>> bpe.encode_word("Ġwo"), bpe.encode_word("woo")
+    ([4], [1, 2, 2])
 """
 from __future__ import annotations
 

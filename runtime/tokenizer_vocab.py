@@ -7,7 +7,7 @@ end-of-generation ids, and the special tokens matched in raw text, longest first
 
     >>> v = load_vocab(metadata)
     >>> v.kind, v.bos_id, v.add_bos, sorted(v.eog_ids)
-    ('spm', 2, True, [1, 106])            # gemma-3: <eos>, <end_of_turn>
+    ('spm', 2, True, [1, 106, 212])       # gemma-3: <eos>, <end_of_turn>, </s>
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class Vocab:
     special_ids: list[int] = field(default_factory=list)
 
     def byte_token(self, byte: int) -> int:
-        """The token for one raw byte in an SPM vocabulary (<0xXX>, else the byte itself)."""
+        """The token for one raw byte in an SPM vocabulary: <0xXX>, else the byte itself, else
+        <unk> (where llama.cpp would throw)."""
         token = self.token_to_id.get(f"<0x{byte:02X}>")
         if token is None and byte < 0x80:
             token = self.token_to_id.get(chr(byte))
