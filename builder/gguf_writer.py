@@ -121,7 +121,8 @@ def _array(etype: GGUFValueType, value) -> bytes:
         items = (value.bytes_at(i) for i in range(len(value))) if isinstance(value, StringArray) else value
         return head + b"".join(_string(s) for s in items)
     if etype == GGUFValueType.ARRAY:
-        return head + b"".join(_value_body(GGUFValueType.ARRAY, v) for v in value)
+        # Nested arrays are untagged: each is its own (element type, count, values).
+        return head + b"".join(_array(_array_element_type(v), v) for v in value)
     return head + np.asarray(value).astype(SCALAR_DTYPES[etype], copy=False).tobytes()
 
 

@@ -7,10 +7,10 @@ Fidelity to ggml-quants.c:
 - Legacy types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) reproduce the reference bit for bit: same float32
   operations in the same order, truncation/rounding as the C casts do it.
 - K-quants port the reference search (make_qkx2_quants, make_q3_quants, make_qx_quants) with
-  float32 arithmetic and round-half-to-even `nearest_int`; their inner sums use NumPy's
-  summation order (the C build may also fuse multiply-adds), so a handful of near-tie blocks
-  can pick a neighbouring scale. Errors are the reference's, not bytes.
-All intermediates are float32 on purpose: float64 would change which candidate scale wins.
+  float32 arithmetic, left-to-right sums and round-half-to-even `nearest_int`, so they match the
+  C reference as long as it is compiled without fused multiply-adds (ggml-base is generic x86-64).
+All of this is on purpose: float64 or another summation order would change which candidate
+scale wins a near tie.
 """
 from __future__ import annotations
 
@@ -113,6 +113,15 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right, as the C loops accumulate (NumPy's pairwise order
+    rounds differently, which can flip which candidate scale wins a near tie)."""
+    s = a[..., 0].copy()
+    for i in range(1, a.shape[-1]):
+        s += a[..., i]
+    return s
+
+
 # -- K-quant helpers (make_*_quants), vectorized over groups: x is (G, n) ---------------------
 def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,27 +130,29 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     hi = x.max(axis=1)
     flat = hi == lo
     span = np.where(flat, F32(1), hi - lo)
-    sum_w = w.sum(axis=1)
-    sum_x = (w * x).sum(axis=1)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
 
-    def levels(iscale):
-        return np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
+    def levels(iscale, mn):
+        return np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
 
     def error(scale, mn, lv):
         diff = scale[:, None] * lv + mn[:, None] - x
-        return (w * (np.abs(diff) if use_mad else diff * diff)).sum(axis=1)
+        return _seq_sum(w * (np.abs(diff) if use_mad else diff * diff))
 
     iscale = F32(nmax) / span
     scale = F32(1) / iscale
-    L = levels(iscale)
+    L = levels(iscale, lo)
     best = error(scale, lo, L)
     mn = lo
     for step in range(nstep + 1):
-        iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
-        lv = levels(iscale)
-        sum_l = (w * lv).sum(axis=1)
-        sum_l2 = (w * lv * lv).sum(axis=1)
-        sum_xl = (w * lv * x).sum(axis=1)
+        # As in C, each trial is relative to the best min found so far (`min` is updated).
+        with np.errstate(divide="ignore"):
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / np.where(flat, F32(1), hi - mn)
+        lv = levels(iscale, mn)
+        sum_l = _seq_sum(w * lv)
+        sum_l2 = _seq_sum(w * lv * lv)
+        sum_xl = _seq_sum(w * lv * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, F32(1))
@@ -172,7 +183,7 @@ def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     def trial(iscale):
         lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
-        return lv, (w * x * lv).sum(axis=1), (w * lv * lv).sum(axis=1)
+        return lv, _seq_sum(w * x * lv), _seq_sum(w * lv * lv)
 
     lv, sumlx, suml2 = trial(F32(-nmax) / mxs)
     L = lv
@@ -201,8 +212,8 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
     w = x * x
     wx = w * x
-    sumlx = (wx * L).sum(axis=1)
-    suml2 = (w * L * L).sum(axis=1)
+    sumlx = _seq_sum(wx * L)
+    suml2 = _seq_sum(w * L * L)
     active = np.ones(x.shape[0], dtype=bool)
     for _ in range(5):
         changed = np.zeros(x.shape[0], dtype=bool)
@@ -259,7 +270,7 @@ def _qkx_superblock(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
     """Shared body of Q4_K/Q5_K: per-32 scale/min search, 6-bit scales, requantized levels."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    av_x = np.sqrt((sub * sub).sum(axis=1) / F32(32))
+    av_x = np.sqrt(_seq_sum(sub * sub) / F32(32))
     weights = av_x[:, None] + np.abs(sub)
     scales, mins, L = _make_qkx2(sub, weights, nmax, rmin, rdelta, nstep, False)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
