@@ -153,3 +153,108 @@ def test_cpu_flag_parsing_and_variant_choice():
     assert cpu.runnable_variants(flags, "x86_64") == ["x86-64-v3", "generic"]
     assert cpu.runnable_variants(frozenset(), "x86_64") == ["generic"]
     assert cpu.runnable_variants(frozenset(), "riscv64") == []
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------
+
+AOT_VARIANTS = _aot_variants()
+needs_aot = pytest.mark.skipif(not AOT_VARIANTS, reason="no AOT kernels built for this CPU "
+                               "(python -m ggufile.runtime.kernels.aot_build)")
+
+
+def test_aot_build_flags_release_the_gil():
+    pytest.importorskip("numba")
+    from ggufile.runtime.kernels import aot_build
+
+    flags = aot_build.kernel_flags()
+    assert flags.release_gil and flags.fastmath
+
+
+@needs_aot
+@pytest.mark.parametrize("variant", AOT_VARIANTS)
+def test_aot_wrappers_call_pyeval_savethread(variant):
+    """A pycc wrapper built with release_gil imports PyEval_SaveThread; a GIL-holding one does not."""
+    module = kernels._load_aot(variant)
+    spec = importlib.util.find_spec(f"ggufile.runtime.kernels.{cpu.module_name(variant)}")
+    assert module.name == f"aot:{variant}"
+    with open(spec.origin, "rb") as f:
+        assert b"PyEval_SaveThread" in f.read()
+
+
+@needs_aot
+def test_aot_kernel_lets_other_threads_run():
+    """While a kernel runs in a thread, the main thread keeps executing Python code."""
+    import threading
+
+    mod = kernels._load_aot(AOT_VARIANTS[0])
+    w = np.zeros((8192, 4096 // 32 * 34), dtype=np.uint8)  # 35 MB of Q8_0: many ms per pass
+    x = np.ones((1, 4096), np.float32)
+    out = np.empty((1, 8192), np.float32)
+    started = threading.Event()
+
+    def work():
+        started.set()
+        for _ in range(5):
+            mod.matmul(w, GGMLType.Q8_0, x, out)
+
+    t = threading.Thread(target=work)
+    mod.pool.n_threads, saved = 1, mod.pool.n_threads  # run the kernel in `t` itself
+    try:
+        t.start()
+        started.wait()
+        steps = 0
+        while t.is_alive():
+            steps += 1
+    finally:
+        t.join()
+        mod.pool.n_threads = saved
+    # Holding the GIL, the kernel would leave this loop a handful of steps at most.
+    assert steps > 1000
+
+
+NO_NUMBA_SCRIPT = r"""
+import sys, importlib.abc
+class BlockNumba(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numba" or name.startswith("numba.") or name == "llvmlite" or name.startswith("llvmlite."):
+            raise ImportError("numba is blocked in this test")
+sys.meta_path.insert(0, BlockNumba())
+import numpy as np
+from ggufile.runtime import kernels, quants
+from ggufile.runtime.constants import GGMLType
+assert kernels.backend.startswith("aot:"), kernels.backend
+assert "numba" not in sys.modules and "llvmlite" not in sys.modules
+rng = np.random.default_rng(0)
+w = rng.integers(0, 256, (64, 8 * 34), dtype=np.uint8)
+w.reshape(-1, 34)[:, 1] &= 0x3B  # finite fp16 scales
+x = rng.standard_normal((1, 256)).astype(np.float32)
+y = kernels.matmul(w, GGMLType.Q8_0, x)
+ref = quants.reference_matvec(w, GGMLType.Q8_0, x)
+assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(y - ref).max()
+print("OK", kernels.backend)
+"""
+
+
+@needs_aot
+def test_aot_backend_runs_without_numba():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GGUFILE_KERNELS"}
+    proc = subprocess.run([sys.executable, "-c", NO_NUMBA_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK aot:")
+
+
+def test_bad_weight_layout_is_an_error_not_a_crash(backend):
+    if backend is numpy_backend:
+        pytest.skip("numpy backend reads any layout")
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError):
+        backend.matmul(np.zeros((4, 64), np.float32), GGMLType.Q8_0, x, np.empty((1, 4), np.float32))
+    with pytest.raises(ValueError):
+        backend.matmul(np.zeros((4, 136), np.uint8)[:, ::2], GGMLType.Q8_0, x, np.empty((1, 4), np.float32))
+    with pytest.raises(IndexError):
+        backend.get_rows(np.zeros((4, 68), np.uint8), GGMLType.Q8_0, np.array([4]), 64)

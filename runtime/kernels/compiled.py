@@ -53,12 +53,18 @@ class CompiledBackend:
             return quants.dequantize(raw, qtype, n_elements)
         info = QUANT_TABLE[qtype]
         n_bytes = n_elements // info.block_size * info.type_size
-        row = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)[:n_bytes].reshape(1, n_bytes)
+        row = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)[:n_bytes]
+        if n_elements % info.block_size or row.size != n_bytes:
+            raise ValueError(f"{n_elements} {qtype.name} elements need {n_bytes} bytes, got {row.size}")
+        row = row.reshape(1, n_bytes)
         out = np.empty((1, n_elements), dtype=np.float32)
         self._dq[qtype](row, np.zeros(1, np.int64), out, F16_TABLE, info.block_size)
         return out.reshape(-1)
 
     def get_rows(self, w: np.ndarray, qtype: GGMLType, ids: np.ndarray, k: int) -> np.ndarray:
+        check_weight(w, qtype, k)
+        if len(ids) and (ids.min() < 0 or ids.max() >= w.shape[0]):
+            raise IndexError(f"row ids must be in [0, {w.shape[0]})")
         if qtype == T.F16:
             out = np.empty((len(ids), k), dtype=np.float32)
             self._dq_f16(_u16(w), ids, out, F16_TABLE)
@@ -76,10 +82,13 @@ class CompiledBackend:
         return out
 
     def matmul_multi(self, pairs, x: np.ndarray, outs: list[np.ndarray]) -> list[np.ndarray]:
-        n_tok = x.shape[0]
+        n_tok, k = x.shape
         activations: dict[str, tuple] = {}
         tasks = []  # (run(r0, r1), rows, weight bytes)
         for (w, qtype), out in zip(pairs, outs):
+            check_weight(w, qtype, k)
+            if out.shape != (n_tok, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_tok, w.shape[0])}")
             if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
                 tasks.append((self._prefill_task(w, qtype, x, out), w.shape[0], w.nbytes))
             else:
@@ -158,6 +167,23 @@ class CompiledBackend:
                 per_thread[i].append((run, r0, r1))
         jobs = [_job(slices) for slices in per_thread if slices]
         self.pool.run(jobs)
+
+
+def check_weight(w: np.ndarray, qtype: GGMLType, k: int) -> None:
+    """The compiled kernels trust their arguments' memory layout: check it once per call."""
+    if qtype in (T.F32, T.F16, T.BF16):
+        dtypes = {T.F32: (np.float32,), T.F16: (np.float16, np.uint16), T.BF16: (np.uint16,)}[qtype]
+        row_len = k
+    else:
+        info = QUANT_TABLE.get(qtype)
+        if info is None:
+            raise UnsupportedModelError(f"tensor type {GGMLType(qtype).name} is not supported")
+        dtypes, row_len = (np.uint8,), k // info.block_size * info.type_size
+        if k % info.block_size:
+            raise ValueError(f"row length {k} is not a multiple of the {qtype.name} block size")
+    if w.ndim != 2 or w.dtype not in dtypes or w.shape[1] != row_len or not w.flags.c_contiguous:
+        raise ValueError(f"{GGMLType(qtype).name} weight must be a C-contiguous {dtypes[0].__name__} "
+                         f"matrix with {row_len} columns, got {w.dtype} {w.shape}")
 
 
 def _job(slices):

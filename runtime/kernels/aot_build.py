@@ -1,0 +1,105 @@
+"""Compile the kernels ahead of time with numba.pycc: one extension module per CPU variant.
+
+    python -m ggufile.runtime.kernels.aot_build [--variant x86-64-v3 ...] [--out DIR]
+
+Writes `_aot_<variant>` extension modules next to this file (gitignored). The shipped
+executable imports them with no numba/LLVM present. Variants the build machine cannot run
+are compiled too: LLVM cross-targets any CPU of the same architecture.
+
+pycc builds its export wrappers from a default numba `Flags()`, which holds the GIL and uses
+no fast-math. `KernelModuleCompiler` builds them from the flags the JIT gets from
+`njit(nogil=True, fastmath=...)`: `release_gil` (the wrapper calls PyEval_SaveThread before
+the kernel and PyEval_RestoreThread after) and the same fast-math set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+with warnings.catch_warnings():  # pycc is "pending deprecation" but is the AOT path numba has
+    warnings.simplefilter("ignore")
+    import numba.pycc.compiler as pycc_compiler
+from numba.core.compiler import Flags
+from numba.core.cpu import FastMathOptions
+from numba.pycc import CC
+
+from ggufile.runtime.kernels import cpu, source
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def kernel_flags() -> Flags:
+    """What njit(nogil=True, fastmath=source.FASTMATH) sets, for pycc's exports."""
+    flags = Flags()
+    flags.release_gil = True
+    flags.fastmath = FastMathOptions(set(source.FASTMATH))
+    return flags
+
+
+@contextlib.contextmanager
+def _pycc_flags(factory):
+    """pycc's _cull_exports calls the module-level name `Flags()`; point it at our factory."""
+    original = pycc_compiler.Flags
+    pycc_compiler.Flags = factory
+    try:
+        yield
+    finally:
+        pycc_compiler.Flags = original
+
+
+class KernelModuleCompiler(pycc_compiler.ModuleCompiler):
+    def _cull_exports(self):
+        with _pycc_flags(kernel_flags):
+            return super()._cull_exports()
+
+
+class KernelCC(CC):
+    """CC whose exports release the GIL and use the kernels' fast-math flags."""
+
+    def _compile_object_files(self, build_dir):
+        compiler = KernelModuleCompiler(self._export_entries, self._basename, self._use_nrt,
+                                        cpu_name=self._target_cpu)
+        compiler.external_init_function = self._init_function
+        temp_obj = os.path.join(build_dir, os.path.splitext(self._output_file)[0] + ".o")
+        compiler.write_native_object(temp_obj, wrap=True)
+        return [temp_obj], compiler.dll_exports
+
+
+def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
+    cc = KernelCC(cpu.module_name(variant))
+    cc.output_dir = str(out_dir)
+    cc.target_cpu = llvm_cpu
+    cc.verbose = False
+    for name, signature in source.SIGNATURES.items():
+        cc.export(name, signature)(getattr(source, name))
+    cc.compile()  # pycc builds in its own temporary directory
+    return out_dir / cc.output_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    variants = cpu.variants_for_machine()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", action="append", choices=sorted(variants),
+                    help="build only these (default: all for this architecture)")
+    ap.add_argument("--out", type=Path, default=PACKAGE_DIR)
+    args = ap.parse_args(argv)
+    if not variants:
+        print(f"no AOT variants defined for {cpu.machine()}; the JIT/NumPy backends will be used")
+        return 0
+    total = time.perf_counter()
+    for variant in args.variant or list(variants):
+        start = time.perf_counter()
+        path = build_variant(variant, variants[variant][0], args.out)
+        print(f"{variant:10} -> {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
+              f"in {time.perf_counter() - start:.1f}s")
+    print(f"total {time.perf_counter() - total:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
