@@ -93,7 +93,9 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = DEFAULT
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan(state))
     app.state.s = state
-    return Guard(app, api_key=api_key, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    guard = Guard(app, api_key=api_key, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    guard.server_state = state  # for make_server's shutdown hook
+    return guard
 
 
 def _lifespan(state: ServerState):
@@ -246,8 +248,13 @@ async def _generate(request: Request, req: GenerationRequest, chat: bool) -> Res
     completion = Completion(model=s.engine.model_name, chat=chat)
     echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
     if req.stream:
-        return EventStream(_stream_events(job, completion, len(ids), req.include_usage, echo), job)
-    return await _whole_response(request, job, completion, len(ids), echo)
+        return EventStream(_stream_events(job, completion, len(ids), req.include_usage, echo), job,
+                           on_close=s.queue.forget)
+    try:
+        return await _whole_response(request, job, completion, len(ids), echo)
+    finally:
+        job.cancel()  # no-op when answered; stops the worker if this task was cancelled
+        s.queue.forget(job)
 
 
 def _check_prompt(engine, ids: list[int], req: GenerationRequest) -> None:
@@ -339,9 +346,10 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], job: Job):
+    def __init__(self, events: AsyncIterator[bytes], job: Job, on_close: Callable[[Job], None]):
         self.events = events
         self.job = job
+        self.on_close = on_close
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -353,9 +361,14 @@ class EventStream(Response):
             async for data in self.events:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            # Uvicorn cancels responses still running at the end of a graceful shutdown; the
+            # job is cancelled below and there is nobody left to tell, so end quietly.
+            pass
         finally:
             watcher.cancel()
             self.job.cancel()
+            self.on_close(self.job)
             await self.events.aclose()
 
 
@@ -377,14 +390,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def make_server(app, sock: socket.socket):
-    """A quiet uvicorn server for `app`: pure-Python h11 and asyncio, no reload, no access log."""
+    """A quiet uvicorn server for `app`: pure-Python h11 and asyncio, no reload, no access log.
+    On shutdown, running and queued generations end at once instead of running to completion."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            state = getattr(app, "server_state", None)
+            if state is not None:
+                state.queue.cancel_all()
+            await super().shutdown(sockets=sockets)
 
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, http="h11", loop="asyncio", ws="none",
                             lifespan="on", log_level="warning", access_log=False, server_header=False,
                             timeout_graceful_shutdown=3, timeout_keep_alive=30)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def _url(host: str, port: int) -> str:

@@ -35,7 +35,7 @@ class Timings:
     n_generated: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: jobs live in sets
 class Job:
     prompt_ids: list[int]
     params: SamplingParams
@@ -101,6 +101,7 @@ class GenerationQueue:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._count_lock = threading.Lock()
         self._pending = 0  # submitted and not yet released (waiting + running)
+        self._live: set[Job] = set()  # jobs whose requests are still being answered
         self._thread: threading.Thread | None = None
 
     @property
@@ -117,6 +118,7 @@ class GenerationQueue:
         job = Job(prompt_ids, params, max_tokens, stop, loop=asyncio.get_running_loop(),
                   on_release=self._released)
         job.timings.queued = time.perf_counter()
+        self._live.add(job)
         self._ensure_worker()
         self._jobs.put(job)
         return job
@@ -124,6 +126,15 @@ class GenerationQueue:
     def _released(self, job: Job) -> None:
         with self._count_lock:
             self._pending -= 1
+
+    def forget(self, job: Job) -> None:
+        """The request is answered (call from the event loop)."""
+        self._live.discard(job)
+
+    def cancel_all(self) -> None:
+        """Shutting down: end every request now rather than after its generation (event loop)."""
+        for job in list(self._live):
+            job.cancel()
 
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
