@@ -144,6 +144,14 @@ class Keys:
     ADD_BOS = "tokenizer.ggml.add_bos_token"
     ADD_EOS = "tokenizer.ggml.add_eos_token"
     ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
+    ADD_SEP = "tokenizer.ggml.add_sep_token"
+    FIM_PAD_ID = "tokenizer.ggml.fim_pad_token_id"
+    FIM_REP_ID = "tokenizer.ggml.fim_rep_token_id"
+    FIM_SEP_ID = "tokenizer.ggml.fim_sep_token_id"
+    # Fill-in-the-middle ids: the current key first, then the older name llama.cpp still reads.
+    FIM_PRE_IDS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id")
+    FIM_SUF_IDS = ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id")
+    FIM_MID_IDS = ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id")
     CHAT_TEMPLATE = "tokenizer.chat_template"
 
 

@@ -21,17 +21,6 @@ from .errors import GGUFFormatError, UnsupportedModelError
 from .pretokenize import PreTokenizer, pre_tokenizer_for
 from .tokenizer_bpe import parse_merges
 
-# Metadata keys llama.cpp reads that constants.Keys does not list yet.
-# TODO(lead): move these into constants.Keys.
-_KEY_ADD_SEP = "tokenizer.ggml.add_sep_token"
-_KEY_FIM_PAD = "tokenizer.ggml.fim_pad_token_id"
-_KEY_FIM_REP = "tokenizer.ggml.fim_rep_token_id"
-_KEY_FIM_SEP = "tokenizer.ggml.fim_sep_token_id"
-_KEYS_FIM_PRE = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id")
-_KEYS_FIM_SUF = ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id")
-_KEYS_FIM_MID = ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id")
-
-
 class Attr:
     """llama.cpp's llama_token_attr bits (a token can gain CONTROL/UNUSED from its text).
 
@@ -256,13 +245,13 @@ def _detect_by_text(vocab: Vocab, metadata: Mapping) -> None:
         vocab.eom_id = found
         _force_control(vocab, found)
     # FIM tokens found by text become control tokens; pad/repo/file-sep also end generation.
-    for keys, candidates in ((_KEYS_FIM_PRE, _FIM_PRE_TEXTS), (_KEYS_FIM_SUF, _FIM_SUF_TEXTS),
-                             (_KEYS_FIM_MID, _FIM_MID_TEXTS)):
+    for keys, candidates in ((Keys.FIM_PRE_IDS, _FIM_PRE_TEXTS), (Keys.FIM_SUF_IDS, _FIM_SUF_TEXTS),
+                             (Keys.FIM_MID_IDS, _FIM_MID_TEXTS)):
         if all(metadata_id(k) is None for k in keys) and (found := _find_text(vocab, candidates)) is not None:
             _force_control(vocab, found)
     fim_ids = []
-    for key, candidates in ((_KEY_FIM_PAD, _FIM_PAD_TEXTS), (_KEY_FIM_REP, _FIM_REP_TEXTS),
-                            (_KEY_FIM_SEP, _FIM_SEP_TEXTS)):
+    for key, candidates in ((Keys.FIM_PAD_ID, _FIM_PAD_TEXTS), (Keys.FIM_REP_ID, _FIM_REP_TEXTS),
+                            (Keys.FIM_SEP_ID, _FIM_SEP_TEXTS)):
         token = metadata_id(key)
         if token is None and (token := _find_text(vocab, candidates)) is not None:
             _force_control(vocab, token)

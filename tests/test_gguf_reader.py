@@ -1,0 +1,218 @@
+"""The GGUF reader against gguf-py (the oracle), and its error paths on deliberately broken files."""
+from __future__ import annotations
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from ggufile.runtime.constants import GGMLType
+from ggufile.runtime.errors import GGUFFormatError
+from ggufile.runtime.gguf_reader import GGUFReader
+
+
+def write_tiny_gguf(path, extra_kv=None):
+    """A small valid GGUF with metadata of every value type and three tensors."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -5)
+    w.add_float32("t.f32", 1.5)
+    w.add_uint64("t.u64", 2**40)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float64("t.f64", 2.25)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_array("t.arr_i32", [1, 2, 3])
+    w.add_array("t.arr_str", ["a", "bc", "日本"])
+    w.add_array("t.nested", [[1, 2], [3]])
+    for k, v in (extra_kv or {}).items():
+        w.add_string(k, v)
+    rng = np.random.default_rng(0)
+    w.add_tensor("a.weight", rng.standard_normal((4, 32)).astype(np.float32))
+    w.add_tensor("b.weight", rng.standard_normal(64).astype(np.float16))
+    q8 = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("c.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def test_metadata_of_every_type(tiny):
+    md = GGUFReader(tiny).metadata
+    assert md["t.u8"] == 7 and md["t.i8"] == -7 and md["t.u16"] == 65535 and md["t.i16"] == -300
+    assert md["t.u32"] == 4_000_000_000 and md["t.i32"] == -5 and md["t.f32"] == 1.5
+    assert md["t.u64"] == 2**40 and md["t.i64"] == -(2**40) and md["t.f64"] == 2.25
+    assert md["t.bool"] is True and md["t.str"] == "héllo"
+    assert list(md["t.arr_i32"]) == [1, 2, 3]
+    assert md["t.arr_str"].tolist() == ["a", "bc", "日本"] and md["t.arr_str"][2] == "日本"
+    assert [list(a) for a in md["t.nested"]] == [[1, 2], [3]]
+
+
+def test_tensors_match_gguf_py(tiny):
+    ours = GGUFReader(tiny)
+    for t in gguf.GGUFReader(str(tiny)).tensors:
+        info = ours.tensors[t.name]
+        assert info.shape == tuple(int(d) for d in t.shape)
+        assert info.ggml_type == GGMLType(int(t.tensor_type))
+        assert np.array_equal(ours.tensor_bytes(t.name), np.asarray(t.data).view(np.uint8).reshape(-1))
+    assert ours.tensor_matrix("a.weight").shape == (4, 32)
+    assert ours.tensor_matrix("b.weight").dtype == np.float16
+    assert ours.tensor_matrix("c.weight").shape == (2, 68)
+
+
+def test_reads_from_offset_inside_a_bigger_file(tiny, tmp_path):
+    data = tiny.read_bytes()
+    host = tmp_path / "host.bin"
+    host.write_bytes(b"\x7fELF" + b"x" * 65532 + data + b"trailer")
+    r = GGUFReader(host, offset=65536, size=len(data))
+    assert r.metadata["t.str"] == "héllo"
+    assert np.array_equal(r.tensor_bytes("a.weight"), GGUFReader(tiny).tensor_bytes("a.weight"))
+
+
+def test_real_model_matches_gguf_py(smollm2_path):
+    # gguf-py takes minutes to parse gemma3's 262k-token vocabulary, so the oracle runs on SmolLM2.
+    path = smollm2_path
+    ours = GGUFReader(path)
+    theirs = gguf.GGUFReader(str(path))
+    assert len(ours.tensors) == len(theirs.tensors)
+    for t in theirs.tensors[:20]:
+        assert ours.tensors[t.name].offset == t.data_offset
+    assert ours.metadata["tokenizer.ggml.tokens"][100] == str(bytes(theirs.fields["tokenizer.ggml.tokens"].parts[
+        theirs.fields["tokenizer.ggml.tokens"].data[100]]), "utf-8")
+
+
+# -- broken files: every one is a one-line GGUFFormatError ------------------------------------
+
+def _expect_error(path, match):
+    with pytest.raises(GGUFFormatError, match=match) as info:
+        GGUFReader(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path / "nope.gguf", "no such file")
+
+
+def test_directory(tmp_path):
+    _expect_error(tmp_path, "directory")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.gguf").write_bytes(b"")
+    _expect_error(tmp_path / "e.gguf", "empty")
+
+
+def test_not_gguf(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 definitely a zip file")
+    _expect_error(tmp_path / "x.gguf", "bad magic")
+
+
+def test_unsupported_version(tiny):
+    data = bytearray(tiny.read_bytes())
+    data[4:8] = struct.pack("<I", 1)
+    tiny.write_bytes(bytes(data))
+    _expect_error(tiny, "version 1")
+
+
+@pytest.mark.parametrize("keep", [5, 24, 100, 300, 600])
+def test_truncated_header(tiny, keep):
+    tiny.write_bytes(tiny.read_bytes()[:keep])
+    _expect_error(tiny, "truncated|corrupt")
+
+
+def test_truncated_tensor_data(tiny):
+    data = tiny.read_bytes()
+    tiny.write_bytes(data[:-40])
+    _expect_error(tiny, "lies outside")
+
+
+def test_huge_counts_do_not_allocate(tiny):
+    data = bytearray(tiny.read_bytes())
+    data[16:24] = struct.pack("<Q", 2**62)  # metadata count
+    tiny.write_bytes(bytes(data))
+    _expect_error(tiny, "cannot fit")
+
+
+def test_huge_string_length(tiny):
+    data = bytearray(tiny.read_bytes())
+    data[24:32] = struct.pack("<Q", 2**60)  # first key's length
+    tiny.write_bytes(bytes(data))
+    _expect_error(tiny, "claims|truncated")
+
+
+def test_huge_array_count(tmp_path):
+    path = write_tiny_gguf(tmp_path / "a.gguf")
+    data = bytearray(path.read_bytes())
+    key = b"t.arr_i32"
+    at = data.index(key) + len(key) + 4 + 4  # value type ARRAY, element type
+    data[at:at + 8] = struct.pack("<Q", 2**61)
+    path.write_bytes(bytes(data))
+    _expect_error(path, "truncated|corrupt")
+
+
+def test_unknown_value_type(tmp_path):
+    path = write_tiny_gguf(tmp_path / "v.gguf")
+    data = bytearray(path.read_bytes())
+    key = b"t.u8"
+    at = data.index(key) + len(key)
+    data[at:at + 4] = struct.pack("<I", 99)
+    path.write_bytes(bytes(data))
+    _expect_error(path, "unknown value type")
+
+
+def test_unknown_tensor_type(tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"a.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8  # n_dims, two dims
+    data[at:at + 4] = struct.pack("<I", 1234)
+    path.write_bytes(bytes(data))
+    _expect_error(path, "unknown type 1234")
+
+
+def test_too_many_dimensions(tmp_path):
+    path = write_tiny_gguf(tmp_path / "d.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"a.weight"
+    at = data.index(name) + len(name)
+    data[at:at + 4] = struct.pack("<I", 9)
+    path.write_bytes(bytes(data))
+    _expect_error(path, "dimensions|corrupt|truncated")
+
+
+def test_tensor_offset_out_of_range(tmp_path):
+    path = write_tiny_gguf(tmp_path / "o.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"c.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8 + 4  # n_dims, dims, type
+    data[at:at + 8] = struct.pack("<Q", 2**50)
+    path.write_bytes(bytes(data))
+    _expect_error(path, "lies outside")
+
+
+def test_bad_alignment(tmp_path):
+    path = tmp_path / "al.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("general.alignment", 48)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _expect_error(path, "power of two")
+
+
+def test_window_outside_file(tiny):
+    with pytest.raises(GGUFFormatError, match="outside the file"):
+        GGUFReader(tiny, offset=10, size=10**9)
