@@ -1,0 +1,98 @@
+"""The small maths of a transformer layer, on float32 NumPy arrays: norms, RoPE, attention, activations.
+
+The heavy lifting (quantized matmuls) lives in `ggufile.runtime.kernels`; these helpers are the
+glue between them. Each follows the ggml op that llama.cpp uses, so our logits match its logits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+_GELU_COEF_A = np.float32(0.044715)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * w over the last axis (ggml_rms_norm then ggml_mul).
+
+    Gemma's "(1 + w)" convention needs nothing here: convert_hf_to_gguf already stores w + 1.
+    """
+    ms = np.einsum("...i,...i->...", x, x, dtype=np.float32) / np.float32(x.shape[-1])
+    scale = 1.0 / np.sqrt(ms + np.float32(eps), dtype=np.float32)
+    return (x * scale[..., None]) * w
+
+
+def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarray | None) -> np.ndarray:
+    """theta_i = scale * base^(-2i/n_rot) / factor_i, i < n_rot/2 (ggml_rope_ext, no YaRN)."""
+    inv = scale * base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if freq_factors is not None:  # Llama 3.1+ "rope_freqs.weight"
+        inv = inv / freq_factors.astype(np.float64)
+    return inv  # (n_rot/2,) float64
+
+
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position * theta_i, each (n_tok, 1, n_rot/2) to broadcast over heads."""
+    ang = np.outer(positions.astype(np.float64), inv_freq)
+    return np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotate the first n_rot dims of every head of x (n_tok, n_heads, head_dim), in place.
+
+    ggml "normal" mode (llama) rotates adjacent pairs (x0, x1), (x2, x3)...; the GGUF converter
+    permuted llama's q/k weights for exactly this. NEOX mode (gemma) rotates (x_i, x_{i+n_rot/2}).
+    """
+    half = cos.shape[-1]
+    if neox:
+        a, b = x[..., :half], x[..., half:2 * half]
+    else:
+        a, b = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+    a_new = a * cos - b * sin
+    b[...] = a * sin + b * cos
+    a[...] = a_new
+    return x
+
+
+def causal_mask(n_tok: int, n_past: int, window: int = 0) -> np.ndarray:
+    """Additive mask (n_tok, n_past + n_tok): 0 where query i may see key j, -inf elsewhere.
+
+    Query i sits at position n_past + i. With a sliding window, key j is also hidden when
+    pos_q - pos_k >= window (llama.cpp's LLAMA_SWA_TYPE_STANDARD).
+    """
+    q = np.arange(n_past, n_past + n_tok)[:, None]
+    k = np.arange(n_past + n_tok)[None, :]
+    hidden = k > q
+    if window:
+        hidden |= (q - k) >= window
+    return np.where(hidden, np.float32(-np.inf), np.float32(0.0))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Grouped-query softmax attention; q is already scaled.
+
+    q (n_tok, n_head, hd); k, v (n_head_kv, n_keys, hd); mask (n_tok, n_keys) additive or None.
+    Query head h reads kv head h // (n_head / n_head_kv), as ggml's broadcasting mul_mat does.
+    Returns (n_tok, n_head * hd).
+    """
+    n_tok, n_head, hd = q.shape
+    n_kv, n_keys = k.shape[0], k.shape[1]
+    g = n_head // n_kv
+    # (n_kv, g * n_tok, hd): each kv head's query group stacked, so one batched matmul per kv head.
+    qg = q.reshape(n_tok, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n_tok, hd)
+    s = np.matmul(qg, k.transpose(0, 2, 1))  # (n_kv, g * n_tok, n_keys)
+    if mask is not None:
+        s4 = s.reshape(n_kv, g, n_tok, n_keys)
+        s4 += mask
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    o = np.matmul(s, v)  # (n_kv, g * n_tok, hd)
+    return o.reshape(n_kv, g, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head * hd)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (ggml_gelu; Gemma's gelu_pytorch_tanh)."""
+    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * x * (1.0 + _GELU_COEF_A * x * x)))
