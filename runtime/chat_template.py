@@ -25,6 +25,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format (its GGUFs often carry no template); a system prompt joins the first user turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if role == 'user' and system.text %}{{ system.text }}{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 # The fallback when nothing better is known: plain text turns.
 PLAIN_TEMPLATE = (
     "{% for message in messages %}"
@@ -109,7 +125,20 @@ def _content_text(message: dict) -> str:
     return content
 
 
-def choose_template(source: str | None, vocab_has_chatml: bool) -> str:
+# Built-in templates for models without one, recognized by the markup tokens in their vocab.
+_BUILTIN_BY_MARKUP = (
+    (("<|im_start|>", "<|im_end|>"), CHATML_TEMPLATE),
+    (("<start_of_turn>", "<end_of_turn>"), GEMMA_TEMPLATE),
+)
+
+
+def choose_template(source: str | None, has_token) -> str:
+    """The model's own template, else a built-in one its vocabulary's markup tokens fit.
+
+    `has_token(text)` tells whether the vocabulary has a token spelled `text`."""
     if source:
         return source
-    return CHATML_TEMPLATE if vocab_has_chatml else PLAIN_TEMPLATE
+    for markup, template in _BUILTIN_BY_MARKUP:
+        if all(has_token(t) for t in markup):
+            return template
+    return PLAIN_TEMPLATE

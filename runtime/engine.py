@@ -63,9 +63,9 @@ class Engine:
     def _load_template(self) -> ChatTemplate:
         tok = self.tokenizer
         source = self.reader.get(Keys.CHAT_TEMPLATE)
-        has_chatml = tok.token_id("<|im_start|>") is not None and tok.token_id("<|im_end|>") is not None
+        has_token = lambda text: tok.token_id(text) is not None
         piece = lambda i: tok.token_to_piece(i).decode("utf-8", "replace") if i is not None else ""
-        return ChatTemplate(choose_template(source if isinstance(source, str) else None, has_chatml),
+        return ChatTemplate(choose_template(source if isinstance(source, str) else None, has_token),
                             bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id))
 
     # -- text <-> tokens ---------------------------------------------------------------------
@@ -80,9 +80,8 @@ class Engine:
         own markup only, never in message contents."""
         segments = self.chat_template.render_segments(messages, add_generation_prompt)
         tok = self.tokenizer
-        ids: list[int] = []
-        for seg in segments:
-            ids += tok.encode(seg.text, add_special=False, parse_special=seg.is_markup)
+        ids = tok.encode_segments([(seg.text, seg.is_markup) for seg in segments], add_special=False)
+        # Templates like gemma's write {{ bos_token }} themselves; add BOS only where they don't.
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids

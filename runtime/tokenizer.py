@@ -83,8 +83,33 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids for `text`, as llama_tokenize(add_special, parse_special) returns them."""
-        vocab = self._vocab
         fragments = self._partition(text, parse_special) if text else []
+        return self._encode_fragments(fragments, add_special)
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]], add_special: bool = True) -> list[int]:
+        """Token ids for the concatenated segments, parsing control tokens only where a
+        segment's flag is True.
+
+        A rendered chat prompt is the template's own markup (flag True) interleaved with what
+        users typed (flag False): typed text like "<|im_start|>" stays plain text, while the
+        result equals encode(whole_text, parse_special=True) whenever the typed text holds no
+        control tokens, because adjacent text fragments are joined before tokenizing.
+        """
+        fragments: list[str | int] = []
+        for text, parse_special in segments:
+            for fragment in self._partition(text, parse_special) if text else []:
+                if isinstance(fragment, str) and fragments and isinstance(fragments[-1], str):
+                    fragments[-1] += fragment
+                else:
+                    fragments.append(fragment)
+        return self._encode_fragments(fragments, add_special)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled exactly `text` in the vocabulary, if any."""
+        return self._vocab.token_to_id.get(text)
+
+    def _encode_fragments(self, fragments: list[str | int], add_special: bool) -> list[int]:
+        vocab = self._vocab
         ids: list[int] = []
         if add_special and vocab.add_bos:
             ids.append(vocab.bos_id)
