@@ -5,15 +5,16 @@
   collect_submodules lists like any other module;
 - the web UI (runtime/webui/*), read from disk by the server;
 - the uvicorn pieces it picks by name at run time (the contrib hook covers most of them).
-Build-time only modules (the AOT builder, which needs numba) are left out.
+Build-time only modules (the AOT builder, the JIT backend and the kernel source, which all
+import numba) are left out: the stub runs the AOT modules, or NumPy.
 """
 from PyInstaller.utils.hooks import collect_data_files, collect_submodules
 
-BUILD_ONLY = ("aot_build", "jit")
+BUILD_ONLY = {f"ggufile.runtime.kernels.{m}" for m in ("aot_build", "jit_backend", "source")}
 
 
 def _runtime_module(name: str) -> bool:
-    return not any(part in BUILD_ONLY for part in name.split("."))
+    return name not in BUILD_ONLY
 
 
 hiddenimports = collect_submodules("ggufile.runtime", filter=_runtime_module) + [

@@ -1,0 +1,137 @@
+"""Real executables: the PyInstaller stub (built once per session into the stub cache) + SmolLM2.
+
+Each executable runs as a subprocess and must behave exactly like `ggufile run` from Python.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufile.builder import build
+from ggufile.builder.pyz import build_pyz
+from ggufile.runtime.container import ALIGNMENT, find_pyinstaller_archive, read_container
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+
+PROMPT = "The capital of France is"
+CHAT_INPUT = "What is the capital of France?\nAnd of Italy?\n"
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def stub() -> Path:
+    from ggufile.builder.stub import ensure_stub
+
+    return ensure_stub()
+
+
+@pytest.fixture(scope="session")
+def exe(tmp_path_factory, stub, smollm2_path) -> Path:
+    out = tmp_path_factory.mktemp("exe") / "smol"
+    build.build_executable(smollm2_path, out, stub, default_args=["-c", "1024"])
+    return out
+
+
+def run(cmd: list, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], input=stdin or "", capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def ggufile_run(model: Path, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The reference: the runtime CLI from this Python, no executable involved."""
+    return run([sys.executable, "-m", "ggufile.builder.cli", "run", "-m", model, *args], stdin)
+
+
+def test_greedy_prompt_matches_ggufile_run(exe, smollm2_path):
+    args = ["-p", PROMPT, "-n", "8", "--temp", "0"]
+    got = run([exe, *args])
+    want = ggufile_run(smollm2_path, "-c", "1024", *args)
+    assert want.returncode == 0, want.stderr
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
+    assert got.stdout.startswith(PROMPT) and len(got.stdout) > len(PROMPT) + 5
+
+
+def test_chat_two_turns_on_stdin(exe, smollm2_path):
+    args = ["--chat", "-n", "24", "--temp", "0"]
+    got = run([exe, *args], stdin=CHAT_INPUT)
+    want = ggufile_run(smollm2_path, "-c", "1024", *args, stdin=CHAT_INPUT)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
+    assert "Paris" in got.stdout and "Rome" in got.stdout
+
+
+def test_no_args_prints_short_help_with_model_name(exe):
+    got = run([exe])
+    assert got.returncode == 0, got.stderr
+    assert "Smollm2 135M" in got.stdout and "--chat" in got.stdout and "--server" in got.stdout
+
+
+def test_info_describes_the_embedded_model(exe):
+    got = run([exe, "--info"])
+    assert got.returncode == 0, got.stderr
+    assert "llama" in got.stdout and "8192" in got.stdout and "-c 1024" in got.stdout
+
+
+def test_bad_flag_is_one_line_error(exe):
+    got = run([exe, "--temp", "nope", "-p", "x"])
+    assert got.returncode == 2
+    assert "Traceback" not in got.stderr
+
+
+def test_bare_stub_says_no_model(stub):
+    got = run([stub, "-p", "x"])
+    assert got.returncode == 1
+    assert got.stderr.strip() == f"Error: {stub}: no model inside (this is a bare ggufile stub)"
+
+
+def test_layout_on_the_real_bootloader(exe, stub):
+    """GGUF between bootloader and archive, 64 KiB aligned; the ELF section table stays valid."""
+    model = read_container(exe)
+    pkg = find_pyinstaller_archive(exe)
+    assert model.offset % ALIGNMENT == 0
+    assert find_pyinstaller_archive(stub) <= model.offset < model.offset + model.size < pkg
+    if shutil.which("readelf"):
+        sections = run(["readelf", "-S", "-W", exe])
+        assert sections.returncode == 0 and "Warning" not in sections.stderr
+        line = next(ln for ln in sections.stdout.splitlines() if " pydata " in ln)
+        assert int(line.split()[4], 16) == pkg  # pydata now starts where the archive moved to
+
+
+def test_extract_and_verify_real_executable(exe, smollm2_path, tmp_path):
+    out = tmp_path / "back.gguf"
+    build.extract(exe, out)
+    assert out.read_bytes() == smollm2_path.read_bytes()
+    bad = tmp_path / "bad"
+    shutil.copy(exe, bad)
+    model = read_container(bad)
+    with open(bad, "r+b") as f:
+        f.seek(model.offset + model.size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    got = run([sys.executable, "-m", "ggufile.builder.cli", "verify", bad])
+    assert got.returncode == 1
+    assert "MISMATCH" in got.stderr
+
+
+def test_restub_then_run(exe, stub, tmp_path):
+    out = tmp_path / "restubbed"
+    build.restub(exe, stub, out)
+    got = run([out, "-p", PROMPT, "-n", "4", "--temp", "0"])
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith(PROMPT)
+
+
+def test_pyz_runs_like_ggufile_run(tmp_path, smollm2_path):
+    pyz = tmp_path / "smol.pyz"
+    build_pyz(smollm2_path, pyz)
+    args = ["-p", PROMPT, "-n", "8", "--temp", "0"]
+    got = run([sys.executable, pyz, *args])
+    want = ggufile_run(smollm2_path, *args)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
