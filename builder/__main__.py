@@ -1,0 +1,6 @@
+"""`python -m ggufile.builder …` is the `ggufile` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
