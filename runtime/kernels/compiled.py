@@ -22,8 +22,8 @@ from ggufile.runtime.kernels.pool import RowPool, split_rows
 MATVEC_MAX_TOKENS = 4
 # Below this many weight bytes a matvec is not worth a thread hand-off.
 MIN_PARALLEL_BYTES = 128 * 1024
-# Float32 elements of one dequantized prefill tile (per thread): fits in L2.
-TILE_ELEMENTS = 64 * 1024
+# Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
+TILE_ELEMENTS = 512 * 1024
 
 F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 F16_TABLE.flags.writeable = False

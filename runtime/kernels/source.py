@@ -109,11 +109,12 @@ def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
                 q = row[o + 2:o + ts]
                 x = xq[t, b * qk:b * qk + qk]
                 s = np.float32(0.0)
+                sx = np.float32(0.0)  # sum (q - 8) * x = sum q * x - 8 * sum x: no signed ints
                 for j in range(half):
                     v = q[j]
-                    s += np.float32(np.int32(v & np.uint8(15)) - 8) * x[j]
-                    s += np.float32(np.int32(v >> np.uint8(4)) - 8) * x[j + half]
-                acc += dw * xd[t, b] * s
+                    s += np.float32(v & np.uint8(15)) * x[j] + np.float32(v >> np.uint8(4)) * x[j + half]
+                    sx += x[j] + x[j + half]
+                acc += dw * xd[t, b] * (s - np.float32(8.0) * sx)
             out[t, r] = acc
 
 
@@ -157,13 +158,15 @@ def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
                 q = row[o + 6:o + ts]
                 x = xq[t, b * qk:b * qk + qk]
                 s = np.float32(0.0)
+                sx = np.float32(0.0)  # sum (q - 16) * x = sum q * x - 16 * sum x
                 for j in range(half):
                     v = q[j]
-                    h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
-                    h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
-                    s += np.float32(np.int32(np.uint32(v & np.uint8(15)) | h0) - 16) * x[j]
-                    s += np.float32(np.int32(np.uint32(v >> np.uint8(4)) | h1) - 16) * x[j + half]
-                acc += dw * xd[t, b] * s
+                    h0 = np.float32((qh >> np.uint32(j)) & np.uint32(1))
+                    h1 = np.float32((qh >> np.uint32(j + half)) & np.uint32(1))
+                    s += (np.float32(v & np.uint8(15)) + np.float32(16.0) * h0) * x[j]
+                    s += (np.float32(v >> np.uint8(4)) + np.float32(16.0) * h1) * x[j + half]
+                    sx += x[j] + x[j + half]
+                acc += dw * xd[t, b] * (s - np.float32(16.0) * sx)
             out[t, r] = acc
 
 
@@ -386,16 +389,19 @@ def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
                         s2 = np.float32(0.0)
                         s3 = np.float32(0.0)
                         s4 = np.float32(0.0)
-                        for j in range(l0, l0 + 16):
+                        for j in range(l0, l0 + 16):  # unsigned 6-bit values; the -32 comes from the group sums
                             a = ql[j]
                             a2 = ql[j + 32]
                             hh = qh[j]
-                            s1 += np.float32(np.int32((a & np.uint8(15)) | ((hh & np.uint8(3)) << np.uint8(4))) - 32) * x[j]
-                            s2 += np.float32(np.int32((a2 & np.uint8(15)) | (((hh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) - 32) * x[j + 32]
-                            s3 += np.float32(np.int32((a >> np.uint8(4)) | (((hh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))) - 32) * x[j + 64]
-                            s4 += np.float32(np.int32((a2 >> np.uint8(4)) | ((hh >> np.uint8(6)) << np.uint8(4))) - 32) * x[j + 96]
-                        sumi += (np.float32(sc[c]) * s1 + np.float32(sc[c + 2]) * s2
-                                 + np.float32(sc[c + 4]) * s3 + np.float32(sc[c + 6]) * s4)
+                            s1 += np.float32((a & np.uint8(15)) | ((hh & np.uint8(3)) << np.uint8(4))) * x[j]
+                            s2 += np.float32((a2 & np.uint8(15)) | (((hh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) * x[j + 32]
+                            s3 += np.float32((a >> np.uint8(4)) | (((hh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))) * x[j + 64]
+                            s4 += np.float32((a2 >> np.uint8(4)) | ((hh >> np.uint8(6)) << np.uint8(4))) * x[j + 96]
+                        g = b * 16 + 8 * h + c  # Q8_K sum of the 16 activations each s multiplies
+                        sumi += (np.float32(sc[c]) * (s1 - np.float32(32.0) * xbs[t, g])
+                                 + np.float32(sc[c + 2]) * (s2 - np.float32(32.0) * xbs[t, g + 2])
+                                 + np.float32(sc[c + 4]) * (s3 - np.float32(32.0) * xbs[t, g + 4])
+                                 + np.float32(sc[c + 6]) * (s4 - np.float32(32.0) * xbs[t, g + 6]))
                 acc += dw * xd[t, b] * sumi
             out[t, r] = acc
 
