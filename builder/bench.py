@@ -1,0 +1,176 @@
+"""`ggufile bench`: load time, prefill and decode speed, peak RSS — side by side with llama.cpp.
+
+Each engine runs in its own fresh subprocess (so load time and peak RSS are its own) on the
+same GGUF file, the same token ids and the same thread count, and the parent prints the
+figures and the ratios ggufile / llama.cpp — the figures llama.cpp's llama-bench reports
+(pp128, pp512, tg128). llama.cpp comes from `llama-cpp-python` (the `bench` extra), a
+development-only dependency; without it only ggufile's column is printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+
+PREFILL_SIZES = (128, 512)
+DECODE_TOKENS = 128
+
+
+def _prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    # Ordinary-text-like ids (skip the low ids, where control tokens usually sit).
+    rng = np.random.default_rng(seed)
+    return [int(i) for i in rng.integers(1000, min(n_vocab, 30000), size=n)]
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers: one engine each, in a fresh process ---------------------------------------------
+
+def _work_ggufile(model: str, threads: int, repeats: int) -> dict:
+    os.environ["GGUFILE_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    from ggufile.runtime import kernels
+    from ggufile.runtime.gguf_reader import GGUFReader
+    from ggufile.runtime.model import load_model
+
+    m = load_model(GGUFReader(model))
+    load_s = time.perf_counter() - t0
+    cache = m.new_cache(max(PREFILL_SIZES) + DECODE_TOKENS + 8)
+    out = {"engine": "ggufile", "backend": kernels.backend, "threads": threads, "load_s": load_s}
+
+    def prefill(ids):
+        cache.truncate(0)
+        return m.forward(np.asarray(ids, dtype=np.int32), cache)
+
+    def decode_step(token):
+        return m.forward(np.asarray([token], dtype=np.int32), cache)
+
+    out.update(_measure(prefill, decode_step, m.config.n_vocab, repeats))
+    return out
+
+
+def _work_llamacpp(model: str, threads: int, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    out = {"engine": "llama.cpp", "backend": "llama-cpp-python", "threads": threads, "load_s": load_s}
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return llm.scores[llm.n_tokens - 1]
+
+    def decode_step(token):
+        llm.eval([token])
+        return llm.scores[llm.n_tokens - 1]
+
+    out.update(_measure(prefill, decode_step, llm.n_vocab(), repeats))
+    return out
+
+
+def _measure(prefill, decode_step, n_vocab: int, repeats: int) -> dict:
+    """Best-of-`repeats` tokens/s for each prefill size and for greedy decoding."""
+    result = {}
+    prefill(_prompt_ids(n_vocab, 16))  # warm-up: touch the weights once
+    for n in PREFILL_SIZES:
+        ids = _prompt_ids(n_vocab, n)
+        best = min(_timed(prefill, ids) for _ in range(repeats))
+        result[f"pp{n}"] = n / best
+    decode_rates = []
+    for _ in range(repeats):
+        logits = prefill(_prompt_ids(n_vocab, 8))
+        t0 = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            logits = decode_step(int(np.argmax(logits)))
+        decode_rates.append(DECODE_TOKENS / (time.perf_counter() - t0))
+    result[f"tg{DECODE_TOKENS}"] = max(decode_rates)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    return result
+
+
+def _timed(fn, arg) -> float:
+    t0 = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t0
+
+
+WORKERS = {"ggufile": _work_ggufile, "llama.cpp": _work_llamacpp}
+
+
+def _run_worker(engine: str, model: str, threads: int, repeats: int) -> dict | None:
+    cmd = [sys.executable, "-m", "ggufile.builder.bench", engine, model, str(threads), str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        click.echo(f"{engine}: failed ({tail})", err=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# -- the command -------------------------------------------------------------------------------
+
+METRICS = [("load_s", "load (s)", ".2f"), ("pp128", "prefill 128 (tok/s)", ".1f"),
+           ("pp512", "prefill 512 (tok/s)", ".1f"), (f"tg{DECODE_TOKENS}", f"decode {DECODE_TOKENS} (tok/s)", ".1f"),
+           ("peak_rss_mib", "peak RSS (MiB)", ".0f")]
+
+
+def format_table(model: str, results: list[dict]) -> str:
+    """A Markdown table, one column per engine, plus ggufile / llama.cpp ratios."""
+    names = [r["engine"] for r in results]
+    lines = [f"model: {os.path.basename(model)}; threads: {results[0]['threads']}; "
+             f"ggufile kernels: {results[0].get('backend')}", "",
+             "| metric | " + " | ".join(names) + (" | ratio |" if len(results) == 2 else " |"),
+             "|---" * (len(names) + 1 + (len(results) == 2)) + "|"]
+    for key, label, fmt in METRICS:
+        row = [format(r[key], fmt) for r in results]
+        if len(results) == 2:
+            row.append(f"{results[0][key] / results[1][key]:.2f}×")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+@click.command("bench")
+@click.option("-m", "--model", "model_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("-t", "--threads", type=click.IntRange(1, 1024), default=os.cpu_count() or 1, show_default=True)
+@click.option("-r", "--repeats", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="Best of this many runs per figure.")
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="Run llama.cpp (llama-cpp-python) side by side when it is installed.")
+def bench_command(model_path, threads, repeats, compare):
+    """Benchmark MODEL: load time, prefill 128/512 and decode 128 tokens/s, peak RSS.
+
+    With llama-cpp-python installed, llama.cpp runs on the same file and thread count in the
+    same run and the last column is the ratio ggufile / llama.cpp.
+    """
+    engines = ["ggufile"] + (["llama.cpp"] if compare and _llama_cpp_available() else [])
+    if compare and len(engines) == 1:
+        click.echo("llama-cpp-python is not installed: measuring ggufile only "
+                   "(pip install 'ggufile[bench]' for the side-by-side run)", err=True)
+    results = [r for r in (_run_worker(e, model_path, threads, repeats) for e in engines) if r]
+    if not results:
+        raise click.ClickException("no engine could be measured")
+    click.echo(format_table(model_path, results))
+
+
+if __name__ == "__main__":
+    # Worker mode: python -m ggufile.builder.bench ENGINE MODEL THREADS REPEATS -> one JSON line.
+    engine_name, model_arg, threads_arg, repeats_arg = sys.argv[1:5]
+    print(json.dumps(WORKERS[engine_name](model_arg, int(threads_arg), int(repeats_arg))))
