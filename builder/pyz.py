@@ -3,8 +3,9 @@
 Decision: the zipapp requires only NumPy (and a CPython >= 3.10) on the target; the runtime's
 pure-Python dependencies (click, jinja2, markupsafe, starlette, uvicorn and theirs) are vendored
 into the zip, so `python3 model.pyz --chat` works wherever `import numpy` does. Compiled parts
-are not portable and are left out (markupsafe and uvicorn fall back to pure Python), except the
-runtime's own AOT kernel modules for the build platform: elsewhere the kernels fall back to NumPy.
+are left out: Python cannot import extension modules from a zip (markupsafe and uvicorn fall
+back to pure Python), so the kernels run on their NumPy backend (the AOT kernels are native-
+executable only), and the numba-only build modules are left out too.
 
 The model is the last member, ZIP_STORED, its data on a 64 KiB boundary: the local header
 carries a padding extra field (id 0xD935, as Android's zipalign does), so the runtime can mmap
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import ggufile.runtime
+from ggufile.stubs import BUILD_ONLY_MODULES
 from ggufile.runtime import __version__
 from ggufile.runtime.container import (
     ALIGNMENT,
@@ -50,18 +52,18 @@ EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same inputs give the sa
 SKIP_SUFFIXES = {".pyc", ".so", ".pyd", ".dylib", ".c", ".pyi"}
 
 
-def _package_files(root: Path, arc_prefix: str, keep_binaries: bool = False):
+def _package_files(root: Path, arc_prefix: str):
+    skip = {m.replace(".", "/") + ".py" for m in BUILD_ONLY_MODULES}
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or "__pycache__" in p.parts:
-            continue
-        if p.suffix in SKIP_SUFFIXES and not (keep_binaries and p.suffix in (".so", ".pyd")):
-            continue
-        yield p, f"{arc_prefix}/{p.relative_to(root).as_posix()}"
+        arcname = f"{arc_prefix}/{p.relative_to(root).as_posix()}"
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in SKIP_SUFFIXES \
+                and arcname not in skip:
+            yield p, arcname
 
 
 def code_files():
     """(path, name in zip) of the runtime and the vendored pure-Python packages."""
-    yield from _package_files(Path(ggufile.runtime.__file__).parent, "ggufile/runtime", keep_binaries=True)
+    yield from _package_files(Path(ggufile.runtime.__file__).parent, "ggufile/runtime")
     for name in VENDORED:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:

@@ -5,19 +5,11 @@
   collect_submodules lists like any other module;
 - the web UI (runtime/webui/*), read from disk by the server;
 - the uvicorn pieces it picks by name at run time (the contrib hook covers most of them).
-Build-time only modules (the AOT builder, the JIT backend and the kernel source, which all
-import numba) are left out: the stub runs the AOT modules, or NumPy.
+The kernels' build-time modules are excluded by the spec (excludes win over hidden imports).
 """
 from PyInstaller.utils.hooks import collect_data_files, collect_submodules
 
-BUILD_ONLY = {f"ggufile.runtime.kernels.{m}" for m in ("aot_build", "jit_backend", "source")}
-
-
-def _runtime_module(name: str) -> bool:
-    return name not in BUILD_ONLY
-
-
-hiddenimports = collect_submodules("ggufile.runtime", filter=_runtime_module) + [
+hiddenimports = collect_submodules("ggufile.runtime") + [
     "uvicorn.logging",
     "uvicorn.loops.auto",
     "uvicorn.protocols.http.auto",
