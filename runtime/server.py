@@ -202,9 +202,22 @@ async def tokenize(request: Request) -> Response:
     return JSONResponse({"tokens": ids})
 
 
+def vocab_size(engine) -> int | None:
+    """The engine's vocabulary size, if it tells (token ids from clients are checked against it)."""
+    return getattr(engine, "n_vocab", None) or getattr(getattr(engine, "tokenizer", None), "vocab_size", None)
+
+
+def _check_token_ids(engine, ids: list[int], param: str) -> None:
+    # Negative ids would silently index from the end of Python lists; large ones crash deep inside.
+    n = vocab_size(engine)
+    if ids and (min(ids) < 0 or (n and max(ids) >= n)):
+        raise ApiError(400, f"'{param}' holds token ids outside the vocabulary", param=param, code="invalid_value")
+
+
 async def detokenize(request: Request) -> Response:
     ids = parse_detokenize(await read_json(request))
     engine = _state(request).engine
+    _check_token_ids(engine, ids, "tokens")
     try:
         text = await run_in_threadpool(engine.detokenize, ids)
     except (IndexError, KeyError, ValueError, OverflowError):
@@ -264,9 +277,8 @@ def _check_prompt(engine, ids: list[int], req: GenerationRequest) -> None:
         raise ApiError(400, f"the prompt has {len(ids)} tokens but the context holds {engine.n_ctx} "
                             "(one more is needed for the answer)",
                        param="messages" if req.messages is not None else "prompt", code="context_length_exceeded")
-    vocab = getattr(engine, "n_vocab", None)
-    if isinstance(req.prompt, list) and vocab and max(ids) >= vocab:
-        raise ApiError(400, "'prompt' holds token ids outside the vocabulary", param="prompt")
+    if isinstance(req.prompt, list):
+        _check_token_ids(engine, ids, "prompt")
 
 
 def _generation_error(err: BaseException) -> ApiError:
@@ -413,6 +425,15 @@ def _url(host: str, port: int) -> str:
     return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell the user when the server is reachable from other machines."""
+    if is_loopback(host):
+        return None
+    where = "every network interface" if host in ("0.0.0.0", "::", "") else host
+    return (f"warning: listening on {where}: the model is shared with every machine that can reach this one"
+            + ("" if api_key else "; anyone there can use it (set --api-key to require a key)"))
+
+
 def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           open_browser: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
           log: Callable[[str], None] = print, allowed_origins: Iterable[str] = (),
@@ -424,9 +445,9 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None
     sock = bind_socket(host, port)
     server = make_server(app, sock)
     url = _url(host, sock.getsockname()[1])
-    if not loopback:
-        log(f"warning: listening on {host}: the model is shared with every machine that can reach this one"
-            + ("" if api_key else " (consider --api-key)"))
+    warning = exposure_warning(host, api_key)
+    if warning:
+        log(warning)
     threading.Thread(target=_announce, args=(server, url, engine.model_name, open_browser, log),
                      daemon=True).start()
     try:

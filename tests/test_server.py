@@ -188,6 +188,7 @@ def test_tokenize_detokenize(client, engine):
     assert client.post("/tokenize", json={"content": "hi", "add_special": True}).json()["tokens"][0] == 0
     assert client.post("/detokenize", json={"tokens": engine.tokenize("héllo", False)}).json() == {"content": "héllo"}
     assert_openai_error(client.post("/detokenize", json={"tokens": [10**9]}), 400)
+    assert_openai_error(client.post("/detokenize", json={"tokens": [-1]}), 400)
     assert_openai_error(client.post("/tokenize", json={"text": "hi"}), 400)
 
 
@@ -320,6 +321,29 @@ def test_allowed_origin_gets_cors(engine):
 def test_dns_rebinding_host_refused(client):
     assert_openai_error(client.get("/v1/models", headers={"host": "evil.example:8080"}), 403, "invalid_host")
     assert client.get("/v1/models", headers={"host": "localhost:8080"}).status_code == 200
+
+
+def test_exposure_warning():
+    from ggufile.runtime.server import exposure_warning
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    assert "every network interface" in exposure_warning("0.0.0.0", None)
+    assert "--api-key" in exposure_warning("192.168.1.5", None)
+    assert "--api-key" not in exposure_warning("0.0.0.0", "k")
+
+
+def test_announce_prints_url_and_opens_browser(monkeypatch):
+    from types import SimpleNamespace
+
+    from ggufile.runtime import server as server_mod
+
+    opened, said = [], []
+    monkeypatch.setattr(server_mod.webbrowser, "open", opened.append)
+    fake = SimpleNamespace(started=True, should_exit=False)
+    server_mod._announce(fake, "http://127.0.0.1:9/", "m", True, said.append)
+    server_mod._announce(fake, "http://127.0.0.1:9/", "m", False, said.append)
+    assert opened == ["http://127.0.0.1:9/"]
+    assert all("http://127.0.0.1:9/" in line for line in said) and len(said) == 2
 
 
 # -- queueing and disconnects ----------------------------------------------------------------------
@@ -530,6 +554,8 @@ def test_real_errors_and_disconnect(real_server):
         assert_openai_error(c.post(CHAT, json={"messages": HI, "max_tokens": "many"}), 400)
         tokens = c.post("/tokenize", json={"content": "Hello world"}).json()["tokens"]
         assert c.post("/detokenize", json={"tokens": tokens}).json()["content"] == "Hello world"
+        assert_openai_error(c.post("/detokenize", json={"tokens": [-1]}), 400)
+        assert_openai_error(c.post("/v1/completions", json={"prompt": [1, 10**7]}), 400)
 
         # Counting never ends on its own within 400 tokens, so only the hang-up can stop it early.
         before, closed = engine.tokens_generated, engine.closed_early
