@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shlex
 import sys
 from contextlib import contextmanager
@@ -11,27 +12,33 @@ from pathlib import Path
 import click
 
 from ggufile.runtime import __version__
-from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
 
 from .fetch import MODELS
 
-# Commands the runtime provides (ggufile.runtime.cli), imported only when used.
-RUNTIME_COMMANDS = {"run": "run_command", "tokenize": "tokenize_command"}
+# Commands that live in other modules, imported only when used: name -> (module, attribute).
+LAZY_COMMANDS = {
+    "run": ("ggufile.runtime.cli", "run_command"),
+    "tokenize": ("ggufile.runtime.cli", "tokenize_command"),
+    "perplexity": ("ggufile.runtime.perplexity", "perplexity_command"),
+    "quantize": ("ggufile.builder.quantize_model", "quantize_command"),
+    "bench": ("ggufile.builder.bench", "bench_command"),
+}
 
 
 class GgufileGroup(click.Group):
     """Adds the runtime's commands lazily and turns GGUFileError into `Error: ...` + exit 1."""
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(RUNTIME_COMMANDS))
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx, name):
-        if name in RUNTIME_COMMANDS:
+        if name in LAZY_COMMANDS:
+            module_name, attribute = LAZY_COMMANDS[name]
             try:
-                module = importlib.import_module("ggufile.runtime.cli")
-                return getattr(module, RUNTIME_COMMANDS[name])
+                return getattr(importlib.import_module(module_name), attribute)
             except (ImportError, AttributeError):
-                return None  # the runtime CLI is not there (yet): click reports "No such command"
+                return None  # not available in this install: click reports "No such command"
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
@@ -39,6 +46,12 @@ class GgufileGroup(click.Group):
             return super().invoke(ctx)
         except GGUFileError as err:
             raise click.ClickException(str(err)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 -- one line, not a traceback (GGUFILE_DEBUG=1 shows it)
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise click.ClickException(unexpected_error_line(err)) from None
 
 
 @click.group(cls=GgufileGroup)

@@ -12,7 +12,7 @@ import time
 
 import click
 
-from .errors import GGUFileError
+from .errors import DEBUG_ENV, GGUFileError, unexpected_error_line
 from .sampling import SamplingParams
 
 
@@ -255,4 +255,9 @@ def main(argv: list[str] | None = None, embedded=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as err:  # noqa: BLE001 -- a guest on someone's machine: one line, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(f"Error: {unexpected_error_line(err)}", err=True)
+        return 1
     return 0

@@ -11,3 +11,12 @@ class GGUFFormatError(GGUFileError):
 
 class UnsupportedModelError(GGUFileError):
     """A valid GGUF that uses an architecture, tensor type or tokenizer we do not support."""
+
+
+DEBUG_ENV = "GGUFILE_DEBUG"  # set to 1 to see full tracebacks of unexpected errors
+
+
+def unexpected_error_line(err: BaseException) -> str:
+    """One line for a bug we did not foresee (the user still gets no traceback by default)."""
+    return (f"internal error: {type(err).__name__}: {err} "
+            f"(set {DEBUG_ENV}=1 for the traceback and please report it)")
