@@ -9,8 +9,10 @@ mixes give attn_v / ffn_down / attn_output more bits in chosen layers. Two diffe
   measure a type by itself. `--pure` does the same for any name.
 - Input may already be quantized: it is dequantized first, with a warning (errors compound).
 
-Tensors are processed in llama.cpp's order (layer number, then name), which is what its
-per-layer counters (i_attention_wv, i_ffn_down) assume, and written in the input's order.
+Tensors are processed and written in llama.cpp's order (layer number, then name), which is
+what its per-layer counters (i_attention_wv, i_ffn_down) assume; with the metadata copied as
+llama-quantize does it, the output from an F16 model is byte-for-byte llama-quantize's file
+(checked by examples/compare_llama_cpp.py file).
 """
 from __future__ import annotations
 
@@ -323,9 +325,13 @@ def quantize_file(in_path, out_path, qtype_or_mix: str, progress: Callable[[str]
             warn(f"warning: {in_path.name} is already quantized ({', '.join(requant)}); requantizing "
                  f"compounds the error - start from an F16/BF16/F32 model for best quality")
         metadata = metadata_with_types(reader)
-        metadata[Keys.FILE_TYPE] = Typed(GGUFValueType.UINT32, int(mix.ftype))
+        # gguf_set_val_* removes a key and appends it: these two end the header, in this order.
+        metadata.pop("general.quantization_version", None)
+        metadata.pop(Keys.FILE_TYPE, None)
         metadata["general.quantization_version"] = Typed(GGUFValueType.UINT32, QUANTIZATION_VERSION)
-        specs = [TensorSpec(n, t.shape, plan[n], _producer(reader, t, plan[n])) for n, t in reader.tensors.items()]
+        metadata[Keys.FILE_TYPE] = Typed(GGUFValueType.UINT32, int(mix.ftype))
+        specs = [TensorSpec(n, reader.tensors[n].shape, plan[n], _producer(reader, reader.tensors[n], plan[n]))
+                 for n in llama_order(reader.tensors)]
         write_gguf(out_path, metadata, specs, on_tensor=(lambda s: progress(s.name)) if progress else None)
         return QuantizeResult(out_path, {n: (src[n], plan[n]) for n in reader.tensors},
                               in_path.stat().st_size, out_path.stat().st_size, bool(requant))

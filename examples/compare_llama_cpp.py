@@ -1,11 +1,13 @@
 """Dev check against llama.cpp (llama-cpp-python, never a runtime dependency).
 
     python examples/compare_llama_cpp.py quant            # our quantizers vs ggml's C (bytes)
+    python examples/compare_llama_cpp.py file F16.gguf [--types Q8_0,Q4_K_M]  # vs llama-quantize
     python examples/compare_llama_cpp.py ppl  [-c 128 --chunks 4] [--model smollm2|gemma3|PATH]
     python examples/compare_llama_cpp.py greedy --model PATH.gguf   # e.g. a file from `ggufile quantize`
 
 quant:  random weights through ggml_quantize_chunk (libggml-base, ctypes) and through
         ggufile.runtime.quantize; reports the fraction of identical blocks per type.
+file:   `quantize_file` and llama_model_quantize on the same F16 GGUF, per mix: whole files compared.
 ppl:    perplexity.cpp's method run on llama.cpp's logits (logits_all) and on ours, same
         tokens, same chunks; reports both and their relative difference.
 greedy: 24 greedy tokens from llama.cpp and from ggufile for a few prompts.
@@ -65,6 +67,27 @@ def cmd_quant(_args) -> None:
         ours = quantize(x, t).reshape(ref.shape)
         same = (ours == ref).all(axis=1).mean()
         print(f"{t.name:5s} identical blocks: {same * 100:.3f}%  ({ref.shape[0]} blocks)")
+
+
+def cmd_file(args) -> None:
+    import tempfile
+
+    import llama_cpp
+
+    from ggufile.builder.quantize_model import get_mix, quantize_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.types.split(","):
+            ours, ref = Path(tmp) / f"ours-{name}.gguf", Path(tmp) / f"ref-{name}.gguf"
+            quantize_file(args.f16, ours, name)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = int(get_mix(name).ftype), 2
+            if llama_cpp.llama_model_quantize(str(args.f16).encode(), str(ref).encode(), ctypes.byref(params)):
+                sys.exit(f"llama_model_quantize failed for {name}")
+            same = ours.read_bytes() == ref.read_bytes()
+            print(f"{name}: {'byte-identical to' if same else 'DIFFERS from'} llama-quantize "
+                  f"({ours.stat().st_size} vs {ref.stat().st_size} bytes)", flush=True)
+            ours.unlink(), ref.unlink()
 
 
 def llama(path: Path, n_ctx: int):
@@ -138,6 +161,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("quant")
+    f = sub.add_parser("file")
+    f.add_argument("f16", type=Path, help="an F16 GGUF (e.g. from `ggufile quantize IN OUT -t F16`)")
+    f.add_argument("--types", default="Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K")
     p = sub.add_parser("ppl")
     p.add_argument("--model", default="smollm2")
     p.add_argument("-c", "--ctx", type=int, default=128)
@@ -147,7 +173,7 @@ def main() -> None:
     g.add_argument("-n", type=int, default=24)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    {"quant": cmd_quant, "ppl": cmd_ppl, "greedy": cmd_greedy}[args.cmd](args)
+    {"quant": cmd_quant, "file": cmd_file, "ppl": cmd_ppl, "greedy": cmd_greedy}[args.cmd](args)
 
 
 if __name__ == "__main__":
