@@ -64,13 +64,15 @@ def model_options(f):
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require this Bearer key on API requests.")
 @click.option("--nobrowser", is_flag=True, help="Do not open a browser when the server starts.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Let web pages from this origin call the API (repeatable; default: same origin only).")
 @click.option("--info", is_flag=True, help="Describe the model and exit.")
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
               help="Echo the prompt before the completion.")
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, nobrowser, info, display_prompt, verbose, **sampling):
+                server, host, port, api_key, nobrowser, cors_origins, info, display_prompt, verbose, **sampling):
     """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server)."""
     embedded = ctx.obj
     if threads:
@@ -88,7 +90,8 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
     if server:
         from .server import serve
 
-        serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser)
+        serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser,
+              allowed_origins=tuple(cors_origins))
     elif chat:
         chat_repl(engine, params, system, n_predict)
     else:
