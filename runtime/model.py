@@ -292,9 +292,11 @@ class Model:
                     k = ops.rmsnorm(k, L.k_norm, c.rms_eps)
                 ops.rope(q, cos, sin, c.rope_neox)
                 ops.rope(k, cos, sin, c.rope_neox)
-                q *= np.float32(c.attn_scale)
-                cache.k[il, :, p0:T] = k.transpose(1, 0, 2)
-                cache.v[il, :, p0:T] = v.transpose(1, 0, 2)
+                # llama.cpp keeps K and V in float16 and so also rounds q to float16 for q.k;
+                # doing the same (even in a float32 cache) keeps our logits next to its logits.
+                q = (q * np.float32(c.attn_scale)).astype(np.float16)
+                cache.k[il, :, p0:T] = k.transpose(1, 0, 2).astype(np.float16)
+                cache.v[il, :, p0:T] = v.transpose(1, 0, 2).astype(np.float16)
                 a = ops.attention(q, cache.k[il, :, :T], cache.v[il, :, :T],
                                   mask_swa if swa and mask_swa is not None else mask_global)  # (n, n_head*head_dim)
                 o = kernels.matmul(L.wo.data, L.wo.qtype, a)  # (n, n_embd)

@@ -73,6 +73,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     Query head h reads kv head h // (n_head / n_head_kv), as ggml's broadcasting mul_mat does.
     Returns (n_tok, n_head * hd).
     """
+    q, k, v = (a if a.dtype == np.float32 else a.astype(np.float32) for a in (q, k, v))
     n_tok, n_head, hd = q.shape
     n_kv, n_keys = k.shape[0], k.shape[1]
     g = n_head // n_kv
@@ -94,5 +95,16 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (ggml_gelu; Gemma's gelu_pytorch_tanh)."""
-    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * x * (1.0 + _GELU_COEF_A * x * x)))
+    """GELU, tanh approximation (Gemma's gelu_pytorch_tanh), computed the way ggml does it.
+
+    ggml builds with GGML_GELU_FP16: the input is rounded to float16 and the result read from a
+    float16 table, with x <= -10 -> 0 and x >= 10 -> x. Rounding the same way keeps greedy
+    continuations on llama.cpp's path where two tokens are nearly tied.
+    """
+    xh = x.astype(np.float16).astype(np.float32)
+    y = 0.5 * xh * (1.0 + np.tanh(_SQRT_2_OVER_PI * xh * (1.0 + _GELU_COEF_A * xh * xh)))
+    y = y.astype(np.float16).astype(np.float32)
+    y[x <= -10.0] = 0.0
+    big = x >= 10.0
+    y[big] = x[big]
+    return y
