@@ -316,6 +316,8 @@ def quantize_file(in_path, out_path, qtype_or_mix: str, progress: Callable[[str]
     in_path, out_path = Path(in_path), Path(out_path)
     if in_path.resolve() == out_path.resolve():
         raise GGUFileError("output would overwrite the input; choose another path")
+    if not out_path.parent.is_dir():
+        raise GGUFileError(f"{out_path.parent}: no such directory")
     reader = open_typed(in_path)
     try:
         plan = plan_types(reader, mix)

@@ -299,3 +299,7 @@ def test_cli_errors_are_one_line(tmp_path):
     res = runner.invoke(quantize_command, [str(bad), str(tmp_path / "o.gguf"), "-t", "Q8_0"])
     assert res.exit_code != 0 and "bad magic" in res.output
     assert not (tmp_path / "o.gguf").exists()
+    tiny = write_gguf(tmp_path / "tiny.gguf", {"general.architecture": "llama"},
+                      [TensorSpec("w.weight", (32, 2), GGMLType.F32, np.ones((2, 32), np.float32))])
+    res = runner.invoke(quantize_command, [str(tiny), str(tmp_path / "nodir" / "o.gguf"), "-t", "Q8_0"])
+    assert res.exit_code != 0 and "no such directory" in res.output
