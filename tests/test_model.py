@@ -1,0 +1,238 @@
+"""The forward pass: real models against llama.cpp's logits and greedy continuations, the KV cache
+(incremental == batched, truncate, overflow) on tiny synthetic models, and unsupported inputs.
+
+Tolerances. llama.cpp quantizes every matmul's activations to 8 bits (Q8_0/Q8_1/Q8_K) and keeps
+K/V in float16; we round K/V/q like it does, our kernels quantize activations for decode (not for
+batched prefill). Measured on these prompts, switching 8-bit activation quantization on or off
+alone moves the top-20 logits by up to 0.49 (SmolLM2), so two independent roundings of the same
+network can land ~2x that apart. A real bug (wrong RoPE pairing, norm, attention scale) moves them
+by several units and flips top-1 ids, so LOGIT_TOL = 1.0 separates noise from bugs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggufile.runtime.errors import GGUFileError, UnsupportedModelError
+from ggufile.runtime.gguf_reader import GGUFReader
+from ggufile.runtime.model import KVCache, Model, ModelConfig, load_model
+
+LOGIT_TOL = 1.0
+# A greedy mismatch is acceptable only where the two candidates are this close in our logits.
+NEAR_TIE = 0.5
+
+
+@pytest.fixture(scope="module")
+def loaded(real_model):
+    name, path, ref = real_model
+    return name, load_model(GGUFReader(path)), ref
+
+
+# --------------------------------------------------------------------------- real models vs llama.cpp
+
+def test_next_token_logits_match_llama_cpp(loaded):
+    name, model, ref = loaded
+    worst = 0.0
+    for g in ref["generate"]:
+        logits = model.forward(np.array(g["prompt_ids"], dtype=np.int32), model.new_cache(256))
+        assert logits.shape == (model.config.n_vocab,) and logits.dtype == np.float32
+        assert int(np.argmax(logits)) == g["top20_ids"][0], g["prompt"]
+        diff = np.abs(logits[g["top20_ids"]] - np.array(g["top20_logits"], dtype=np.float32)).max()
+        worst = max(worst, float(diff))
+    print(f"\n{name}: max |logit diff| over top-20, all prompts = {worst:.3f}")
+    assert worst < LOGIT_TOL
+
+
+def test_greedy_continuations_match_llama_cpp(loaded):
+    name, model, ref = loaded
+    first8_ok, report = 0, []
+    for g in ref["generate"]:
+        want = g["greedy_ids"]
+        cache = model.new_cache(256)
+        logits = model.forward(np.array(g["prompt_ids"], dtype=np.int32), cache)
+        matched = len(want)
+        for t, ref_id in enumerate(want):
+            got = int(np.argmax(logits))
+            if got != ref_id:
+                gap = float(logits[got] - logits[ref_id])
+                assert gap < NEAR_TIE, f"{g['prompt']!r}: step {t} picks {got} over llama.cpp's {ref_id} by {gap:.3f}"
+                matched = t
+                report.append(f"step {t} (gap {gap:.3f})")
+                break
+            logits = model.forward(np.array([ref_id], dtype=np.int32), cache)
+        first8_ok += matched >= min(8, len(want))
+        report.append(f"{matched}/{len(want)}")
+    print(f"\n{name}: greedy matches {' '.join(report)}; first 8 identical on {first8_ok}/{len(ref['generate'])}")
+    assert first8_ok >= len(ref["generate"]) - 1
+
+
+def test_real_model_incremental_close_to_batched(loaded):
+    """Decode (8-bit activation kernels) and batched prefill (float) agree to quantization noise."""
+    name, model, ref = loaded
+    ids = np.array(ref["generate"][0]["prompt_ids"] + ref["generate"][0]["greedy_ids"][:4], dtype=np.int32)
+    batched = model.forward(ids, model.new_cache(64), all_logits=True)  # (n, n_vocab)
+    cache = model.new_cache(64)
+    model.forward(ids[:-4], cache)
+    for i in range(len(ids) - 4, len(ids)):
+        step = model.forward(ids[i:i + 1], cache)
+        assert int(np.argmax(step)) == int(np.argmax(batched[i]))
+        assert np.abs(step - batched[i]).max() < LOGIT_TOL
+
+
+# --------------------------------------------------------------------------- tiny synthetic models
+
+def write_tiny_gguf(path, arch="llama", n_layer=2, n_embd=32, n_head=4, n_head_kv=2, head_dim=8,
+                    n_ff=48, n_vocab=64, sliding_window=4, tied=False, seed=0):
+    """A random float32 model in a real GGUF file, small enough to check the cache logic exactly."""
+    import gguf  # test oracle only
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layer)
+    w.add_context_length(128)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(n_vocab)
+    if arch == "gemma3":
+        w.add_sliding_window(sliding_window)
+
+    def mat(rows, k, scale=None):
+        return (rng.standard_normal((rows, k)) * (scale or k ** -0.5)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd, 1.0))
+    w.add_tensor("output_norm.weight", norm(n_embd))
+    if not tied:
+        w.add_tensor("output.weight", mat(n_vocab, n_embd))
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", norm(n_embd))
+        w.add_tensor(p + "attn_q.weight", mat(n_head * head_dim, n_embd))
+        w.add_tensor(p + "attn_k.weight", mat(n_head_kv * head_dim, n_embd))
+        w.add_tensor(p + "attn_v.weight", mat(n_head_kv * head_dim, n_embd))
+        w.add_tensor(p + "attn_output.weight", mat(n_embd, n_head * head_dim))
+        w.add_tensor(p + "ffn_norm.weight", norm(n_embd))
+        w.add_tensor(p + "ffn_gate.weight", mat(n_ff, n_embd))
+        w.add_tensor(p + "ffn_up.weight", mat(n_ff, n_embd))
+        w.add_tensor(p + "ffn_down.weight", mat(n_embd, n_ff))
+        if arch == "gemma3":
+            w.add_tensor(p + "attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(p + "attn_k_norm.weight", norm(head_dim))
+            w.add_tensor(p + "post_attention_norm.weight", norm(n_embd))
+            w.add_tensor(p + "post_ffw_norm.weight", norm(n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# gemma3 with 6 layers has one global layer (il 5) and a window of 4 that the sequences outgrow.
+TINY = {
+    "llama": dict(arch="llama"),
+    "llama-tied": dict(arch="llama", tied=True, n_head_kv=4),
+    "gemma3": dict(arch="gemma3", n_layer=6, n_head=4, n_head_kv=1, head_dim=16, sliding_window=4),
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory) -> Model:
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / f"{request.param}.gguf", **TINY[request.param])
+    return load_model(GGUFReader(path))
+
+
+def test_tiny_config(tiny):
+    c = tiny.config
+    assert isinstance(c, ModelConfig) and c.n_vocab == 64
+    if c.arch == "gemma3":
+        assert [c.is_swa(il) for il in range(6)] == [True] * 5 + [False]
+        assert c.embd_scale == pytest.approx(np.sqrt(c.n_embd)) and c.attn_scale == pytest.approx(16 ** -0.5)
+    else:
+        assert not any(c.is_swa(il) for il in range(c.n_layer))
+
+
+def test_incremental_decode_equals_batched_forward(tiny):
+    ids = np.random.default_rng(1).integers(0, 64, size=12).astype(np.int32)
+    batched = tiny.forward(ids, tiny.new_cache(32), all_logits=True)  # (12, n_vocab)
+    assert batched.shape == (12, 64)
+    cache = tiny.new_cache(32)
+    rows = [tiny.forward(ids[:5], cache, all_logits=True)]  # a prompt, then one token at a time
+    rows += [tiny.forward(ids[i:i + 1], cache)[None] for i in range(5, 12)]
+    assert cache.n_tokens == 12
+    np.testing.assert_allclose(np.concatenate(rows), batched, rtol=0, atol=2e-4)
+    # the last-token default equals the last row of all_logits
+    np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(32)), batched[-1], rtol=0, atol=2e-5)
+
+
+def test_sliding_window_changes_only_long_contexts():
+    """gemma3's local layers stop seeing tokens `window` positions back; within the window nothing changes."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        short = load_model(GGUFReader(write_tiny_gguf(Path(d) / "a.gguf", **{**TINY["gemma3"], "sliding_window": 4})))
+        wide = load_model(GGUFReader(write_tiny_gguf(Path(d) / "b.gguf", **{**TINY["gemma3"], "sliding_window": 64})))
+        ids = np.arange(10, dtype=np.int32)
+        a = short.forward(ids, short.new_cache(16), all_logits=True)
+        b = wide.forward(ids, wide.new_cache(16), all_logits=True)
+        np.testing.assert_allclose(a[:4], b[:4], atol=2e-5)  # positions 0..3 see < 4 keys either way
+        assert np.abs(a[4] - b[4]).max() > 1e-3  # position 4 is the first to lose key 0
+
+
+def test_truncate_reuses_prefix(tiny):
+    rng = np.random.default_rng(2)
+    prefix, first, second = (rng.integers(0, 64, size=n).astype(np.int32) for n in (6, 4, 3))
+    cache = tiny.new_cache(32)
+    tiny.forward(np.concatenate([prefix, first]), cache)
+    cache.truncate(len(prefix))
+    assert cache.n_tokens == len(prefix)
+    reused = tiny.forward(second, cache, all_logits=True)
+    fresh = tiny.forward(np.concatenate([prefix, second]), tiny.new_cache(32), all_logits=True)[len(prefix):]
+    np.testing.assert_allclose(reused, fresh, rtol=0, atol=2e-5)
+    with pytest.raises(GGUFileError):
+        cache.truncate(cache.n_tokens + 1)
+
+
+def test_context_overflow_and_bad_ids(tiny):
+    cache = tiny.new_cache(8)
+    assert isinstance(cache, KVCache)
+    tiny.forward(np.arange(6, dtype=np.int32), cache)
+    with pytest.raises(GGUFileError, match="context"):
+        tiny.forward(np.arange(3, dtype=np.int32), cache)
+    assert cache.n_tokens == 6  # a refused step leaves the cache as it was
+    with pytest.raises(GGUFileError):
+        tiny.forward(np.array([64], dtype=np.int32), cache)
+
+
+def test_unknown_architecture_is_reported(tmp_path):
+    import gguf
+
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        load_model(GGUFReader(path))
+
+
+def test_unsupported_rope_scaling_is_reported():
+    meta = {"general.architecture": "llama", "llama.embedding_length": 32, "llama.attention.head_count": 4,
+            "llama.block_count": 1, "llama.feed_forward_length": 8, "llama.context_length": 64,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 16,
+            "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_gguf(meta)
+    meta["llama.rope.scaling.type"] = "linear"
+    assert ModelConfig.from_gguf(meta).rope_scale == 0.25
