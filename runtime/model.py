@@ -243,6 +243,7 @@ class Model:
         c = config
         self._inv_freq = ops.rope_inv_freq(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs)
         self._inv_freq_swa = ops.rope_inv_freq(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
+        self._swa_layers = [c.is_swa(il) for il in range(c.n_layer)]
 
     def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, n_ctx or self.config.n_ctx_train, dtype)
@@ -266,8 +267,12 @@ class Model:
 
         # positions this step writes, their rotations and the masks (shared by all layers of a kind)
         pos = np.arange(p0, T)
-        rope_global = ops.rope_tables(pos, self._inv_freq)  # 2 x (n, 1, n_rot/2)
-        rope_swa = ops.rope_tables(pos, self._inv_freq_swa) if c.sliding_window else None
+        # rotations for k, and for q with the attention scale folded in: 2 x (n, 1, pairs..)
+        rope_k = ops.rope_tables(pos, self._inv_freq, c.rope_neox)
+        rope_q = ops.rope_tables(pos, self._inv_freq, c.rope_neox, c.attn_scale)
+        if c.sliding_window:
+            rope_k_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox)
+            rope_q_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox, c.attn_scale)
         mask_global = ops.causal_mask(n, p0) if n > 1 else None  # (n, T)
         mask_swa = None
         if c.sliding_window and T > c.sliding_window:
@@ -279,8 +284,7 @@ class Model:
 
         with np.errstate(over="ignore"):  # exp overflow in silu/softmax is harmless (-> 0 weight)
             for il, L in enumerate(w.layers):
-                swa = c.is_swa(il)
-                cos, sin = rope_swa if swa else rope_global
+                swa = self._swa_layers[il]
                 # ---- attention
                 h = ops.rmsnorm(x, L.attn_norm, c.rms_eps)  # (n, n_embd)
                 q, k, v = kernels.matmul_multi([L.wq, L.wk, L.wv], h)
@@ -290,11 +294,11 @@ class Model:
                 if c.qk_norm:
                     q = ops.rmsnorm(q, L.q_norm, c.rms_eps)
                     k = ops.rmsnorm(k, L.k_norm, c.rms_eps)
-                ops.rope(q, cos, sin, c.rope_neox)
-                ops.rope(k, cos, sin, c.rope_neox)
+                q = ops.rope(q, *(rope_q_swa if swa else rope_q))  # scaled by attn_scale
+                k = ops.rope(k, *(rope_k_swa if swa else rope_k))
                 # llama.cpp keeps K and V in float16 and so also rounds q to float16 for q.k;
                 # doing the same (even in a float32 cache) keeps our logits next to its logits.
-                q = (q * np.float32(c.attn_scale)).astype(np.float16)
+                q = q.astype(np.float16)
                 cache.k[il, :, p0:T] = k.transpose(1, 0, 2).astype(np.float16)
                 cache.v[il, :, p0:T] = v.transpose(1, 0, 2).astype(np.float16)
                 a = ops.attention(q, cache.k[il, :, :T], cache.v[il, :, :T],

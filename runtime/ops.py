@@ -29,27 +29,40 @@ def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarra
     return inv  # (n_rot/2,) float64
 
 
-def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of position * theta_i, each (n_tok, 1, n_rot/2) to broadcast over heads."""
-    ang = np.outer(positions.astype(np.float64), inv_freq)
-    return np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, neox: bool,
+                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and signed sin of position * theta_i, laid out for `rope` in the given mode.
 
-
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
-    """Rotate the first n_rot dims of every head of x (n_tok, n_heads, head_dim), in place.
-
-    ggml "normal" mode (llama) rotates adjacent pairs (x0, x1), (x2, x3)...; the GGUF converter
-    permuted llama's q/k weights for exactly this. NEOX mode (gemma) rotates (x_i, x_{i+n_rot/2}).
+    Shapes (n_tok, 1, n_rot/2, 2) for normal mode, (n_tok, 1, 2, n_rot/2) for NEOX, so they
+    broadcast over heads. `scale` is folded in (the attention scale rides along for free on q).
     """
-    half = cos.shape[-1]
-    if neox:
-        a, b = x[..., :half], x[..., half:2 * half]
-    else:
-        a, b = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
-    a_new = a * cos - b * sin
-    b[...] = a * sin + b * cos
-    a[...] = a_new
-    return x
+    ang = np.outer(positions.astype(np.float64), inv_freq)  # (n_tok, n_rot/2)
+    cos, sin = np.cos(ang) * scale, np.sin(ang) * scale
+    axis = -2 if neox else -1
+    cos2 = np.stack([cos, cos], axis=axis)
+    sin2 = np.stack([-sin, sin], axis=axis)  # the first of each pair gets -sin
+    return cos2[:, None].astype(np.float32), sin2[:, None].astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate the first n_rot dims of every head of x (n_tok, n_heads, head_dim); returns a new array.
+
+    Pairs (a, b) become (a cos - b sin, a sin + b cos). ggml's "normal" mode (llama) pairs adjacent
+    dims (x0, x1), (x2, x3)...: the GGUF converter permuted llama's q/k weights for exactly this.
+    NEOX mode (gemma) pairs x_i with x_{i + n_rot/2}. The tables' layout picks the mode.
+    """
+    n_tok, n_heads, hd = x.shape
+    n_rot = cos.shape[-1] * cos.shape[-2]
+    r = x[..., :n_rot].reshape(n_tok, n_heads, *cos.shape[-2:])  # (n_tok, n_heads, pairs..)
+    swapped = r[..., ::-1] if cos.shape[-1] == 2 else r[..., ::-1, :]  # (b, a) for each (a, b)
+    out = r * cos
+    out += swapped * sin
+    out = out.reshape(n_tok, n_heads, n_rot)
+    if n_rot == hd:
+        return out
+    y = x.copy()
+    y[..., :n_rot] = out
+    return y
 
 
 def causal_mask(n_tok: int, n_past: int, window: int = 0) -> np.ndarray:
@@ -73,12 +86,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     Query head h reads kv head h // (n_head / n_head_kv), as ggml's broadcasting mul_mat does.
     Returns (n_tok, n_head * hd).
     """
-    q, k, v = (a if a.dtype == np.float32 else a.astype(np.float32) for a in (q, k, v))
+    if q.dtype != np.float32:
+        q = q.astype(np.float32)
+    if k.dtype != np.float32:  # a float16 cache
+        k, v = k.astype(np.float32), v.astype(np.float32)
     n_tok, n_head, hd = q.shape
     n_kv, n_keys = k.shape[0], k.shape[1]
     g = n_head // n_kv
     # (n_kv, g * n_tok, hd): each kv head's query group stacked, so one batched matmul per kv head.
-    qg = q.reshape(n_tok, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n_tok, hd)
+    if n_tok == 1:
+        qg = q.reshape(n_kv, g, hd)
+    else:
+        qg = q.reshape(n_tok, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n_tok, hd)
     s = np.matmul(qg, k.transpose(0, 2, 1))  # (n_kv, g * n_tok, n_keys)
     if mask is not None:
         s4 = s.reshape(n_kv, g, n_tok, n_keys)
@@ -87,6 +106,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
     o = np.matmul(s, v)  # (n_kv, g * n_tok, hd)
+    if n_tok == 1:
+        return o.reshape(1, n_head * hd)
     return o.reshape(n_kv, g, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head * hd)
 
 
