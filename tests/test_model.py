@@ -172,6 +172,16 @@ def test_incremental_decode_equals_batched_forward(tiny):
     np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(32)), batched[-1], rtol=0, atol=2e-5)
 
 
+def test_float16_cache_gives_the_same_logits(tiny):
+    """K/V are rounded to float16 either way (as llama.cpp stores them), so a half-size cache is exact."""
+    ids = np.arange(9, dtype=np.int32)
+    c16, c32 = tiny.new_cache(16, dtype=np.float16), tiny.new_cache(16)
+    assert c16.k.dtype == np.float16 and c32.k.dtype == np.float32
+    for part in (ids[:6], ids[6:]):
+        np.testing.assert_allclose(tiny.forward(part, c16, all_logits=True),
+                                   tiny.forward(part, c32, all_logits=True), rtol=0, atol=1e-5)
+
+
 def test_sliding_window_changes_only_long_contexts():
     """gemma3's local layers stop seeing tokens `window` positions back; within the window nothing changes."""
     import tempfile
