@@ -143,26 +143,9 @@ def encode_kv(key: str, value) -> bytes:
 
 
 # -- metadata copying ------------------------------------------------------------------------
-class _TypedReader(GGUFReader):
-    """GGUFReader that also remembers each top-level key's value type (needed to copy
-    metadata exactly: llama.cpp rejects e.g. an INT32 where it expects UINT32)."""
-
-    def _read_value(self, cur, vtype, what, depth):  # noqa: D401 - same contract as the base
-        if depth == 0:
-            if not hasattr(self, "value_types"):
-                self.value_types = {}
-            self.value_types[what] = vtype
-        return super()._read_value(cur, vtype, what, depth)
-
-
-def open_typed(path: str | os.PathLike) -> GGUFReader:
-    """A GGUFReader whose `.value_types` maps each metadata key to its GGUFValueType."""
-    return _TypedReader(path)
-
-
 def metadata_with_types(reader: GGUFReader) -> dict[str, object]:
     """The reader's metadata as {key: Typed(...)} for scalars and arrays, exactly as stored."""
-    types = getattr(reader, "value_types", {})
+    types = reader.value_types
     out: dict[str, object] = {}
     for key, value in reader.metadata.items():
         vtype = types.get(key)

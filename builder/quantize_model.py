@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ggufile.builder.gguf_writer import Typed, TensorSpec, metadata_with_types, open_typed, write_gguf
+from ggufile.builder.gguf_writer import Typed, TensorSpec, metadata_with_types, write_gguf
 from ggufile.runtime import kernels
 from ggufile.runtime.constants import QUANT_TABLE, GGMLType, GGUFValueType, Keys
 from ggufile.runtime.errors import GGUFileError
@@ -318,7 +318,7 @@ def quantize_file(in_path, out_path, qtype_or_mix: str, progress: Callable[[str]
         raise GGUFileError("output would overwrite the input; choose another path")
     if not out_path.parent.is_dir():
         raise GGUFileError(f"{out_path.parent}: no such directory")
-    reader = open_typed(in_path)
+    reader = GGUFReader(in_path)
     try:
         plan = plan_types(reader, mix)
         src = {n: t.ggml_type for n, t in reader.tensors.items()}

@@ -196,11 +196,15 @@ class GGUFReader:
             raise GGUFFormatError(f"corrupt GGUF: {n_kv} metadata entries / {n_tensors} tensors "
                                   f"cannot fit in {self.size} bytes")
         self.metadata: dict = {}
+        # How each key was stored: copying metadata exactly needs it (llama.cpp rejects e.g. an
+        # INT32 where it expects a UINT32).
+        self.value_types: dict[str, GGUFValueType] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             if key in self.metadata:
                 raise GGUFFormatError(f"corrupt GGUF: duplicate metadata key {key!r}")
-            self.metadata[key] = self._read_value(cur, cur.value_type(key), key, 0)
+            self.value_types[key] = cur.value_type(key)
+            self.metadata[key] = self._read_value(cur, self.value_types[key], key, 0)
         self.alignment = self._alignment()
         infos = [self._read_tensor_info(cur, i) for i in range(n_tensors)]
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
