@@ -52,6 +52,8 @@ class ModelConfig:
     swa_pattern: int = 0  # layer il is sliding-window unless il % swa_pattern == swa_pattern - 1
     rope_base_swa: float = 10000.0
     rope_scale_swa: float = 1.0
+    rope_scaling: str = "none"  # none | linear | yarn
+    rope_yarn_orig_ctx: int = 0  # YaRN: the context length the model was trained at
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "ModelConfig":
@@ -92,7 +94,7 @@ class ModelConfig:
             rms_eps=float(get(Keys.RMS_EPS)),
             n_rot=int(get(Keys.ROPE_DIMENSION_COUNT, head_dim)),
             rope_base=float(get(Keys.ROPE_FREQ_BASE, 10000.0)),
-            rope_scale=_rope_freq_scale(metadata, arch),
+            **_rope_scaling(metadata, arch),
         )
         if arch == "llama":
             return cls(**common, rope_neox=False, attn_scale=1.0 / math.sqrt(head_dim),
@@ -109,14 +111,20 @@ class ModelConfig:
         return bool(self.sliding_window) and il % self.swa_pattern < self.swa_pattern - 1
 
 
-def _rope_freq_scale(metadata: dict, arch: str) -> float:
-    kind = metadata.get(Keys.ROPE_SCALING_TYPE.format(arch=arch), "none")
+def _rope_scaling(metadata: dict, arch: str) -> dict:
+    """rope_scale (ggml's freq_scale = 1/factor) and the scaling kind; llama.cpp's YaRN betas (32, 1) assumed."""
+    kind = str(metadata.get(Keys.ROPE_SCALING_TYPE.format(arch=arch), "none"))
     factor = float(metadata.get(Keys.ROPE_SCALING_FACTOR.format(arch=arch), 1.0) or 1.0)
     if kind == "none" or factor == 1.0:
-        return 1.0
+        return dict(rope_scale=1.0, rope_scaling="none")
     if kind == "linear":
-        return 1.0 / factor
-    raise UnsupportedModelError(f"unsupported rope scaling type {kind!r} (supported: none, linear)")
+        return dict(rope_scale=1.0 / factor, rope_scaling="linear")
+    if kind == "yarn":
+        orig = int(metadata.get(Keys.ROPE_SCALING_ORIG_CTX.format(arch=arch), 0))
+        if orig <= 0:
+            raise GGUFFormatError("YaRN rope scaling without rope.scaling.original_context_length")
+        return dict(rope_scale=1.0 / factor, rope_scaling="yarn", rope_yarn_orig_ctx=orig)
+    raise UnsupportedModelError(f"unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
 
 
 # --------------------------------------------------------------------------- weights
@@ -241,8 +249,10 @@ class Model:
         self.config = config
         self.weights = weights
         c = config
-        self._inv_freq = ops.rope_inv_freq(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs)
-        self._inv_freq_swa = ops.rope_inv_freq(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
+        yarn = (c.rope_yarn_orig_ctx, 32.0, 1.0) if c.rope_scaling == "yarn" else None
+        self._inv_freq, self._rope_mscale = ops.rope_inv_freq(
+            c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
+        self._inv_freq_swa, _ = ops.rope_inv_freq(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
         self._swa_layers = [c.is_swa(il) for il in range(c.n_layer)]
 
     def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
@@ -268,8 +278,9 @@ class Model:
         # positions this step writes, their rotations and the masks (shared by all layers of a kind)
         pos = np.arange(p0, T)
         # rotations for k, and for q with the attention scale folded in: 2 x (n, 1, pairs..)
-        rope_k = ops.rope_tables(pos, self._inv_freq, c.rope_neox)
-        rope_q = ops.rope_tables(pos, self._inv_freq, c.rope_neox, c.attn_scale)
+        ms = self._rope_mscale  # YaRN's magnitude correction (1.0 otherwise)
+        rope_k = ops.rope_tables(pos, self._inv_freq, c.rope_neox, ms)
+        rope_q = ops.rope_tables(pos, self._inv_freq, c.rope_neox, ms * c.attn_scale)
         if c.sliding_window:
             rope_k_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox)
             rope_q_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox, c.attn_scale)

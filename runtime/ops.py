@@ -5,6 +5,8 @@ glue between them. Each follows the ggml op that llama.cpp uses, so our logits m
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
@@ -21,12 +23,30 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale[..., None]) * w
 
 
-def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarray | None) -> np.ndarray:
-    """theta_i = scale * base^(-2i/n_rot) / factor_i, i < n_rot/2 (ggml_rope_ext, no YaRN)."""
-    inv = scale * base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-    if freq_factors is not None:  # Llama 3.1+ "rope_freqs.weight"
-        inv = inv / freq_factors.astype(np.float64)
-    return inv  # (n_rot/2,) float64
+def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarray | None,
+                  yarn: tuple[int, float, float] | None = None) -> tuple[np.ndarray, float]:
+    """Per-pair angular speeds theta_i (radians per position) and the cos/sin magnitude (ggml_rope_ext).
+
+    Plain/linear: theta_i = scale * base^(-2i/n_rot) / factor_i (factors: Llama 3.1's rope_freqs).
+    YaRN, yarn = (n_ctx_orig, beta_fast, beta_slow): pairs that turn fast over the original context
+    keep the unscaled theta, slow pairs take scale * theta, with a linear ramp between (ggml's
+    rope_yarn with ext_factor 1), and cos/sin grow by 1 + 0.1 ln(1/scale).
+    """
+    extrap = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)  # (n_rot/2,)
+    if freq_factors is not None:
+        extrap = extrap / freq_factors.astype(np.float64)
+    if yarn is None or scale == 1.0:
+        return extrap * scale, 1.0
+    n_ctx_orig, beta_fast, beta_slow = yarn
+
+    def corr_dim(n_rotations: float) -> float:  # the pair index that turns n_rotations times over n_ctx_orig
+        return n_rot * math.log(n_ctx_orig / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(beta_fast)))
+    high = min(n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
+    i = np.arange(n_rot // 2, dtype=np.float64)
+    mix = 1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)  # 1: extrapolate, 0: interpolate
+    return extrap * (scale * (1.0 - mix) + mix), 1.0 + 0.1 * math.log(1.0 / scale)
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, neox: bool,

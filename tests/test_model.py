@@ -241,8 +241,28 @@ def test_unsupported_rope_scaling_is_reported():
     meta = {"general.architecture": "llama", "llama.embedding_length": 32, "llama.attention.head_count": 4,
             "llama.block_count": 1, "llama.feed_forward_length": 8, "llama.context_length": 64,
             "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 16,
-            "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+            "llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0}
+    with pytest.raises(UnsupportedModelError, match="longrope"):
         ModelConfig.from_gguf(meta)
     meta["llama.rope.scaling.type"] = "linear"
     assert ModelConfig.from_gguf(meta).rope_scale == 0.25
+    meta["llama.rope.scaling.type"] = "yarn"
+    with pytest.raises(GGUFileError, match="original_context_length"):
+        ModelConfig.from_gguf(meta)
+    meta["llama.rope.scaling.original_context_length"] = 4096
+    c = ModelConfig.from_gguf(meta)
+    assert (c.rope_scaling, c.rope_scale, c.rope_yarn_orig_ctx) == ("yarn", 0.25, 4096)
+
+
+def test_yarn_frequencies():
+    """Fast pairs keep their speed, slow pairs are slowed by the factor, cos/sin grow by 1 + 0.1 ln(factor)."""
+    from ggufile.runtime import ops
+
+    plain, one = ops.rope_inv_freq(128, 10000.0, 1.0, None)
+    yarn, mscale = ops.rope_inv_freq(128, 10000.0, 0.25, None, (4096, 32.0, 1.0))
+    assert one == 1.0 and mscale == pytest.approx(1 + 0.1 * np.log(4))
+    # pair i turns 4096 * theta_i / 2pi times over the original context: > 32 -> untouched, < 1 -> scaled
+    turns = 4096 * plain / (2 * np.pi)
+    np.testing.assert_allclose(yarn[turns > 40], plain[turns > 40])
+    np.testing.assert_allclose(yarn[turns < 0.8], plain[turns < 0.8] * 0.25)
+    assert np.all(np.diff(yarn) < 0)  # still monotone
