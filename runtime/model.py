@@ -264,14 +264,15 @@ class Model:
         Returns the next-token logits: (n_vocab,) for the last token, or (n, n_vocab) if all_logits.
         """
         c, w = self.config, self.weights
-        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        ids = np.asarray(ids).reshape(-1)
         n, p0 = len(ids), cache.n_tokens
         if n == 0:
             raise GGUFileError("forward() needs at least one token")
         if p0 + n > cache.n_ctx:
             raise GGUFileError(f"context overflow: {p0} + {n} tokens exceed the context size {cache.n_ctx}")
-        if ids.min() < 0 or ids.max() >= c.n_vocab:
-            raise GGUFileError(f"token id out of range [0, {c.n_vocab})")
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
+            raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
+        ids = ids.astype(np.int32)
         T = p0 + n  # keys visible after this step
         H, KV, D = c.n_head, c.n_head_kv, c.head_dim
 
