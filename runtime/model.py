@@ -23,6 +23,8 @@ from ggufile.runtime.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "gemma3")
+# Most tokens one batched pass takes at once (longer prompts are split).
+MAX_BATCH = 512
 
 
 # --------------------------------------------------------------------------- config
@@ -273,6 +275,15 @@ class Model:
         if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
             raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
         ids = ids.astype(np.int32)
+        if n <= MAX_BATCH:
+            return self._forward_batch(ids, cache, all_logits)
+        # Long prompts go in slices, like llama.cpp's micro-batches: bounds the (n, n_keys) scores.
+        parts = [self._forward_batch(ids[i:i + MAX_BATCH], cache, all_logits) for i in range(0, n, MAX_BATCH)]
+        return np.concatenate(parts) if all_logits else parts[-1]
+
+    def _forward_batch(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        c, w = self.config, self.weights
+        n, p0 = len(ids), cache.n_tokens
         T = p0 + n  # keys visible after this step
         H, KV, D = c.n_head, c.n_head_kv, c.head_dim
 

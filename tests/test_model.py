@@ -197,6 +197,18 @@ def test_sliding_window_changes_only_long_contexts():
         assert np.abs(a[4] - b[4]).max() > 1e-3  # position 4 is the first to lose key 0
 
 
+def test_long_prompts_are_split_into_batches(tiny, monkeypatch):
+    from ggufile.runtime import model as model_mod
+
+    ids = np.random.default_rng(3).integers(0, 64, size=11).astype(np.int32)
+    whole = tiny.forward(ids, tiny.new_cache(16), all_logits=True)
+    monkeypatch.setattr(model_mod, "MAX_BATCH", 4)
+    cache = tiny.new_cache(16)
+    np.testing.assert_allclose(tiny.forward(ids, cache, all_logits=True), whole, rtol=0, atol=2e-4)
+    assert cache.n_tokens == 11
+    np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(16)), whole[-1], rtol=0, atol=2e-4)
+
+
 def test_truncate_reuses_prefix(tiny):
     rng = np.random.default_rng(2)
     prefix, first, second = (rng.integers(0, 64, size=n).astype(np.int32) for n in (6, 4, 3))
