@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,15 +114,41 @@ def parse_args(value: str | None) -> list[str]:
 @click.option("--name", help="Model name shown by the executable (default: the GGUF's general.name).")
 @click.option("--format", "fmt", type=click.Choice(["exe", "pyz"]), default="exe", show_default=True,
               help="exe: native executable (PyInstaller stub); pyz: Python zipapp needing python3 + NumPy.")
+@click.option("--quantize", "quant", metavar="TYPE",
+              help="Quantize on the way in (e.g. Q4_K_M, Q8_0; see `ggufile quantize --help`).")
 @stub_option
-def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None):
+def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None,
+          quant: str | None):
     """Pack MODEL (a .gguf file) into one executable file."""
-    from .build import build_executable, check_output, validate_model
-    from .pyz import build_pyz
+    from .build import check_output
 
     default_args = parse_args(args)
-    validate_model(model)  # fail on a broken model before building a stub or writing anything
     check_output(output)
+    if quant is None:
+        return _build(model, output, default_args, name, fmt, stub)
+    from .quantize_model import get_mix, quantize_file
+
+    get_mix(quant)  # an unknown type fails before any work
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".ggufile-quant-") as tmp:
+        quantized = Path(tmp) / f"{model.stem}.{quant.upper()}.gguf"
+        n_tensors = len(_reader_tensors(model))
+        with progress_bar(f"Quantizing to {quant.upper()}", n_tensors) as progress:
+            quantize_file(model, quantized, quant, progress=lambda _name: progress(1),
+                          warn=lambda msg: click.echo(msg, err=True))
+        _build(quantized, output, default_args, name, fmt, stub)
+
+
+def _reader_tensors(model: Path):
+    from ggufile.runtime.gguf_reader import GGUFReader
+
+    return GGUFReader(model).tensors
+
+
+def _build(model: Path, output: Path, default_args: list[str], name: str | None, fmt: str, stub: Path | None):
+    from .build import build_executable, validate_model
+    from .pyz import build_pyz
+
+    validate_model(model)  # fail on a broken model before building a stub or writing anything
     size = model.stat().st_size
     with progress_bar(f"Writing {model.name} into {output.name}", size) as progress:
         if fmt == "pyz":

@@ -67,12 +67,14 @@ def model_options(f):
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Let web pages from this origin call the API (repeatable; default: same origin only).")
 @click.option("--info", is_flag=True, help="Describe the model and exit.")
+@click.option("--perplexity", is_flag=True,
+              help="Perplexity of the model on the text of -f, like llama-perplexity (-c is the chunk size, default 512).")
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
               help="Echo the prompt before the completion.")
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, nobrowser, cors_origins, info, display_prompt, verbose, **sampling):
+                server, host, port, api_key, nobrowser, cors_origins, info, perplexity, display_prompt, verbose, **sampling):
     """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server)."""
     embedded = ctx.obj
     if threads:
@@ -81,6 +83,9 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
         prompt = prompt_file.read()
     if info:
         _print_info(embedded, model_path)
+        return
+    if perplexity:
+        _perplexity(embedded, model_path, prompt, ctx_size)
         return
     if prompt is None and not chat and not server:
         click.echo(_short_help(embedded, model_path, ctx))
@@ -98,10 +103,20 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
         complete(engine, prompt, params, n_predict, display_prompt, verbose)
 
 
+def _perplexity(embedded, model_path, text, ctx_size) -> None:
+    from .perplexity import report_perplexity
+
+    if text is None:
+        raise GGUFileError("--perplexity needs a text: -f FILE")
+    chunk = ctx_size or 512
+    engine = _open_engine(embedded, model_path, chunk)
+    report_perplexity(engine.model, engine.tokenizer, text, chunk, None)
+
+
 def _open_engine(embedded, model_path, ctx_size):
     from .engine import Engine
 
-    n_ctx = ctx_size or None
+    n_ctx = ctx_size
     if ctx_size == 0:
         n_ctx = 1 << 20  # clipped to the model's training context by the engine
     if embedded is not None and model_path is None:

@@ -157,7 +157,8 @@ def format_result(res: PerplexityResult) -> str:
 @click.command("perplexity")
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False), help="GGUF model")
 @click.option("-f", "--file", "text_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text")
-@click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, help="tokens per chunk")
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(4, 1 << 20), default=512, show_default=True,
+              help="tokens per chunk")
 @click.option("--chunks", "max_chunks", default=-1, help="evaluate at most this many chunks (-1: all)")
 def perplexity_command(model_path: str, text_path: str, n_ctx: int, max_chunks: int) -> None:
     """Perplexity of MODEL on a text, computed the way llama.cpp's llama-perplexity does."""
@@ -169,16 +170,24 @@ def perplexity_command(model_path: str, text_path: str, n_ctx: int, max_chunks: 
         raise click.ClickException(f"{text_path}: cannot read as UTF-8 text ({err})") from None
     try:
         model, tok = load_for_perplexity(model_path)
-        tokens = tok.encode(text, add_special=True)
-        n_chunks = n_chunks_for(len(tokens), n_ctx, max_chunks)
-        click.echo(f"{len(tokens)} tokens, {n_chunks} chunks of {n_ctx}", err=True)
-        bos = tok.bos_id if tok.add_bos else None
-        with click.progressbar(length=n_chunks, label="perplexity", file=sys.stderr,
-                               item_show_func=lambda s: s or "") as bar:
-            def step(i: int, stats: NLLStats) -> None:
-                bar.update(1, f"[{i + 1}] {stats.ppl:.4f}")
-            res = evaluate(model, tokens, n_ctx, bos, n_chunks, step)
+        report_perplexity(model, tok, text, n_ctx, max_chunks)
     except GGUFileError as err:
         raise click.ClickException(str(err)) from None
+
+
+def report_perplexity(model, tok, text: str, n_ctx: int, max_chunks: int | None) -> PerplexityResult:
+    """Evaluate with a progress bar on stderr; print the per-chunk figures and the result.
+
+    Shared by `ggufile perplexity` and an executable's `--perplexity`."""
+    tokens = tok.encode(text, add_special=True)
+    n_chunks = n_chunks_for(len(tokens), n_ctx, max_chunks)
+    click.echo(f"{len(tokens)} tokens, {n_chunks} chunks of {n_ctx}", err=True)
+    bos = tok.bos_id if tok.add_bos else None
+    with click.progressbar(length=n_chunks, label="perplexity", file=sys.stderr,
+                           item_show_func=lambda s: s or "") as bar:
+        def step(i: int, stats: NLLStats) -> None:
+            bar.update(1, f"[{i + 1}] {stats.ppl:.4f}")
+        res = evaluate(model, tokens, n_ctx, bos, n_chunks, step)
     click.echo(" ".join(f"[{i + 1}]{p:.4f}," for i, p in enumerate(res.stats.per_chunk)).rstrip(","), err=True)
     click.echo(format_result(res))
+    return res

@@ -276,3 +276,23 @@ def test_pyz_model_is_stored_and_aligned(pyz, smollm2_path, tmp_path):
     assert model.verify()
     assert run_cli("extract", pyz, "-o", tmp_path / "m.gguf").exit_code == 0
     assert (tmp_path / "m.gguf").read_bytes() == smollm2_path.read_bytes()
+
+
+def test_build_quantizes_on_the_way_in(tmp_path, fake_stub, smollm2_path):
+    out = tmp_path / "q8"
+    result = run_cli("build", str(smollm2_path), "-o", str(out), "--stub", str(fake_stub), "--quantize", "Q8_0")
+    assert result.exit_code == 0, result.output
+    from ggufile.runtime.container import read_container
+    from ggufile.runtime.gguf_reader import GGUFReader
+
+    embedded = read_container(out)
+    reader = GGUFReader(out, embedded.offset, embedded.size)
+    assert {t.ggml_type.name for t in reader.tensors.values()} == {"Q8_0", "F32"}
+    assert files_in(tmp_path) == ["q8"]  # the intermediate GGUF is gone
+
+
+def test_build_unknown_quant_type_writes_nothing(tmp_path, fake_stub, smollm2_path):
+    result = run_cli("build", str(smollm2_path), "-o", str(tmp_path / "x"), "--stub", str(fake_stub),
+                     "--quantize", "Q9_9")
+    assert result.exit_code == 1 and "unknown quantization type" in result.output
+    assert files_in(tmp_path) == []
