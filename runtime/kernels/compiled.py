@@ -7,7 +7,11 @@ signatures as source.SIGNATURES):
   once (shared by every weight of a matmul_multi), then each thread runs the `mv_*` kernel on
   its slice of the rows, straight on the quantized blocks.
 - prefill: each thread dequantizes tiles of its rows to float32 (`dq_*`) and multiplies them
-  with NumPy's matmul (BLAS), so no dequantized copy of a whole weight is ever made.
+  with NumPy's matmul (BLAS), so no dequantized copy of a whole weight is ever made. The
+  activations BLAS sees are the 8-bit ones the decode path uses, dequantized: llama.cpp
+  quantizes activations in batched matmuls too, and dequant(W) . dequant(q8(x)) is its integer
+  dot product up to float rounding, so prompt and decode logits agree with each other and
+  with llama.cpp.
 """
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ class CompiledBackend:
             if out.shape != (n_tok, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_tok, w.shape[0])}")
             if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
-                tasks.append((self._prefill_task(w, qtype, x, out), w.shape[0], w.nbytes))
+                x_seen = self._prefill_activations(qtype, x, activations)
+                tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes))
             else:
                 tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes))
         self._dispatch(tasks)
@@ -114,6 +119,25 @@ class CompiledBackend:
         if qtype in _WITH_SUMS:
             return lambda r0, r1: kernel(w, xq, xd, xs, out, r0, r1, F16_TABLE, block)
         return lambda r0, r1: kernel(w, xq, xd, out, r0, r1, F16_TABLE, block)
+
+    def _prefill_activations(self, qtype: GGMLType, x: np.ndarray, activations: dict) -> np.ndarray:
+        """x as llama.cpp's dot product for W's type sees it (ggml's vec_dot_type)."""
+        if qtype == T.F16:  # F16 weights are multiplied with F16-rounded activations
+            key = "f16"
+            if key not in activations:
+                activations[key] = x.astype(np.float16).astype(np.float32)
+            return activations[key]
+        family = ACTIVATION.get(qtype)
+        if family is None:
+            return x
+        key = family + ":dequantized"
+        if key not in activations:
+            if family not in activations:
+                activations[family] = self._quantize_activations(family, x)
+            xq, xd, _ = activations[family]
+            n_tok, k = x.shape
+            activations[key] = (xq.reshape(n_tok, xd.shape[1], -1) * xd[..., None]).reshape(n_tok, k)
+        return activations[key]
 
     def _quantize_activations(self, family: str, x: np.ndarray) -> tuple:
         n_tok, k = x.shape
