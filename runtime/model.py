@@ -252,9 +252,8 @@ class Model:
         self.weights = weights
         c = config
         yarn = (c.rope_yarn_orig_ctx, 32.0, 1.0) if c.rope_scaling == "yarn" else None
-        self._inv_freq, self._rope_mscale = ops.rope_inv_freq(
-            c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
-        self._inv_freq_swa, _ = ops.rope_inv_freq(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
+        self._rope = ops.rope_freqs(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
+        self._rope_swa = ops.rope_freqs(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
         self._swa_layers = [c.is_swa(il) for il in range(c.n_layer)]
 
     def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
@@ -290,12 +289,11 @@ class Model:
         # positions this step writes, their rotations and the masks (shared by all layers of a kind)
         pos = np.arange(p0, T)
         # rotations for k, and for q with the attention scale folded in: 2 x (n, 1, pairs..)
-        ms = self._rope_mscale  # YaRN's magnitude correction (1.0 otherwise)
-        rope_k = ops.rope_tables(pos, self._inv_freq, c.rope_neox, ms)
-        rope_q = ops.rope_tables(pos, self._inv_freq, c.rope_neox, ms * c.attn_scale)
+        rope_k = ops.rope_tables(pos, self._rope, c.rope_neox)
+        rope_q = ops.rope_tables(pos, self._rope, c.rope_neox, c.attn_scale)
         if c.sliding_window:
-            rope_k_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox)
-            rope_q_swa = ops.rope_tables(pos, self._inv_freq_swa, c.rope_neox, c.attn_scale)
+            rope_k_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox)
+            rope_q_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox, c.attn_scale)
         mask_global = ops.causal_mask(n, p0) if n > 1 else None  # (n, T)
         mask_swa = None
         if c.sliding_window and T > c.sliding_window:

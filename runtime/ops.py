@@ -6,6 +6,7 @@ glue between them. Each follows the ggml op that llama.cpp uses, so our logits m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,20 +24,29 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale[..., None]) * w
 
 
-def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarray | None,
-                  yarn: tuple[int, float, float] | None = None) -> tuple[np.ndarray, float]:
-    """Per-pair angular speeds theta_i (radians per position) and the cos/sin magnitude (ggml_rope_ext).
+@dataclass(frozen=True)
+class RopeFreqs:
+    """How ggml turns a position into per-pair rotation angles (see rope_angles)."""
+    theta_scale: np.float32  # base^(-2/n_rot), in float32 as ggml's powf gives it
+    divisors: np.ndarray | None  # (n_rot/2,) Llama 3.1's rope_freqs.weight, or None
+    mult: np.ndarray  # (n_rot/2,) float32: freq_scale, or YaRN's per-pair blend of 1 and freq_scale
+    mscale: float  # cos/sin magnitude: 1, or YaRN's 1 + 0.1 ln(1/freq_scale)
 
-    Plain/linear: theta_i = scale * base^(-2i/n_rot) / factor_i (factors: Llama 3.1's rope_freqs).
+
+def rope_freqs(n_rot: int, base: float, scale: float, freq_factors: np.ndarray | None,
+               yarn: tuple[int, float, float] | None = None) -> RopeFreqs:
+    """RoPE frequencies as ggml_rope_ext computes them.
+
+    Plain/linear: theta_i = scale * p * base^(-2i/n_rot) / factor_i.
     YaRN, yarn = (n_ctx_orig, beta_fast, beta_slow): pairs that turn fast over the original context
     keep the unscaled theta, slow pairs take scale * theta, with a linear ramp between (ggml's
     rope_yarn with ext_factor 1), and cos/sin grow by 1 + 0.1 ln(1/scale).
     """
-    extrap = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)  # (n_rot/2,)
-    if freq_factors is not None:
-        extrap = extrap / freq_factors.astype(np.float64)
+    n_pairs = n_rot // 2
+    theta_scale = np.float32(base) ** np.float32(-2.0 / n_rot)
+    divisors = None if freq_factors is None else freq_factors.astype(np.float32)
     if yarn is None or scale == 1.0:
-        return extrap * scale, 1.0
+        return RopeFreqs(theta_scale, divisors, np.full(n_pairs, scale, dtype=np.float32), 1.0)
     n_ctx_orig, beta_fast, beta_slow = yarn
 
     def corr_dim(n_rotations: float) -> float:  # the pair index that turns n_rotations times over n_ctx_orig
@@ -44,24 +54,38 @@ def rope_inv_freq(n_rot: int, base: float, scale: float, freq_factors: np.ndarra
 
     low = max(0.0, math.floor(corr_dim(beta_fast)))
     high = min(n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
-    i = np.arange(n_rot // 2, dtype=np.float64)
+    i = np.arange(n_pairs, dtype=np.float64)
     mix = 1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)  # 1: extrapolate, 0: interpolate
-    return extrap * (scale * (1.0 - mix) + mix), 1.0 + 0.1 * math.log(1.0 / scale)
+    mult = (scale * (1.0 - mix) + mix).astype(np.float32)
+    return RopeFreqs(theta_scale, divisors, mult, 1.0 + 0.1 * math.log(1.0 / scale))
 
 
-def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, neox: bool,
+def rope_angles(positions: np.ndarray, f: RopeFreqs) -> np.ndarray:
+    """Angles (n_tok, n_rot/2) float32, by ggml's recurrence theta_{i+1} = theta_i * theta_scale from
+    theta_0 = p, in float32: it rounds a little differently from p * base^(-2i/n_rot), and following
+    it keeps q.k bit-close to llama.cpp's."""
+    steps = np.full((len(positions), len(f.mult)), f.theta_scale, dtype=np.float32)
+    steps[:, 0] = positions
+    theta = np.cumprod(steps, axis=1, dtype=np.float32)
+    if f.divisors is not None:
+        theta /= f.divisors
+    return theta * f.mult
+
+
+def rope_tables(positions: np.ndarray, f: RopeFreqs, neox: bool,
                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos and signed sin of position * theta_i, laid out for `rope` in the given mode.
+    """cos and signed sin of the angles, laid out for `rope` in the given mode.
 
     Shapes (n_tok, 1, n_rot/2, 2) for normal mode, (n_tok, 1, 2, n_rot/2) for NEOX, so they
     broadcast over heads. `scale` is folded in (the attention scale rides along for free on q).
     """
-    ang = np.outer(positions.astype(np.float64), inv_freq)  # (n_tok, n_rot/2)
-    cos, sin = np.cos(ang) * scale, np.sin(ang) * scale
+    ang = rope_angles(positions, f)  # (n_tok, n_rot/2)
+    m = np.float32(f.mscale * scale)
+    cos, sin = np.cos(ang) * m, np.sin(ang) * m
     axis = -2 if neox else -1
     cos2 = np.stack([cos, cos], axis=axis)
     sin2 = np.stack([-sin, sin], axis=axis)  # the first of each pair gets -sin
-    return cos2[:, None].astype(np.float32), sin2[:, None].astype(np.float32)
+    return cos2[:, None], sin2[:, None]
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -125,6 +149,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
+    # llama.cpp (no flash attention) multiplies the float16 V cache by the probabilities
+    # converted to float16: round them the same way.
+    s = s.astype(np.float16).astype(np.float32)
     o = np.matmul(s, v)  # (n_kv, g * n_tok, hd)
     if n_tok == 1:
         return o.reshape(1, n_head * hd)

@@ -1,12 +1,14 @@
 """The forward pass: real models against llama.cpp's logits and greedy continuations, the KV cache
 (incremental == batched, truncate, overflow) on tiny synthetic models, and unsupported inputs.
 
-Tolerances. llama.cpp quantizes every matmul's activations to 8 bits (Q8_0/Q8_1/Q8_K) and keeps
-K/V in float16; we round K/V/q like it does, our kernels quantize activations for decode (not for
-batched prefill). Measured on these prompts, switching 8-bit activation quantization on or off
-alone moves the top-20 logits by up to 0.49 (SmolLM2), so two independent roundings of the same
-network can land ~2x that apart. A real bug (wrong RoPE pairing, norm, attention scale) moves them
-by several units and flips top-1 ids, so LOGIT_TOL = 1.0 separates noise from bugs.
+Tolerances. llama.cpp quantizes every matmul's activations to 8 bits (Q8_0/Q8_1/Q8_K), keeps
+K/V in float16 and multiplies V by float16 probabilities; our kernels and forward pass do the same,
+but summation orders differ and each tiny difference can flip a rounding step. Measured on these
+prompts: switching 8-bit activation quantization on or off alone moves the top-20 logits by up to
+0.49 (SmolLM2); ours vs llama.cpp is at most 0.82. LOGIT_TOL = 1.0. Wrong norms, scales or rope
+pairing move logits by several units and flip top-1 ids; subtler bugs (a position off by one)
+hide in this noise on quantized models, which is why the cache is also checked exactly on
+tiny float32 models below.
 """
 from __future__ import annotations
 
@@ -44,30 +46,49 @@ def test_next_token_logits_match_llama_cpp(loaded):
 
 
 def test_greedy_continuations_match_llama_cpp(loaded):
+    """Decode llama.cpp's 32 greedy tokens one at a time (teacher-forced: we always feed its token).
+
+    Up to the first disagreement this is exactly our own greedy continuation, so `matched` is how
+    many of the 32 we reproduce. Past it, the per-step agreement shows whether later disagreements
+    are isolated near-ties (numerics) or a drift (a bug).
+    """
     name, model, ref = loaded
-    first8_ok, report = 0, []
+    first8_ok, steps, agree, report = 0, 0, 0, []
     for g in ref["generate"]:
         want = g["greedy_ids"]
         cache = model.new_cache(256)
         logits = model.forward(np.array(g["prompt_ids"], dtype=np.int32), cache)
-        matched = len(want)
+        matched = None
         for t, ref_id in enumerate(want):
             got = int(np.argmax(logits))
-            if got != ref_id:
+            steps += 1
+            if got == ref_id:
+                agree += 1
+            else:
                 gap = float(logits[got] - logits[ref_id])
                 assert gap < NEAR_TIE, f"{g['prompt']!r}: step {t} picks {got} over llama.cpp's {ref_id} by {gap:.3f}"
-                matched = t
-                report.append(f"step {t} (gap {gap:.3f})")
-                break
+                if matched is None:
+                    matched = t
+                    report.append(f"{t}/{len(want)} (top-2 gap {gap:.3f})")
             logits = model.forward(np.array([ref_id], dtype=np.int32), cache)
+        if matched is None:
+            matched = len(want)
+            report.append(f"{matched}/{len(want)}")
         first8_ok += matched >= min(8, len(want))
-        report.append(f"{matched}/{len(want)}")
-    print(f"\n{name}: greedy matches {' '.join(report)}; first 8 identical on {first8_ok}/{len(ref['generate'])}")
+    print(f"\n{name}: greedy tokens matched per prompt: {', '.join(report)}; first 8 identical on "
+          f"{first8_ok}/{len(ref['generate'])}; teacher-forced agreement {agree}/{steps}")
+    assert agree >= 0.95 * steps
     assert first8_ok >= len(ref["generate"]) - 1
 
 
 def test_real_model_incremental_close_to_batched(loaded):
-    """Decode (8-bit activation kernels) and batched prefill (float) agree to quantization noise."""
+    """On the real model, decode one token at a time stays on the batched forward's predictions.
+
+    Only a smoke test: with 8-bit activations and float16 K/V, a 1e-6 difference in summation
+    order (batched vs single-row attention) can flip a rounding step and move logits by up to ~1
+    (measured: gemma3 1.0 over the top-20), which is as much as a wrong position does. The exact
+    check of the cache logic is test_incremental_decode_equals_batched_forward on float weights.
+    """
     name, model, ref = loaded
     ids = np.array(ref["generate"][0]["prompt_ids"] + ref["generate"][0]["greedy_ids"][:4], dtype=np.int32)
     batched = model.forward(ids, model.new_cache(64), all_logits=True)  # (n, n_vocab)
@@ -75,8 +96,9 @@ def test_real_model_incremental_close_to_batched(loaded):
     model.forward(ids[:-4], cache)
     for i in range(len(ids) - 4, len(ids)):
         step = model.forward(ids[i:i + 1], cache)
-        assert int(np.argmax(step)) == int(np.argmax(batched[i]))
-        assert np.abs(step - batched[i]).max() < LOGIT_TOL
+        top = np.argsort(-batched[i])[:20]
+        assert int(np.argmax(step)) == int(top[0])
+        assert np.abs(step[top] - batched[i][top]).max() < 1.5
 
 
 # --------------------------------------------------------------------------- tiny synthetic models
@@ -167,7 +189,9 @@ def test_incremental_decode_equals_batched_forward(tiny):
     rows = [tiny.forward(ids[:5], cache, all_logits=True)]  # a prompt, then one token at a time
     rows += [tiny.forward(ids[i:i + 1], cache)[None] for i in range(5, 12)]
     assert cache.n_tokens == 12
-    np.testing.assert_allclose(np.concatenate(rows), batched, rtol=0, atol=2e-4)
+    # K, V, q and the probabilities are rounded to float16 (as llama.cpp does), so a different
+    # batching can flip a rounding: ~1e-3 here, where a wrong position or mask would be O(1).
+    np.testing.assert_allclose(np.concatenate(rows), batched, rtol=0, atol=5e-3)
     # the last-token default equals the last row of all_logits
     np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(32)), batched[-1], rtol=0, atol=2e-5)
 
@@ -204,9 +228,9 @@ def test_long_prompts_are_split_into_batches(tiny, monkeypatch):
     whole = tiny.forward(ids, tiny.new_cache(16), all_logits=True)
     monkeypatch.setattr(model_mod, "MAX_BATCH", 4)
     cache = tiny.new_cache(16)
-    np.testing.assert_allclose(tiny.forward(ids, cache, all_logits=True), whole, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(tiny.forward(ids, cache, all_logits=True), whole, rtol=0, atol=5e-3)
     assert cache.n_tokens == 11
-    np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(16)), whole[-1], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(tiny.forward(ids, tiny.new_cache(16)), whole[-1], rtol=0, atol=5e-3)
 
 
 def test_truncate_reuses_prefix(tiny):
@@ -270,9 +294,11 @@ def test_yarn_frequencies():
     """Fast pairs keep their speed, slow pairs are slowed by the factor, cos/sin grow by 1 + 0.1 ln(factor)."""
     from ggufile.runtime import ops
 
-    plain, one = ops.rope_inv_freq(128, 10000.0, 1.0, None)
-    yarn, mscale = ops.rope_inv_freq(128, 10000.0, 0.25, None, (4096, 32.0, 1.0))
-    assert one == 1.0 and mscale == pytest.approx(1 + 0.1 * np.log(4))
+    f_plain = ops.rope_freqs(128, 10000.0, 1.0, None)
+    f_yarn = ops.rope_freqs(128, 10000.0, 0.25, None, (4096, 32.0, 1.0))
+    assert f_plain.mscale == 1.0 and f_yarn.mscale == pytest.approx(1 + 0.1 * np.log(4))
+    plain, yarn = (ops.rope_angles(np.array([1]), f)[0] for f in (f_plain, f_yarn))  # radians per position
+    np.testing.assert_allclose(plain, 10000.0 ** (-np.arange(0, 128, 2) / 128), rtol=1e-5)
     # pair i turns 4096 * theta_i / 2pi times over the original context: > 32 -> untouched, < 1 -> scaled
     turns = 4096 * plain / (2 * np.pi)
     np.testing.assert_allclose(yarn[turns > 40], plain[turns > 40])
