@@ -264,7 +264,7 @@ class Model:
 
         Returns the next-token logits: (n_vocab,) for the last token, or (n, n_vocab) if all_logits.
         """
-        c, w = self.config, self.weights
+        c = self.config
         ids = np.asarray(ids).reshape(-1)
         n, p0 = len(ids), cache.n_tokens
         if n == 0:
