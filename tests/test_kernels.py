@@ -85,6 +85,12 @@ def is_8bit_decode(backend, qtype, n_tok) -> bool:
             and n_tok <= compiled.MATVEC_MAX_TOKENS)
 
 
+def is_8bit_prefill(backend, qtype, n_tok) -> bool:
+    """Compiled prefill feeds BLAS the dequantized 8-bit activations (F16 weights: f16-rounded x)."""
+    return (backend is not numpy_backend and n_tok > compiled.MATVEC_MAX_TOKENS
+            and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16})
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_dequantize_bit_exact(backend, qtype):
     w = random_weight(qtype, 4, 512, seed=3)
@@ -111,6 +117,11 @@ def test_matmul_matches_reference(backend, qtype, n_tok):
     assert y is out
     if is_8bit_decode(backend, qtype, n_tok):
         assert_close(y, quants.reference_matvec(w, qtype, x), 2e-6)
+        assert_close(y, float_product(w, qtype, x), 2e-2)
+    elif is_8bit_prefill(backend, qtype, n_tok):
+        # Same activations as decode; only Q8_1's fp16-rounded d*sum term (and f16 x for F16
+        # weights) separates it from the exact reference.
+        assert_close(y, quants.reference_matvec(w, qtype, x), 2e-3)
         assert_close(y, float_product(w, qtype, x), 2e-2)
     else:
         assert_close(y, float_product(w, qtype, x), 2e-6)
