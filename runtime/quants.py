@@ -239,6 +239,23 @@ def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(n_tok, k), d, bsums
 
 
+def dot_activations(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """x (n_tok, k) as llama.cpp's CPU dot product for weights of `qtype` sees it (ggml's
+    vec_dot_type): 8-bit blocks, dequantized, for the quantized types; f16-rounded for F16
+    weights; unchanged otherwise. dequant(W) @ dot_activations(x).T is llama.cpp's product
+    up to float rounding (and Q8_1's fp16-rounded d*sum term)."""
+    qtype = GGMLType(qtype)
+    if qtype in Q8_K_FAMILY:
+        q, d, _ = quantize_q8_k(x)
+        return (q.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
+    if qtype in Q8_0_FAMILY:
+        q, d, _ = quantize_q8_0(x)
+        return (q.reshape(len(x), -1, QK) * d[..., None]).reshape(x.shape)
+    if qtype == GGMLType.F16:
+        return x.astype(np.float16).astype(np.float32)
+    return x
+
+
 def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     """x @ W.T with x quantized like llama.cpp does for W's type, summed exactly (float64).
 
@@ -248,16 +265,11 @@ def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarra
     qtype = GGMLType(qtype)
     k = x.shape[1]
     wf = dequantize_matrix(w, qtype, k).astype(np.float64)
-    if qtype in Q8_K_FAMILY:
-        q, d, _ = quantize_q8_k(x)
-        xr = (q.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
-        return xr.astype(np.float64) @ wf.T
-    if qtype not in Q8_0_FAMILY:
+    if qtype not in Q8_0_FAMILY | Q8_K_FAMILY:
         return x.astype(np.float64) @ wf.T
-    q, d, s = quantize_q8_0(x)
-    xr = (q.reshape(len(x), -1, QK).astype(np.float64) * d[..., None]).reshape(x.shape)
-    y = xr @ wf.T
+    y = dot_activations(x, qtype).astype(np.float64) @ wf.T
     if qtype in (GGMLType.Q4_1, GGMLType.Q5_1):
+        q, d, s = quantize_q8_0(x)
         # ggml adds m * s where s = fp16(d * sum q); dequant(W) @ xr added m * d * sum q.
         info = QUANT_TABLE[qtype]
         blocks = np.ascontiguousarray(w).reshape(-1, info.type_size)

@@ -85,9 +85,10 @@ def is_8bit_decode(backend, qtype, n_tok) -> bool:
             and n_tok <= compiled.MATVEC_MAX_TOKENS)
 
 
-def is_8bit_prefill(backend, qtype, n_tok) -> bool:
-    """Compiled prefill feeds BLAS the dequantized 8-bit activations (F16 weights: f16-rounded x)."""
-    return (backend is not numpy_backend and n_tok > compiled.MATVEC_MAX_TOKENS
+def is_8bit_via_blas(backend, qtype, n_tok) -> bool:
+    """Compiled prefill and the numpy backend feed BLAS the dequantized 8-bit activations
+    (F16 weights: f16-rounded x), as quants.dot_activations makes them."""
+    return ((backend is numpy_backend or n_tok > compiled.MATVEC_MAX_TOKENS)
             and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16})
 
 
@@ -118,7 +119,7 @@ def test_matmul_matches_reference(backend, qtype, n_tok):
     if is_8bit_decode(backend, qtype, n_tok):
         assert_close(y, quants.reference_matvec(w, qtype, x), 2e-6)
         assert_close(y, float_product(w, qtype, x), 2e-2)
-    elif is_8bit_prefill(backend, qtype, n_tok):
+    elif is_8bit_via_blas(backend, qtype, n_tok):
         # Same activations as decode; only Q8_1's fp16-rounded d*sum term (and f16 x for F16
         # weights) separates it from the exact reference.
         assert_close(y, quants.reference_matvec(w, qtype, x), 2e-3)

@@ -1,4 +1,8 @@
-"""The slowest backend: NumPy only (no compiled kernels). Dequantizes W in row tiles and uses BLAS."""
+"""The slowest backend: NumPy only (no compiled kernels). Dequantizes W in row tiles and uses BLAS.
+
+Activations are rounded the way llama.cpp's dot products see them (quants.dot_activations), so
+this backend generates what the compiled ones do.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +21,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
 
 def matmul(w: np.ndarray, qtype: GGMLType, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     k = x.shape[1]
+    x = quants.dot_activations(x, qtype)
     for r0 in range(0, w.shape[0], TILE_ROWS):
         tile = quants.dequantize_matrix(w[r0:r0 + TILE_ROWS], qtype, k)
         np.matmul(x, tile.T, out=out[:, r0:r0 + tile.shape[0]])
