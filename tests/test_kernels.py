@@ -270,3 +270,59 @@ def test_bad_weight_layout_is_an_error_not_a_crash(backend):
         backend.matmul(np.zeros((4, 136), np.uint8)[:, ::2], GGMLType.Q8_0, x, np.empty((1, 4), np.float32))
     with pytest.raises(IndexError):
         backend.get_rows(np.zeros((4, 68), np.uint8), GGMLType.Q8_0, np.array([4]), 64)
+
+
+# --- GGUF string scanning ----------------------------------------------------------------------
+
+
+def _scan_strings_py(buf: bytes, pos: int, count: int):
+    starts, ends = [], []
+    for _ in range(count):
+        if pos + 8 > len(buf):
+            return -1, starts, ends
+        n = int.from_bytes(buf[pos:pos + 8], "little")
+        pos += 8
+        if n > len(buf) - pos:
+            return -1, starts, ends
+        starts.append(pos)
+        pos += n
+        ends.append(pos)
+    return pos, starts, ends
+
+
+def _gguf_strings(texts: list[bytes], prefix: bytes = b"") -> bytes:
+    return prefix + b"".join(len(t).to_bytes(8, "little") + t for t in texts)
+
+
+def test_scan_strings_matches_a_python_loop(backend):
+    scan = backend.scan_strings
+    if scan is None:
+        assert backend is numpy_backend
+        pytest.skip("numpy backend has no string scanner (callers loop in Python)")
+    texts = [b"", b"a", "h\u00e9llo".encode(), b"x" * 300, b"\x00\xff"]
+    raw = _gguf_strings(texts, prefix=b"HEAD")
+    buf = np.frombuffer(raw, dtype=np.uint8)  # read-only, like the mmap'd file
+    starts = np.full(len(texts), -7, np.int64)
+    ends = np.full(len(texts), -7, np.int64)
+    end, ref_starts, ref_ends = _scan_strings_py(raw, 4, len(texts))
+    assert scan(buf, 4, len(texts), starts, ends) == end == len(raw)
+    assert starts.tolist() == ref_starts and ends.tolist() == ref_ends
+    assert [raw[a:b] for a, b in zip(starts, ends)] == texts
+    assert scan(buf, 4, 0, starts, ends) == 4
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+def test_scan_strings_truncated_is_minus_one(backend, cut):
+    if backend.scan_strings is None:
+        pytest.skip("numpy backend has no string scanner")
+    raw = _gguf_strings([b"abc", b"defgh" * 3])[:-cut]
+    assert _scan_strings_py(raw, 0, 2)[0] == -1
+    out = np.zeros(2, np.int64)
+    assert backend.scan_strings(np.frombuffer(raw, np.uint8), 0, 2, out, out.copy()) == -1
+    huge = np.frombuffer((2**64 - 1).to_bytes(8, "little") + b"zz", np.uint8)  # length overflows
+    assert backend.scan_strings(huge, 0, 1, out, out.copy()) == -1
+    assert backend.scan_strings(np.frombuffer(raw, np.uint8), 0, 3, out, out.copy()) == -1  # outputs too short
+
+
+def test_scan_strings_is_exported():
+    assert kernels.scan_strings is None or callable(kernels.scan_strings)

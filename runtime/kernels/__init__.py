@@ -53,7 +53,7 @@ def _select():
     for variant in cpu.runnable_variants():
         try:
             return _load_aot(variant)
-        except ImportError:
+        except (ImportError, AttributeError):  # not built, or stale (built before a kernel was added)
             continue
     try:
         return _load_jit()
@@ -63,6 +63,10 @@ def _select():
 
 _impl = _select()
 backend: str = _impl.NAME if _impl is _numpy_backend else _impl.name
+# scan_strings(buf uint8[::1], pos, count, starts int64[::1], ends int64[::1]) -> end pos or -1:
+# the byte ranges of `count` GGUF strings from `pos` (see source.scan_strings); None on the
+# numpy backend, where callers use a Python loop.
+scan_strings = _impl.scan_strings
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:

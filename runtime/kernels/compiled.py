@@ -49,6 +49,7 @@ class CompiledBackend:
         self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
+        self.scan_strings = ns.scan_strings
 
     # --- dequantization ---------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from ggufile.runtime.constants import GGMLType
 NAME = "numpy"
 # Rows dequantized at once: bounds the float32 scratch to ~TILE_ROWS * k * 4 bytes.
 TILE_ROWS = 1024
+# No compiled string scanner: callers walk GGUF strings with a Python loop.
+scan_strings = None
 
 
 def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:

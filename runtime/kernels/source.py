@@ -656,6 +656,34 @@ def dq_f16(w, ids, out, tab):
             out[i, j] = tab[np.int64(row[j])]
 
 
+# --- GGUF metadata ---------------------------------------------------------------------------
+
+
+def scan_strings(buf, pos, count, starts, ends):
+    """Walk `count` GGUF strings (u64 little-endian length, then bytes) from byte `pos` of buf.
+
+    Fills starts/ends with each string's absolute byte range and returns the position after
+    the last one, or -1 if a string runs past the buffer (or starts/ends are too short): the
+    kernel has no bounds checks, so it checks every length before trusting it.
+    """
+    n = buf.shape[0]
+    if pos < 0 or count > starts.shape[0] or count > ends.shape[0]:
+        return -1
+    for i in range(count):
+        if pos > n - 8:
+            return -1
+        length = np.uint64(0)
+        for b in range(8):
+            length |= np.uint64(buf[pos + b]) << np.uint64(8 * b)
+        pos += 8
+        if length > np.uint64(n - pos):
+            return -1
+        starts[i] = pos
+        pos += np.int64(length)
+        ends[i] = pos
+    return pos
+
+
 # --- helpers (inlined into the kernels) -------------------------------------------------------
 
 
@@ -695,6 +723,8 @@ def _signatures() -> dict:
         "mv_f32": nt.void(w_f32, f32_2d, f32_2d, i64, i64),
         "mv_f16": nt.void(w_u16, f32_2d, f32_2d, i64, i64, tab),
         "dq_f16": nt.void(w_u16, ids, f32_2d, tab),
+        # buf may be a read-only mmap of the file
+        "scan_strings": i64(nt.Array(nt.uint8, 1, "C", readonly=True), i64, i64, ids, ids),
     }
     for name in ("mv_q4_0", "mv_q5_0", "mv_q8_0"):
         sigs[name] = nt.void(w_q, f32_2d, f32_2d, f32_2d, i64, i64, tab, i64)
