@@ -1,5 +1,17 @@
 """Write, re-stub, extract and verify ggufile executables (layout: ggufile.runtime.container).
 
+Two launchers (ggufile.builder.stub): `onefile` inserts the model into a PyInstaller one-file
+stub; `cached` writes [sh prologue][runtime .tar.gz][pad][GGUF][trailer], where the prologue
+(PROLOGUE below, POSIX sh + tail/head/tar/gzip, present on any Linux or macOS) unpacks the
+one-dir runtime once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and execs it:
+- the folder is unpacked into a temporary sibling, marked complete (a marker file holding the
+  hash, written last), then renamed into place; a folder without the right marker, or without
+  the runtime executable, is moved aside and replaced; concurrent first starts each unpack and
+  the first rename wins (the loser drops its copy and uses the winner's);
+- if the cache is not writable, the runtime is unpacked into a temp dir for that run only;
+- GGUFILE_LAUNCHER_DEBUG=1 reports "unpacked DIR" or "reused DIR" on stderr.
+The model is never unpacked: the runtime mmaps it from this file (GGUFILE_CONTAINER names it).
+
 Every output is written to a temporary file in the destination folder and renamed into place
 only when complete, so an interrupted or failed build (bad model, full disk, Ctrl-C) leaves
 nothing behind and never clobbers an existing file with half of a new one.
@@ -15,7 +27,9 @@ from pathlib import Path
 
 from ggufile.runtime import __version__
 from ggufile.runtime.container import (
+    CONTAINER_ENV,
     FORMAT_VERSION,
+    PROLOGUE_SIZE,
     EmbeddedModel,
     align_up,
     find_pyinstaller_archive,
@@ -28,7 +42,7 @@ from ggufile.runtime.gguf_reader import GGUFReader
 from ggufile.runtime.model_info import describe_gguf
 
 from . import elf
-from .stub import stub_info
+from .stub import GZIP_MAGIC, RUNTIME_NAME, stub_info, stub_kind
 
 Progress = Callable[[int], None] | None
 CHUNK = 4 << 20
@@ -123,13 +137,110 @@ def check_stub(stub: Path) -> int:
     raise GGUFileError(f"{stub} already holds a model; pass a bare stub")
 
 
+LAUNCHER_DEBUG_ENV = "GGUFILE_LAUNCHER_DEBUG"
+MARKER = ".ggufile-runtime-ok"
+PROLOGUE = r"""#!/bin/sh
+# A ggufile executable (cached launcher): this sh prologue, the runtime (.tar.gz), the model (GGUF).
+# The runtime is unpacked once into $GGUFILE_CACHE/runtime/<hash> (default ~/.cache/ggufile).
+# `ggufile inspect THIS` describes the model; `ggufile extract THIS -o MODEL.gguf` gets it back.
+h=@HASH@ o=@OFFSET@ n=@SIZE@
+case $0 in /*) f=$0 ;; *) f=$PWD/$0 ;; esac
+c=${GGUFILE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ggufile}/runtime
+d=$c/$h
+say() { if [ -n "$@DEBUG@" ]; then echo "ggufile-launcher: $*" >&2; fi; }
+q() { if [ -n "$@DEBUG@" ]; then "$@"; else "$@" 2>/dev/null; fi; }
+ok() { [ -x "$1/@RUNTIME@" ] && [ -f "$1/@MARKER@" ] && read -r m <"$1/@MARKER@" && [ "$m" = "$h" ]; }
+unpack() { mkdir -p "$1" && tail -c +$((o + 1)) "$f" | head -c "$n" | tar -xzf - -C "$1" && echo "$h" >"$1/@MARKER@"; }
+if ok "$d"; then
+  say "reused $d"
+else
+  t=$c/.tmp-$h-$$
+  if q mkdir -p "$c" && rm -rf "$t" && q unpack "$t"; then
+    if ! ok "$d"; then
+      if [ -e "$d" ] || [ -L "$d" ]; then q mv "$d" "$c/.old-$h-$$"; rm -rf "$c/.old-$h-$$"; fi
+      q mv "$t" "$d"
+    fi
+  fi
+  rm -rf "$t" "$d/.tmp-$h-$$"
+  if ok "$d"; then
+    say "unpacked $d"
+  else
+    t=$(q mktemp -d "${TMPDIR:-/tmp}/ggufile.XXXXXX") && q unpack "$t" || {
+      echo "Error: cannot unpack the ggufile runtime into $c or ${TMPDIR:-/tmp} (full or read-only?)" >&2
+      [ -z "$t" ] || rm -rf "$t"; exit 1; }
+    say "unpacked $t (temporary: $c is not writable)"
+    trap 'rm -rf "$t"' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
+    @ENV@=$f "$t/@RUNTIME@" "$@"
+    exit $?
+  fi
+fi
+@ENV@=$f
+export @ENV@
+exec "$d/@RUNTIME@" "$@"
+"""
+
+
+def cached_prologue(runtime_sha256: str, size: int) -> bytes:
+    """The sh prologue for a runtime archive of `size` bytes, padded to PROLOGUE_SIZE."""
+    text = PROLOGUE
+    for key, value in {"@HASH@": runtime_sha256[:16], "@OFFSET@": str(PROLOGUE_SIZE), "@SIZE@": str(size),
+                       "@DEBUG@": LAUNCHER_DEBUG_ENV, "@RUNTIME@": RUNTIME_NAME, "@MARKER@": MARKER,
+                       "@ENV@": CONTAINER_ENV}.items():
+        text = text.replace(key, value)
+    data = text.encode()
+    if len(data) > PROLOGUE_SIZE:
+        raise GGUFileError("internal error: the launcher prologue outgrew PROLOGUE_SIZE")
+    return data + b"\n" * (PROLOGUE_SIZE - len(data))
+
+
+def check_runtime_archive(stub: Path) -> None:
+    stub = Path(stub)
+    if not stub.is_file():
+        raise GGUFileError(f"stub {stub}: no such file")
+    with open(stub, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            raise GGUFileError(f"{stub} is not a ggufile runtime archive (.tar.gz)")
+
+
 def write_executable(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
                      progress: Progress = None, expect_sha256: str | None = None) -> str:
-    """[stub head][pad][GGUF = src window][trailer][stub archive+tail] -> out; returns sha256."""
+    """Write an executable with the model src[offset:offset+size]; returns its sha256.
+    The stub's kind picks the launcher: a runtime .tar.gz (cached) or a one-file stub."""
+    meta = {k: v for k, v in meta.items() if k not in ("stub", "format_version", "launcher")}
+    if stub_kind(Path(stub)) == "cached":
+        return _write_cached(out, stub, src, offset, size, meta, progress, expect_sha256)
+    return _write_onefile(out, stub, src, offset, size, meta, progress, expect_sha256)
+
+
+def _write_cached(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
+                  progress: Progress, expect_sha256: str | None) -> str:
+    """[sh prologue][runtime .tar.gz][pad][GGUF = src window][trailer] -> out."""
+    check_runtime_archive(stub)
+    archive = Path(stub).read_bytes()
+    runtime_sha = hashlib.sha256(archive).hexdigest()
+    gguf_offset = align_up(PROLOGUE_SIZE + len(archive))
+    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)),
+                launcher={"kind": "cached", "runtime_offset": PROLOGUE_SIZE, "runtime_size": len(archive),
+                          "runtime_sha256": runtime_sha})
+    with atomic_output(out, executable=True) as f:
+        f.write(cached_prologue(runtime_sha, len(archive)))
+        f.write(archive)
+        f.write(bytes(gguf_offset - PROLOGUE_SIZE - len(archive)))
+        digest = copy_window(src, offset, size, f, progress)
+        if expect_sha256 and digest != expect_sha256:
+            raise GGUFileError(f"{src}: the model's checksum does not match its record "
+                               f"(corrupted); nothing written")
+        f.write(pack_trailer(gguf_offset, size, digest, meta))
+    return digest
+
+
+def _write_onefile(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
+                   progress: Progress, expect_sha256: str | None) -> str:
+    """[stub head][pad][GGUF = src window][trailer][stub archive+tail] -> out."""
     pkg = check_stub(stub)
     data = bytearray(Path(stub).read_bytes())
     gguf_offset = align_up(pkg)
-    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)))
+    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)), launcher={"kind": "onefile"})
     trailer_len = len(pack_trailer(gguf_offset, size, "00" * 32, meta))
     elf.shift_after(data, pkg, gguf_offset - pkg + size + trailer_len)
     with atomic_output(out, executable=True) as f:
@@ -157,8 +268,7 @@ def build_executable(model: Path, out: Path, stub: Path, name: str | None = None
 def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress = None) -> EmbeddedModel:
     """Swap the launcher of a built executable, keeping its model, name and default args."""
     old = read_exe(path)
-    keep = {k: v for k, v in old.meta.items() if k not in ("stub", "format_version")}
-    write_executable(out or path, stub, old.path, old.offset, old.size, keep, progress,
+    write_executable(out or path, stub, old.path, old.offset, old.size, old.meta, progress,
                      expect_sha256=old.sha256)
     return read_exe(out or path)
 

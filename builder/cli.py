@@ -91,10 +91,16 @@ def progress_bar(label: str, length: int):
         yield bar.update
 
 
-def resolve_stub(stub: Path | None) -> Path:
-    from .stub import ensure_stub
+def launcher_option(help_text: str, default=None):
+    return click.option("--launcher", type=click.Choice(["cached", "onefile"]), default=default,
+                        help=help_text)
 
-    return stub or ensure_stub(echo=lambda msg: click.echo(msg, err=True))
+
+def resolve_stub(stub: Path | None, launcher: str | None = None) -> Path:
+    from .stub import default_launcher, ensure_stub
+
+    return stub or ensure_stub(echo=lambda msg: click.echo(msg, err=True),
+                               launcher=launcher or default_launcher())
 
 
 def parse_args(value: str | None) -> list[str]:
@@ -116,16 +122,19 @@ def parse_args(value: str | None) -> list[str]:
               help="exe: native executable (PyInstaller stub); pyz: Python zipapp needing python3 + NumPy.")
 @click.option("--quantize", "quant", metavar="TYPE",
               help="Quantize on the way in (e.g. Q4_K_M, Q8_0; see `ggufile quantize --help`).")
+@launcher_option("cached (default on Linux/macOS): unpack the runtime once into ~/.cache/ggufile, "
+                 "fast later starts; onefile (default on Windows): PyInstaller one-file, unpacks "
+                 "to a temp dir at every start. Ignored with --stub (its kind decides).")
 @stub_option
 def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None,
-          quant: str | None):
+          quant: str | None, launcher: str | None):
     """Pack MODEL (a .gguf file) into one executable file."""
     from .build import check_output
 
     default_args = parse_args(args)
     check_output(output)
     if quant is None:
-        return _build(model, output, default_args, name, fmt, stub)
+        return _build(model, output, default_args, name, fmt, stub, launcher)
     from .quantize_model import get_mix, quantize_file
 
     get_mix(quant)  # an unknown type fails before any work
@@ -135,7 +144,7 @@ def build(model: Path, output: Path, args: str | None, name: str | None, fmt: st
         with progress_bar(f"Quantizing to {quant.upper()}", n_tensors) as progress:
             quantize_file(model, quantized, quant, progress=lambda _name: progress(1),
                           warn=lambda msg: click.echo(msg, err=True))
-        _build(quantized, output, default_args, name, fmt, stub)
+        _build(quantized, output, default_args, name, fmt, stub, launcher)
 
 
 def _reader_tensors(model: Path):
@@ -144,7 +153,8 @@ def _reader_tensors(model: Path):
     return GGUFReader(model).tensors
 
 
-def _build(model: Path, output: Path, default_args: list[str], name: str | None, fmt: str, stub: Path | None):
+def _build(model: Path, output: Path, default_args: list[str], name: str | None, fmt: str,
+           stub: Path | None, launcher: str | None = None):
     from .build import build_executable, validate_model
     from .pyz import build_pyz
 
@@ -154,7 +164,7 @@ def _build(model: Path, output: Path, default_args: list[str], name: str | None,
         if fmt == "pyz":
             result = build_pyz(model, output, name, default_args, progress)
         else:
-            result = build_executable(model, output, resolve_stub(stub), name, default_args, progress)
+            result = build_executable(model, output, resolve_stub(stub, launcher), name, default_args, progress)
     total = output.stat().st_size
     click.echo(f"Built {output} ({total / 1e6:.1f} MB: model {result.size / 1e6:.1f} MB + "
                f"launcher {(total - result.size) / 1e6:.1f} MB). Try: "
@@ -202,14 +212,16 @@ def extract(path: Path, output: Path):
 @stub_option
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a new file instead of replacing PATH.")
-def restub(path: Path, stub: Path | None, output: Path | None):
+@launcher_option("Switch the launcher kind (default: keep PATH's). Ignored with --stub.")
+def restub(path: Path, stub: Path | None, output: Path | None, launcher: str | None):
     """Swap in a newer launcher stub, keeping the model, name and default args."""
     from ggufile.runtime.container import read_exe
 
     from .build import restub as do_restub
 
-    size = read_exe(path).size
-    stub_path = resolve_stub(stub)
+    old = read_exe(path)
+    size = old.size
+    stub_path = resolve_stub(stub, launcher or (old.meta.get("launcher") or {}).get("kind"))
     with progress_bar(f"Re-stubbing {path.name}", size) as progress:
         result = do_restub(path, stub_path, output, progress)
     click.echo(f"{output or path}: now runs ggufile {result.meta['stub'].get('ggufile_version')} "
@@ -234,12 +246,14 @@ def verify(path: Path):
 
 @cli.command()
 @click.option("--force", is_flag=True, help="Rebuild even if a stub for this runtime is cached.")
-def stub(force: bool):
+@launcher_option("Which launcher's stub (default: this platform's default launcher).")
+def stub(force: bool, launcher: str | None):
     """Build (or show) the cached launcher stub for this platform."""
-    from .stub import build_stub, cached_stub
+    from .stub import build_stub, cached_stub, default_launcher
 
-    path = cached_stub() if not force else None
-    path = path or build_stub(echo=lambda msg: click.echo(msg, err=True), force=force)
+    launcher = launcher or default_launcher()
+    path = cached_stub(launcher) if not force else None
+    path = path or build_stub(echo=lambda msg: click.echo(msg, err=True), force=force, launcher=launcher)
     click.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

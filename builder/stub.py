@@ -1,4 +1,10 @@
-"""Launcher stubs: the runtime frozen by PyInstaller (one-file), with no model inside, cached.
+"""Launcher stubs: the runtime frozen by PyInstaller, with no model inside, cached.
+
+Two kinds (`ggufile build --launcher`):
+- "cached" (default on Linux/macOS): a PyInstaller one-dir build packed as a .tar.gz; the builder
+  puts it behind a sh prologue that unpacks it once per machine into a cache (see build.py).
+- "onefile" (default on Windows): a PyInstaller one-file executable, which unpacks its runtime
+  to a fresh temp dir at every start.
 
 A stub is keyed by ggufile version + platform + Python + a hash of everything frozen into it
 (the runtime sources, web UI, AOT kernels and the recipe in stubs/), so a code change builds a
@@ -25,7 +31,23 @@ from ggufile.runtime.errors import GGUFileError
 RECIPE_DIR = Path(ggufile.stubs.__file__).parent
 SPEC = RECIPE_DIR / "ggufile-stub.spec"
 RUNTIME_DIR = Path(ggufile.runtime.__file__).parent
-STUB_NAME = "ggufile-stub"  # the spec's EXE name
+STUB_NAME = "ggufile-stub"  # the spec's one-file EXE name
+RUNTIME_NAME = "ggufile-runtime"  # the spec's one-dir EXE (and folder) name
+LAUNCHERS = ("cached", "onefile")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def default_launcher() -> str:
+    return "onefile" if sys.platform == "win32" else "cached"
+
+
+def stub_kind(stub: Path) -> str:
+    """"cached" for a runtime .tar.gz, else "onefile" (a PyInstaller one-file executable)."""
+    try:
+        with open(stub, "rb") as f:
+            return "cached" if f.read(2) == GZIP_MAGIC else "onefile"
+    except OSError:
+        return "onefile"
 
 
 def stub_platform() -> str:
@@ -75,41 +97,53 @@ def stub_info(stub: Path) -> dict:
         return {"ggufile_version": "unknown", "platform": "unknown", "python": "unknown"}
 
 
-def cached_stub() -> Path | None:
-    path = cache_dir() / stub_key()
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+def stub_path(launcher: str = "onefile") -> Path:
+    key = stub_key()
+    return cache_dir() / (key if launcher == "onefile" else f"{key}.runtime.tar.gz")
 
 
-def ensure_stub(echo=print) -> Path:
+def cached_stub(launcher: str = "onefile") -> Path | None:
+    path = stub_path(launcher)
+    ok = path.is_file() and (launcher != "onefile" or os.access(path, os.X_OK))
+    return path if ok else None
+
+
+def ensure_stub(echo=print, launcher: str = "onefile") -> Path:
     """The cached stub for this tree, building it first if needed."""
-    return cached_stub() or build_stub(echo=echo)
+    return cached_stub(launcher) or build_stub(echo=echo, launcher=launcher)
 
 
-def build_stub(echo=print, force: bool = False) -> Path:
+def build_stub(echo=print, force: bool = False, launcher: str = "onefile") -> Path:
     """Freeze the runtime with PyInstaller into the cache; returns the stub's path."""
-    dest = cache_dir() / stub_key()
+    if launcher not in LAUNCHERS:
+        raise GGUFileError(f"unknown launcher {launcher!r} (choose from {', '.join(LAUNCHERS)})")
+    dest = stub_path(launcher)
     if dest.is_file() and not force:
         return dest
     _check_pyinstaller()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    echo(f"Building the launcher stub for {stub_platform()} {python_tag()} with PyInstaller "
+    echo(f"Building the {launcher} launcher stub for {stub_platform()} {python_tag()} with PyInstaller "
          f"(once per runtime version, takes a minute or two)...")
     with tempfile.TemporaryDirectory(prefix="ggufile-stub-") as tmp:
         tmp = Path(tmp)
         _stage_runtime(tmp / "src")
         cmd = [sys.executable, "-m", "PyInstaller", str(SPEC), "--noconfirm", "--log-level", "WARN",
                "--distpath", str(tmp / "dist"), "--workpath", str(tmp / "work")]
-        env = dict(os.environ, GGUFILE_STUB_SRC=str(tmp / "src"))
+        env = dict(os.environ, GGUFILE_STUB_SRC=str(tmp / "src"),
+                   GGUFILE_STUB_MODE="onefile" if launcher == "onefile" else "onedir")
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-        built = tmp / "dist" / STUB_NAME
-        if proc.returncode != 0 or not built.is_file():
+        built = tmp / "dist" / (STUB_NAME if launcher == "onefile" else RUNTIME_NAME)
+        if proc.returncode != 0 or not built.exists():
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise GGUFileError(f"PyInstaller failed building the stub: {last[0]}")
         part = dest.with_name(dest.name + ".part")
-        shutil.copy2(built, part)
+        if launcher == "onefile":
+            shutil.copy2(built, part)
+        else:
+            pack_runtime(built, part)
         os.replace(part, dest)
     info = {"ggufile_version": __version__, "platform": stub_platform(), "python": platform.python_version(),
-            "key": dest.name, "size": dest.stat().st_size}
+            "key": dest.name, "size": dest.stat().st_size, "launcher": launcher}
     dest.with_name(dest.name + ".json").write_text(json.dumps(info, indent=1))
     echo(f"Stub ready: {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return dest
@@ -128,3 +162,21 @@ def _stage_runtime(src: Path) -> None:
     pkg = src / "ggufile"
     shutil.copytree(RUNTIME_DIR, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (pkg / "__init__.py").write_text('"""ggufile (frozen runtime only)."""\n')
+
+
+def pack_runtime(folder: Path, out: Path) -> None:
+    """The one-dir runtime as a reproducible .tar.gz (sorted, no owners, fixed times)."""
+    import gzip
+    import tarfile
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 315532800  # 1980-01-01
+        return info
+
+    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [folder / RUNTIME_NAME] + sorted(p for p in folder.rglob("*") if p.name != RUNTIME_NAME
+                                                      or p.parent != folder):
+            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False, filter=clean)

@@ -1,6 +1,15 @@
 """Where the model lives inside a ggufile executable or .pyz: the one table of the container format.
 
-Executable (a PyInstaller one-file stub with the model inserted before the stub's archive):
+Executable, `cached` launcher (default on Linux/macOS):
+
+    [#!/bin/sh prologue, PROLOGUE_SIZE bytes][runtime .tar.gz][zero pad to 64 KiB][GGUF][trailer]
+
+The prologue (written by ggufile.builder.build) unpacks the runtime archive -- a PyInstaller
+one-*dir* build -- once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and
+execs it with CONTAINER_ENV naming this file; the trailer ends the file.
+
+Executable, `onefile` launcher (a PyInstaller one-file stub with the model inserted before the
+stub's archive; unpacks the runtime to a fresh temp dir at every start):
 
     [bootloader ELF][zero pad to 64 KiB][GGUF][trailer][PyInstaller archive ... cookie][ELF section headers]
 
@@ -11,7 +20,8 @@ never scanned and never read at start-up, while bytes appended after it would be
 byte by byte at every start. The trailer ends exactly where the archive begins, so the
 runtime finds it the way the bootloader finds the archive: from the cookie.
 
-Trailer = [JSON metadata, UTF-8][footer]; the footer is a fixed struct (FOOTER below).
+Trailer = [JSON metadata, UTF-8][footer]; the footer is a fixed struct (FOOTER below). A reader
+looks for the footer at the end of the file first (cached), then just before the archive (onefile).
 
 Python zipapp (.pyz): the GGUF is the ZIP_STORED member MODEL_MEMBER whose data starts on a
 64 KiB boundary (the local header carries a padding extra field), the metadata is META_MEMBER.
@@ -38,6 +48,11 @@ ALIGNMENT = 64 * 1024  # GGUF start: page aligned for every page size in use (4K
 TRAILER_MAGIC = b"GGUFILE\0"
 FOOTER = struct.Struct("<8sIIQQ32s")
 MAX_META_BYTES = 1 << 20
+
+# `cached` launcher: the sh prologue execs the unpacked runtime with this variable set to the
+# executable's path (the runtime's own sys.executable is then the copy in the cache).
+CONTAINER_ENV = "GGUFILE_CONTAINER"
+PROLOGUE_SIZE = 4096
 
 # PyInstaller's CArchive cookie (PyInstaller/archive/writers.py: '!8sIIII64s'). The magic is
 # assembled at run time, as the bootloader does, so this module's own bytes never match it.
@@ -106,6 +121,7 @@ class EmbeddedModel:
             "runtime version": stub.get("ggufile_version", "unknown"),
             "stub platform": stub.get("platform", "unknown"),
             "stub python": stub.get("python", "unknown"),
+            "launcher": (self.meta.get("launcher") or {}).get("kind", "-"),
             "model name": self.name or "(unnamed)",
             "model offset": self.offset,
             "model size": self.size,
@@ -146,22 +162,41 @@ def find_pyinstaller_archive(path: Path) -> int | None:
 def read_exe(path: Path) -> EmbeddedModel:
     """The EmbeddedModel of a ggufile executable; GGUFileError if it holds none."""
     path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end >= FOOTER.size:
+                f.seek(end - FOOTER.size)
+                if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] == TRAILER_MAGIC:
+                    return _read_trailer(f, path, end, "cached")
+    except FileNotFoundError:
+        raise GGUFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GGUFileError(f"{path}: is a directory") from None
+    except OSError as err:
+        raise GGUFileError(f"{path}: cannot read: {err.strerror or err}") from None
     pkg_offset = _archive_offset(path)
     with open(path, "rb") as f:
         if pkg_offset < FOOTER.size:
             raise GGUFileError(f"{path}: no model inside (this is a bare ggufile stub)")
         f.seek(pkg_offset - FOOTER.size)
-        magic, version, meta_len, offset, size, digest = FOOTER.unpack(f.read(FOOTER.size))
-        if magic != TRAILER_MAGIC:
+        if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] != TRAILER_MAGIC:
             raise GGUFileError(f"{path}: no model inside (this is a bare ggufile stub)")
-        if version > FORMAT_VERSION:
-            raise GGUFileError(f"{path}: container format v{version} is newer than this ggufile "
-                               f"(v{FORMAT_VERSION}); upgrade ggufile")
-        meta_start = pkg_offset - FOOTER.size - meta_len
-        if meta_len > MAX_META_BYTES or meta_start < 0 or offset + size > meta_start:
-            raise GGUFFormatError(f"{path}: corrupt ggufile trailer")
-        f.seek(meta_start)
-        meta = _parse_meta(f.read(meta_len), path)
+        return _read_trailer(f, path, pkg_offset, "onefile")
+
+
+def _read_trailer(f, path: Path, trailer_end: int, launcher: str) -> EmbeddedModel:
+    f.seek(trailer_end - FOOTER.size)
+    magic, version, meta_len, offset, size, digest = FOOTER.unpack(f.read(FOOTER.size))
+    if version > FORMAT_VERSION:
+        raise GGUFileError(f"{path}: container format v{version} is newer than this ggufile "
+                           f"(v{FORMAT_VERSION}); upgrade ggufile")
+    meta_start = trailer_end - FOOTER.size - meta_len
+    if meta_len > MAX_META_BYTES or meta_start < 0 or offset + size > meta_start:
+        raise GGUFFormatError(f"{path}: corrupt ggufile trailer")
+    f.seek(meta_start)
+    meta = _parse_meta(f.read(meta_len), path)
+    meta.setdefault("launcher", {"kind": launcher})
     return _model(path, offset, size, digest.hex(), meta, "exe")
 
 
@@ -239,9 +274,12 @@ def read_container(path: str | os.PathLike) -> EmbeddedModel:
 
 # -- at run time -------------------------------------------------------------------------------
 def frozen_executable() -> Path | None:
-    """The running executable if we are a frozen ggufile stub (the ONE place that asks)."""
+    """The ggufile executable we run from if we are a frozen ggufile runtime (the ONE place that
+    asks): sys.executable for a onefile stub; for the cached launcher's unpacked one-dir runtime,
+    the executable its prologue names in CONTAINER_ENV."""
     if getattr(sys, "frozen", False) and hasattr(sys, "_MEIPASS"):
-        return Path(sys.executable)
+        container = os.environ.get(CONTAINER_ENV, "")
+        return Path(container) if container else Path(sys.executable)
     return None
 
 
@@ -255,6 +293,7 @@ def launch(argv: list[str] | None = None, container: Path | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         path = container or frozen_executable()
+        os.environ.pop(CONTAINER_ENV, None)  # children (e.g. server workers) must not inherit it
         if path is None:
             raise GGUFileError("not running from a ggufile executable; use `ggufile run -m MODEL`")
         embedded = read_container(path)
