@@ -296,3 +296,140 @@ def test_build_unknown_quant_type_writes_nothing(tmp_path, fake_stub, smollm2_pa
                      "--quantize", "Q9_9")
     assert result.exit_code == 1 and "unknown quantization type" in result.output
     assert files_in(tmp_path) == []
+
+
+# -- the cached launcher (its sh prologue, with a fake runtime standing in for PyInstaller's) ----
+FAKE_RUNTIME = """#!/bin/sh
+echo "ran $0 container=$GGUFILE_CONTAINER args=$*"
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_runtime(tmp_path_factory) -> Path:
+    """A runtime .tar.gz whose `ggufile-runtime` reports where it runs from and what it got."""
+    from ggufile.builder.stub import RUNTIME_NAME, pack_runtime
+
+    folder = tmp_path_factory.mktemp("runtime")
+    (folder / RUNTIME_NAME).write_text(FAKE_RUNTIME)
+    (folder / RUNTIME_NAME).chmod(0o755)
+    (folder / "_internal").mkdir()
+    (folder / "_internal" / "lib.txt").write_text("x" * 10000)
+    out = tmp_path_factory.mktemp("runtime-archive") / "runtime.tar.gz"
+    pack_runtime(folder, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def built_cached(tmp_path_factory, fake_runtime, smollm2_path) -> Path:
+    out = tmp_path_factory.mktemp("built-cached") / "smol"
+    build.build_executable(smollm2_path, out, fake_runtime, name="Smol", default_args=["--temp", "0.2"])
+    return out
+
+
+def launch(exe: Path, cache: Path, *args, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GGUFILE_CACHE=str(cache), GGUFILE_LAUNCHER_DEBUG="1")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_cached_layout_extract_inspect(built_cached, smollm2_path, fake_runtime, tmp_path):
+    data = built_cached.read_bytes()
+    model = read_container(built_cached)
+    assert data.startswith(b"#!/bin/sh\n") and os.access(built_cached, os.X_OK)
+    runtime = fake_runtime.read_bytes()
+    assert data[container.PROLOGUE_SIZE:container.PROLOGUE_SIZE + len(runtime)] == runtime
+    assert model.offset % ALIGNMENT == 0
+    assert data[model.offset:model.offset + model.size] == smollm2_path.read_bytes()
+    assert (model.name, model.default_args, model.meta["launcher"]["kind"]) == ("Smol", ["--temp", "0.2"], "cached")
+    assert json.loads(run_cli("inspect", built_cached, "--json").output)["launcher"] == "cached"
+    out = tmp_path / "back.gguf"
+    assert run_cli("extract", built_cached, "-o", out).exit_code == 0
+    assert out.read_bytes() == smollm2_path.read_bytes()
+    assert run_cli("verify", built_cached).exit_code == 0
+
+
+def test_cached_restub_switches_launcher_both_ways(built_cached, fake_stub, fake_runtime, tmp_path):
+    onefile, back = tmp_path / "onefile", tmp_path / "back"
+    assert run_cli("restub", built_cached, "--stub", fake_stub, "-o", onefile).exit_code == 0
+    assert run_cli("restub", onefile, "--stub", fake_runtime, "-o", back).exit_code == 0
+    old, mid, new = read_container(built_cached), read_container(onefile), read_container(back)
+    assert mid.meta["launcher"]["kind"] == "onefile" and new.meta["launcher"]["kind"] == "cached"
+    assert (new.name, new.default_args, new.sha256) == (old.name, old.default_args, old.sha256)
+    assert back.read_bytes() == built_cached.read_bytes()  # the same inputs give the same file
+
+
+def test_cached_unpacks_once_then_reuses(built_cached, tmp_path):
+    cache = tmp_path / "cache"
+    first = launch(built_cached, cache, "-p", "a b")
+    assert first.returncode == 0, first.stderr
+    assert "unpacked" in first.stderr and f"container={built_cached} args=-p a b" in first.stdout
+    (folder,) = (cache / "runtime").iterdir()
+    assert sorted(p.name for p in (cache / "runtime").iterdir() if p.name.startswith(".")) == []
+    marker = folder / build.MARKER
+    stat = marker.stat()
+    second = launch(built_cached, cache, "x")
+    assert second.returncode == 0 and "reused" in second.stderr and "unpacked" not in second.stderr
+    assert f"ran {folder}/ggufile-runtime" in second.stdout
+    assert (marker.stat().st_ino, marker.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+@pytest.mark.parametrize("damage", ["no marker", "wrong marker", "no runtime", "junk file"])
+def test_cached_replaces_a_broken_runtime_dir(built_cached, tmp_path, damage):
+    cache = tmp_path / "cache"
+    assert launch(built_cached, cache).returncode == 0
+    (folder,) = (cache / "runtime").iterdir()
+    if damage == "no marker":
+        (folder / build.MARKER).unlink()
+    elif damage == "wrong marker":
+        (folder / build.MARKER).write_text("0123\n")
+    elif damage == "no runtime":
+        (folder / "ggufile-runtime").unlink()
+    else:  # a half-unpacked folder left by a killed first start, before any rename
+        shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "partial").write_text("x")
+    got = launch(built_cached, cache, "y")
+    assert got.returncode == 0, got.stderr
+    assert "unpacked" in got.stderr and "args=y" in got.stdout
+    assert (folder / build.MARKER).is_file() and not (folder / "partial").exists()
+    assert [p.name for p in (cache / "runtime").iterdir()] == [folder.name]
+
+
+def test_cached_concurrent_first_starts(built_cached, tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, GGUFILE_CACHE=str(cache))
+    procs = [subprocess.Popen([str(built_cached), str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, outs
+    assert all(f"args={i}" in out for i, (out, _) in enumerate(outs))
+    (folder,) = (cache / "runtime").iterdir()  # one folder, no leftovers of the losers
+    assert sorted(p.name for p in folder.iterdir()) == sorted([build.MARKER, "_internal", "ggufile-runtime"])
+
+
+def test_cached_unwritable_cache_runs_from_a_temp_dir(built_cached, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # the cache would live under a regular file: not creatable, even by root
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, GGUFILE_CACHE=str(blocker / "cache"), GGUFILE_LAUNCHER_DEBUG="1", TMPDIR=str(tmp))
+    got = subprocess.run([str(built_cached), "z"], env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert "temporary" in got.stderr and "args=z" in got.stdout
+    assert list(tmp.iterdir()) == []  # removed after the run
+    env["TMPDIR"] = str(blocker)  # nowhere to unpack: one line, exit 1
+    del env["GGUFILE_LAUNCHER_DEBUG"]  # (which would show the tools' own messages too)
+    got = subprocess.run([str(built_cached)], env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 1 and "Error: cannot unpack the ggufile runtime" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1, got.stderr
+
+
+def test_cached_runs_from_a_copy_by_relative_path_and_symlink(built_cached, tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    copy = other / "m"
+    shutil.copy(built_cached, copy)
+    (tmp_path / "link").symlink_to(copy)
+    got = launch("./m", tmp_path / "cache", "q", cwd=other)
+    assert got.returncode == 0 and f"container={other}/./m args=q" in got.stdout
+    got = launch(tmp_path / "link", tmp_path / "cache", "r")
+    assert got.returncode == 0 and "reused" in got.stderr and "args=r" in got.stdout
