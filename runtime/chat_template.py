@@ -12,9 +12,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from .errors import GGUFileError
 
 # ChatML, the fallback for models whose metadata carries no template but whose vocab has its markup.
@@ -63,6 +60,8 @@ class Segment:
 
 
 def _raise(message: str):
+    from jinja2 import TemplateError
+
     raise TemplateError(message)
 
 
@@ -72,6 +71,10 @@ def _strftime_now(fmt: str) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        # jinja2 is imported here, not with this module: opening a model does not need it.
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
@@ -106,6 +109,8 @@ class ChatTemplate:
         return [s for s in segments if s.text]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)

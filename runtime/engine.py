@@ -50,7 +50,7 @@ class Engine:
         if self.n_ctx < 8:
             raise GGUFileError(f"context size {self.n_ctx} is too small")
         self.model_name = name or reader.get(Keys.NAME) or reader.path.stem
-        self.chat_template = self._load_template()
+        self._chat_template: ChatTemplate | None = None  # compiled on first use (jinja2 is slow to import)
         self.lock = threading.Lock()
         self._cache = None
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
@@ -59,6 +59,17 @@ class Engine:
     def open(cls, path: str | os.PathLike, offset: int = 0, size: int | None = None,
              n_ctx: int | None = None, name: str | None = None) -> "Engine":
         return cls(GGUFReader(path, offset, size), n_ctx=n_ctx, name=name)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template (or a built-in one), compiled the first time it is needed."""
+        if self._chat_template is None:
+            self._chat_template = self._load_template()
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: ChatTemplate) -> None:
+        self._chat_template = template
 
     def _load_template(self) -> ChatTemplate:
         tok = self.tokenizer

@@ -41,15 +41,40 @@ from .errors import GGUFFormatError
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+# Below this many strings the Python loop is as quick as calling the compiled scanner.
+_SCAN_MIN_STRINGS = 256
+_scanner: list = []  # [kernels.scan_strings or None], looked up once
+
+
+def _string_scanner():
+    """The AOT-compiled GGUF string scanner, or None (NumPy / JIT backend, or no kernels).
+
+    Looked up on the first big string array: importing the kernels loads a compiled module
+    (no numba, no compilation), which the model needs anyway. A JIT backend would compile at
+    first call, so it is not used here.
+    """
+    if not _scanner:
+        scan = None
+        try:
+            from . import kernels
+
+            if kernels.backend.startswith("aot:"):
+                scan = getattr(kernels, "scan_strings", None)
+        except Exception:  # a broken or forced-unavailable backend: the Python loop still works
+            scan = None
+        _scanner.append(scan)
+    return _scanner[0]
+
 
 class StringArray(Sequence):
     """A GGUF array of strings, decoded one element at a time on demand.
 
-    Only the start offset of each element is recorded while parsing (one pass, no decoding),
-    so opening a 262k-token vocabulary costs a fraction of a second.
+    Only the byte span of each element is recorded while parsing (one pass, no decoding), so
+    opening a 262k-token vocabulary costs a fraction of a second. `starts` / `ends` are lists
+    of ints or int64 arrays (from the compiled scanner).
     """
 
-    def __init__(self, buf: memoryview, starts: list[int], ends: list[int]):
+    def __init__(self, buf: memoryview, starts, ends):
         self._buf = buf
         self._starts = starts
         self._ends = ends
@@ -63,21 +88,58 @@ class StringArray(Sequence):
         return self.bytes_at(i).decode("utf-8", errors="replace")
 
     def bytes_at(self, i: int) -> bytes:
-        return bytes(self._buf[self._starts[i]:self._ends[i]])
+        return bytes(self._buf[int(self._starts[i]):int(self._ends[i])])
+
+    def _spans(self) -> tuple[list[int], list[int]]:
+        starts, ends = self._starts, self._ends
+        if isinstance(starts, np.ndarray):
+            return starts.tolist(), ends.tolist()
+        return starts, ends
 
     def __iter__(self) -> Iterator[str]:
         buf = self._buf
-        for s, e in zip(self._starts, self._ends):
+        for s, e in zip(*self._spans()):
             yield bytes(buf[s:e]).decode("utf-8", errors="replace")
 
     def tolist(self) -> list[str]:
-        # One copy of the whole string block, then slices of it: ~3x faster than per-item views.
-        if not self._starts:
+        """All elements decoded, as the same strings iteration gives."""
+        if not len(self._starts):
             return []
-        base = self._starts[0]
-        block = bytes(self._buf[base:self._ends[-1]])
+        fast = self._tolist_one_decode()
+        if fast is not None:
+            return fast
+        # One copy of the whole string block, then slices of it: ~3x faster than per-item views.
+        starts, ends = self._spans()
+        base = starts[0]
+        block = bytes(self._buf[base:ends[-1]])
         return [block[s - base:e - base].decode("utf-8", errors="replace")
-                for s, e in zip(self._starts, self._ends)]
+                for s, e in zip(starts, ends)]
+
+    def _tolist_one_decode(self) -> list[str] | None:
+        """The strings joined by NULs in one bytes copy, decoded once and split in C.
+
+        Needs the GGUF layout (each string right after its 8-byte length), no NUL inside any
+        string and valid UTF-8 throughout; then each piece is exactly what decoding that
+        string alone gives. Otherwise None (the caller decodes one string at a time).
+        """
+        starts = np.asarray(self._starts, dtype=np.int64)
+        ends = np.asarray(self._ends, dtype=np.int64)
+        if len(starts) < 2 or not np.array_equal(starts[1:], ends[:-1] + 8):
+            return None
+        base = int(starts[0])
+        block = np.frombuffer(self._buf, np.uint8, int(ends[-1]) - base, base).copy()
+        headers = starts[1:] - (base + 8)  # relative start of each later string's length field
+        block[headers + 7] = 0  # the length's last byte becomes the separator ...
+        keep = np.ones(len(block), dtype=bool)
+        keep[(headers[:, None] + np.arange(7)).ravel()] = False  # ... its other 7 bytes go
+        joined = block[keep]
+        if np.count_nonzero(joined == 0) != len(starts) - 1:
+            return None  # a string holds a NUL itself
+        try:
+            text = joined.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # replacement characters: let the per-string path place them
+        return text.split("\x00")
 
     def __repr__(self) -> str:
         return f"StringArray(len={len(self)})"
@@ -238,8 +300,19 @@ class GGUFReader:
         cur.pos += count * dtype.itemsize
         return arr.astype(bool) if etype == GGUFValueType.BOOL else arr
 
+    def _read_string_array(self, cur: _Cursor, count: int, what: str) -> StringArray:
+        if count >= _SCAN_MIN_STRINGS and (scan := _string_scanner()) is not None:
+            starts = np.empty(count, dtype=np.int64)
+            ends = np.empty(count, dtype=np.int64)
+            end = scan(self.buffer, cur.pos, count, starts, ends)
+            if end >= 0:
+                cur.pos = int(end)
+                return StringArray(cur.buf, starts, ends)
+            # A length runs past the buffer: the Python loop finds which one and says so.
+        return self._read_string_array_py(cur, count, what)
+
     @staticmethod
-    def _read_string_array(cur: _Cursor, count: int, what: str) -> StringArray:
+    def _read_string_array_py(cur: _Cursor, count: int, what: str) -> StringArray:
         # The hot loop of opening a big vocabulary: record spans only, decode on demand.
         buf, size, unpack = cur.buf, cur.size, _U64.unpack_from
         pos = cur.pos

@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import regex
-
 from .errors import UnsupportedModelError
 
 # -- the regexes, spelled as in llama.cpp's llm_tokenizer_bpe (after C unescaping) ----------
@@ -139,9 +137,10 @@ def pre_tokenizer_for(name: str | None) -> PreTokenizer:
 # -- the hand-coded splitters --------------------------------------------------------------
 # llama.cpp's unicode_regex_split_custom_gpt2/_llama3 behave like the regex plus a final
 # "\s+" (GPT-2's custom code takes a lone whitespace char that the regex would leave unmatched).
+# Compiled (and the `regex` package imported) on first use: opening a model compiles nothing.
 _CUSTOM = {
-    GPT2: regex.compile(GPT2 + r"|\s+"),
-    LLAMA3: regex.compile(LLAMA3),
+    GPT2: GPT2 + r"|\s+",
+    LLAMA3: LLAMA3,
 }
 
 # -- the std::regex fallback on collapsed text ----------------------------------------------
@@ -157,9 +156,17 @@ _UCATS = {r"\p{N}": "N", r"\p{L}": "L", r"\p{P}": "P", r"\p{M}": "M", r"\p{S}": 
           r"\p{Lu}": "L", r"\p{Ll}": "L", r"\p{Lt}": "L", r"\p{Lm}": "L", r"\p{Lo}": "L"}
 _COLLAPSE_WS = "\x0b"  # llama.cpp's stand-in for non-ASCII whitespace (matches \s)
 _COLLAPSE_OTHER = "\xd0"
-_CATEGORY_TESTS = [(regex.compile(r"\s"), _COLLAPSE_WS)] + [
-    (regex.compile(rf"\p{{{cat}}}"), ch) for cat, ch in _UCAT_CHAR.items()
-]
+
+
+@lru_cache(maxsize=None)
+def _category_tests() -> list[tuple[object, str]]:
+    import regex
+
+    return [(regex.compile(r"\s"), _COLLAPSE_WS)] + [
+        (regex.compile(rf"\p{{{cat}}}"), ch) for cat, ch in _UCAT_CHAR.items()
+    ]
+
+
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
@@ -169,7 +176,7 @@ def _uses_categories(expr: str) -> bool:
 
 @lru_cache(maxsize=4096)
 def _collapse_char(ch: str) -> str:
-    for test, stand_in in _CATEGORY_TESTS:
+    for test, stand_in in _category_tests():
         if test.match(ch):
             return stand_in
     return _COLLAPSE_OTHER
@@ -228,7 +235,9 @@ class _Splitter:
 @lru_cache(maxsize=None)
 def _splitter(expr: str) -> _Splitter:
     if expr in _CUSTOM:
-        return _Splitter(_CUSTOM[expr], "raw")
+        import regex
+
+        return _Splitter(regex.compile(_CUSTOM[expr]), "raw")
     if _uses_categories(expr):
         if any(ord(c) >= 128 for c in expr):
             raise UnsupportedModelError("pre-tokenizer regex mixes unicode categories and non-ASCII characters")

@@ -34,9 +34,10 @@ class Tokenizer:
         self._vocab = vocab
         self._bpe = BPE(vocab.token_to_id, vocab.merge_ranks, vocab.pre.ignore_merges) if vocab.kind == "bpe" else None
         self._pieces: dict[int, bytes] = {}
-        specials = vocab.special_ids
-        always = [t for t in specials if not vocab.attrs[t] & _RENDERED_ONLY_IF_SPECIAL]
-        self._specials = {False: self._with_prefix_keys(always), True: self._with_prefix_keys(specials)}
+        specials = self._with_prefix_keys(vocab.special_ids)
+        attrs = vocab.attrs
+        always = [(t, key) for t, key in specials if not attrs[t] & _RENDERED_ONLY_IF_SPECIAL]
+        self._specials = {False: always, True: specials}
 
     @classmethod
     def from_metadata(cls, metadata: Mapping) -> Tokenizer:
@@ -146,7 +147,8 @@ class Tokenizer:
     # -- special tokens in raw text -----------------------------------------------------------
 
     def _with_prefix_keys(self, ids: list[int]) -> list[tuple[int, str]]:
-        return [(t, self._vocab.texts[t][:_SPECIAL_PREFILTER_CHARS]) for t in ids]
+        texts = self._vocab.texts
+        return [(t, texts[t][:_SPECIAL_PREFILTER_CHARS]) for t in ids]
 
     def _specials_in(self, text: str, parse_special: bool) -> list[int]:
         """The special tokens (in matching order) whose text occurs in `text`.

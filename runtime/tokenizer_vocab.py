@@ -109,6 +109,8 @@ def load_vocab(metadata: Mapping) -> Vocab:
     texts = _token_texts(metadata)
     n = len(texts)
     token_to_id = _index_tokens(texts)
+    # attrs stay an int32 array while loading (the passes below select tokens by attribute,
+    # vectorised) and become a list at the end (per-token lookups are faster on a list).
     vocab = Vocab(kind="", texts=texts, token_to_id=token_to_id, scores=_scores(metadata, n),
                   attrs=_attrs(metadata, n))
     if model == "llama":
@@ -122,6 +124,7 @@ def load_vocab(metadata: Mapping) -> Vocab:
     _detect_by_text(vocab, metadata)
     vocab.special_ids = _special_tokens_longest_first(vocab)
     _apply_model_specific_attrs(vocab, metadata)
+    vocab.attrs = vocab.attrs.tolist()
     return vocab
 
 
@@ -132,7 +135,7 @@ def _token_texts(metadata: Mapping) -> list[str]:
     if tokens is None:
         raise GGUFFormatError(f"missing {Keys.TOKENS}")
     texts = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-    if texts.count(""):  # llama.cpp renames empty tokens so they can never match text
+    if "" in texts:  # llama.cpp renames empty tokens so they can never match text
         texts = [text or f"[EMPTY_{i}]" for i, text in enumerate(texts)]
     return texts
 
@@ -165,13 +168,13 @@ def _scores(metadata: Mapping, n: int) -> list[float]:
     return scores.astype(np.float32).tolist()
 
 
-def _attrs(metadata: Mapping, n: int) -> list[int]:
+def _attrs(metadata: Mapping, n: int) -> np.ndarray:
     types = _per_token_array(metadata, Keys.TOKEN_TYPE, n)
     if types is None:
-        return [Attr.NORMAL] * n
+        return np.full(n, Attr.NORMAL, dtype=np.int32)
     types = types.astype(np.int64)
     known = (types >= 0) & (types < len(_ATTR_OF_TYPE))
-    return np.where(known, _ATTR_OF_TYPE[np.where(known, types, 0)], Attr.UNDEFINED).tolist()
+    return np.where(known, _ATTR_OF_TYPE[np.where(known, types, 0)], Attr.UNDEFINED).astype(np.int32)
 
 
 # -- per model type defaults -------------------------------------------------------------------
@@ -294,7 +297,7 @@ def _apply_eog_workarounds(vocab: Vocab, eog: set[int]) -> None:
 
 def _ids_with(vocab: Vocab, bits: int) -> list[int]:
     """Ids whose attributes have any of `bits` (vectorised: vocabularies reach 262k tokens)."""
-    return np.flatnonzero(np.asarray(vocab.attrs, dtype=np.int32) & bits).tolist()
+    return np.flatnonzero(np.asarray(vocab.attrs) & bits).tolist()
 
 
 def _special_tokens_longest_first(vocab: Vocab) -> list[int]:
