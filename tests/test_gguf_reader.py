@@ -216,3 +216,80 @@ def test_bad_alignment(tmp_path):
 def test_window_outside_file(tiny):
     with pytest.raises(GGUFFormatError, match="outside the file"):
         GGUFReader(tiny, offset=10, size=10**9)
+
+
+# -- big string arrays: compiled scan (when the AOT kernels have it) == the Python loop ------
+
+from ggufile.runtime import gguf_reader  # noqa: E402
+
+
+def _write_string_array_gguf(path, texts):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("t.big", texts)
+    w.add_tensor("a.weight", np.zeros(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _big_texts(n=2000):
+    return [f"tok{i}" if i % 7 else ("" if i % 2 else "▁日本😀") for i in range(n)]
+
+
+def test_big_string_array_same_with_and_without_the_scanner(tmp_path, monkeypatch):
+    texts = _big_texts()
+    path = _write_string_array_gguf(tmp_path / "s.gguf", texts)
+    scanned = GGUFReader(path).metadata["t.big"]
+    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+    looped = GGUFReader(path).metadata["t.big"]
+    assert isinstance(looped._starts, list)
+    assert list(np.asarray(scanned._starts)) == looped._starts and list(np.asarray(scanned._ends)) == looped._ends
+    assert scanned.tolist() == looped.tolist() == list(scanned) == texts
+    assert scanned[14] == "▁日本😀" and scanned.bytes_at(7) == b"" and scanned[-1] == texts[-1]
+
+
+@pytest.mark.parametrize("cut", [3, 700, 9000])
+def test_truncated_big_string_array_same_error_both_ways(tmp_path, monkeypatch, cut):
+    path = _write_string_array_gguf(tmp_path / "s.gguf", _big_texts())
+    data = path.read_bytes()
+    start = data.index(b"t.big") + len(b"t.big") + 4 + 4 + 8  # value type, element type, count
+    end_of_array = start + sum(8 + len(t.encode()) for t in _big_texts())
+    path.write_bytes(data[:end_of_array - cut])
+    with pytest.raises(GGUFFormatError) as scanned:
+        GGUFReader(path)
+    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+    with pytest.raises(GGUFFormatError) as looped:
+        GGUFReader(path)
+    assert str(scanned.value) == str(looped.value)
+    assert "\n" not in str(scanned.value) and "truncated or corrupt GGUF: t.big[" in str(scanned.value)
+
+
+def test_big_string_array_huge_length_same_error_both_ways(tmp_path, monkeypatch):
+    path = _write_string_array_gguf(tmp_path / "s.gguf", _big_texts())
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tok1000") - 8
+    data[at:at + 8] = struct.pack("<Q", 2**63)
+    path.write_bytes(bytes(data))
+    with pytest.raises(GGUFFormatError, match=r"t.big\[1000\] claims") as scanned:
+        GGUFReader(path)
+    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+    with pytest.raises(GGUFFormatError) as looped:
+        GGUFReader(path)
+    assert str(scanned.value) == str(looped.value)
+
+
+@pytest.mark.parametrize("odd", [b"a\x00b", b"\xff\xfe", b"\xe2\x82", b"\x82\xac"])
+def test_string_array_tolist_falls_back_for_nul_and_invalid_utf8(tmp_path, odd):
+    """tolist decodes everything at once only when that equals decoding each string alone."""
+    raw = [b"x", b"\xe2\x82\xac", odd, b"", b"\xac y"]
+    # gguf-py writes str only: write the array by hand after a normal header.
+    body = b"".join(struct.pack("<Q", len(t)) + t for t in raw)
+    key = b"t.raw"
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 8, len(raw)) + body
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    path = tmp_path / "raw.gguf"
+    path.write_bytes(header + kv)
+    arr = GGUFReader(path).metadata["t.raw"]
+    assert arr.tolist() == [t.decode("utf-8", errors="replace") for t in raw] == list(arr)

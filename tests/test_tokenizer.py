@@ -302,3 +302,15 @@ def test_qwen2_splits_single_digits_via_the_collapsed_regex():
 
 def test_default_pre_tokenizer_groups_punctuation_first():
     assert split_words("hi!!? 12345", PRE_TOKENIZERS["default"].regexes) == ["hi", "!!?", " ", "123", "45"]
+
+
+def test_opening_imports_and_compiles_no_regex_or_jinja2():
+    """Engine.open's imports and an SPM tokenizer build need neither `regex` nor jinja2: they
+    load (and their patterns / templates compile) on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import ggufile.runtime.engine, ggufile.runtime.tokenizer, ggufile.runtime.model; "
+            "print(sorted(m for m in ('regex', 'jinja2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
