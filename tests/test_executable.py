@@ -1,9 +1,13 @@
-"""Real executables: the PyInstaller stub (built once per session into the stub cache) + SmolLM2.
+"""Real executables: the PyInstaller stubs (built once per session into the stub cache) + SmolLM2.
+
+`exe` uses the onefile launcher, `cached_exe` the cached one (default on Linux/macOS), whose
+runtime cache ($GGUFILE_CACHE/runtime) each test points at its own temp folder.
 
 Each executable runs as a subprocess and must behave exactly like `ggufile run` from Python.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,9 +40,22 @@ def exe(tmp_path_factory, stub, smollm2_path) -> Path:
     return out
 
 
-def run(cmd: list, stdin: str | None = None) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def cached_exe(tmp_path_factory, smollm2_path) -> Path:
+    from ggufile.builder.stub import ensure_stub
+
+    out = tmp_path_factory.mktemp("cached-exe") / "smol"
+    build.build_executable(smollm2_path, out, ensure_stub(launcher="cached"), default_args=["-c", "1024"])
+    return out
+
+
+def run(cmd: list, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], input=stdin or "", capture_output=True, text=True,
-                          timeout=TIMEOUT)
+                          timeout=TIMEOUT, env=env)
+
+
+def cache_env(cache: Path) -> dict:
+    return dict(os.environ, GGUFILE_CACHE=str(cache), GGUFILE_LAUNCHER_DEBUG="1")
 
 
 def ggufile_run(model: Path, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -135,3 +152,57 @@ def test_pyz_runs_like_ggufile_run(tmp_path, smollm2_path):
     want = ggufile_run(smollm2_path, *args)
     assert got.returncode == 0, got.stderr
     assert got.stdout == want.stdout
+
+
+# -- the cached launcher ------------------------------------------------------------------------
+def test_cached_greedy_matches_ggufile_run_from_a_copy_and_reuses(cached_exe, smollm2_path, tmp_path):
+    """From a copy in another folder: first start unpacks, the second reuses the same folder."""
+    copy = tmp_path / "elsewhere" / "model"
+    copy.parent.mkdir()
+    shutil.copy(cached_exe, copy)
+    env = cache_env(tmp_path / "cache")
+    args = ["-p", PROMPT, "-n", "8", "--temp", "0"]
+    want = ggufile_run(smollm2_path, "-c", "1024", *args)
+    first = run([copy, *args], env=env)
+    assert want.returncode == 0, want.stderr
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == want.stdout
+    assert "ggufile-launcher: unpacked" in first.stderr
+    (folder,) = (tmp_path / "cache" / "runtime").iterdir()
+    marker = (folder / ".ggufile-runtime-ok").stat()
+    second = run([copy, *args], env=env)
+    assert second.returncode == 0 and second.stdout == want.stdout
+    assert f"ggufile-launcher: reused {folder}" in second.stderr and "unpacked" not in second.stderr
+    now = (folder / ".ggufile-runtime-ok").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (marker.st_ino, marker.st_mtime_ns)
+
+
+def test_cached_info_and_corrupt_runtime_dir_replaced(cached_exe, tmp_path):
+    env = cache_env(tmp_path / "cache")
+    assert run([cached_exe, "--info"], env=env).returncode == 0
+    (folder,) = (tmp_path / "cache" / "runtime").iterdir()
+    lib = next(p for p in (folder / "_internal").iterdir() if p.name.startswith("libpython"))
+    lib.write_bytes(b"")  # a damaged folder without its completion marker
+    (folder / ".ggufile-runtime-ok").unlink()
+    got = run([cached_exe, "--info"], env=env)
+    assert got.returncode == 0, got.stderr
+    assert "ggufile-launcher: unpacked" in got.stderr
+    assert "launcher: cached" in got.stdout and "-c 1024" in got.stdout
+    assert lib.stat().st_size > 0
+
+
+def test_cached_two_concurrent_first_starts(cached_exe, tmp_path):
+    env = cache_env(tmp_path / "cache")
+    procs = [subprocess.Popen([str(cached_exe), "-p", PROMPT, "-n", "2", "--temp", "0"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0] and outs[0][0].startswith(PROMPT)
+    (folder,) = (tmp_path / "cache" / "runtime").iterdir()  # one folder; the loser's copy is gone
+    assert (folder / ".ggufile-runtime-ok").is_file()
+
+
+def test_cached_extract_is_byte_identical(cached_exe, smollm2_path, tmp_path):
+    out = tmp_path / "back.gguf"
+    build.extract(cached_exe, out)
+    assert out.read_bytes() == smollm2_path.read_bytes()
