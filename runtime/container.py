@@ -39,7 +39,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GGUFileError, GGUFFormatError
+from .errors import GGUFileError, GGUFFormatError, os_errors_as
 
 FORMAT_VERSION = 1
 ALIGNMENT = 64 * 1024  # GGUF start: page aligned for every page size in use (4K..64K)
@@ -201,14 +201,8 @@ def _read_trailer(f, path: Path, trailer_end: int, launcher: str) -> EmbeddedMod
 
 
 def _archive_offset(path: Path) -> int:
-    try:
+    with os_errors_as(GGUFileError, path):
         pkg_offset = find_pyinstaller_archive(path)
-    except FileNotFoundError:
-        raise GGUFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GGUFileError(f"{path}: is a directory") from None
-    except OSError as err:
-        raise GGUFileError(f"{path}: cannot read: {err.strerror or err}") from None
     if pkg_offset is None:
         raise GGUFileError(f"{path}: not a ggufile executable (no launcher archive found)")
     return pkg_offset

@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line (the CLIs print str(err) and exit non-zero)."""
 
+from contextlib import contextmanager
+
 
 class GGUFileError(Exception):
     """Base class: anything the user can fix or should be told about in one line."""
@@ -20,3 +22,18 @@ def unexpected_error_line(err: BaseException) -> str:
     """One line for a bug we did not foresee (the user still gets no traceback by default)."""
     return (f"internal error: {type(err).__name__}: {err} "
             f"(set {DEBUG_ENV}=1 for the traceback and please report it)")
+
+
+@contextmanager
+def os_errors_as(error_cls: type[GGUFileError], path, action: str = "read"):
+    """Turn the OS errors of opening/reading `path` into one-line `error_cls` messages."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error_cls(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error_cls(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise error_cls(f"{path}: permission denied") from None
+    except OSError as err:
+        raise error_cls(f"{path}: cannot {action}: {err.strerror or err}") from None

@@ -36,7 +36,7 @@ from .constants import (
     GGUFValueType,
     Keys,
 )
-from .errors import GGUFFormatError
+from .errors import GGUFFormatError, os_errors_as
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -423,16 +423,7 @@ class GGUFReader:
 
 
 def _map_file(path: Path) -> mmap.mmap:
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise GGUFFormatError(f"{path}: empty file, not a GGUF model")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        raise GGUFFormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GGUFFormatError(f"{path}: is a directory, not a GGUF model") from None
-    except PermissionError:
-        raise GGUFFormatError(f"{path}: permission denied") from None
-    except OSError as err:
-        raise GGUFFormatError(f"{path}: cannot map: {err.strerror or err}") from None
+    with os_errors_as(GGUFFormatError, path, "map"), open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise GGUFFormatError(f"{path}: empty file, not a GGUF model")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
