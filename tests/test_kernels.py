@@ -128,6 +128,19 @@ def test_matmul_matches_reference(backend, qtype, n_tok):
         assert_close(y, float_product(w, qtype, x), 2e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 6, 37])
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_decode_row_counts_not_multiple_of_four(backend, qtype, rows):
+    """Decode kernels walk rows four at a time; the last partial group must be right too."""
+    k = 256
+    w = random_weight(qtype, rows, k, seed=rows)
+    x = np.random.default_rng(rows).standard_normal((2, k)).astype(np.float32)
+    out = np.full((2, rows), np.nan, dtype=np.float32)
+    y = backend.matmul(w, qtype, x, out)
+    ref = quants.reference_matvec(w, qtype, x)
+    assert_close(y, ref, 2e-6 if is_8bit_decode(backend, qtype, 2) else 2e-3)
+
+
 def test_matmul_multi_equals_separate_matmuls(backend):
     if backend is numpy_backend:
         pytest.skip("numpy backend has no fused dispatch")

@@ -92,133 +92,131 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
+# By far the most decode time is spent in these kernels' inner loops, so they are shaped for
+# LLVM's loop vectorizer:
+# - each block's elements are one short inner loop whose trip count is a run-time value capped
+#   by a constant (`min(half, 16)`): LLVM then emits exactly one 16-lane vector iteration (no
+#   interleaving a 16-trip loop never reaches, no scalar tail), whereas a constant trip count is
+#   unrolled and vectorized across blocks with gathers instead;
+# - four rows are walked together (`_rows4`): four independent accumulator chains, where one
+#   row's block-after-block accumulation is a latency-bound chain of dependent adds;
+# - no slicing inside the row loop: every array view costs a reference-count increment and
+#   decrement (atomic calls). Offsets are uint64, so indexing skips negative-index wraparound;
+# - fp16 block scales are read through a uint16 view of the row (every scale is 2-byte aligned).
+# A block's dot product for one row is a helper (`_blk_*`) inlined at Numba-IR level.
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
-    half = qk // 2
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                q = row[o + 2:o + ts]
-                x = xq[t, b * qk:b * qk + qk]
-                s = np.float32(0.0)
-                sx = np.float32(0.0)  # sum (q - 8) * x = sum q * x - 8 * sum x: no signed ints
-                for j in range(half):
-                    v = q[j]
-                    s += np.float32(v & np.uint8(15)) * x[j] + np.float32(v >> np.uint8(4)) * x[j + half]
-                    sx += x[j] + x[j + half]
-                acc += dw * xd[t, b] * (s - np.float32(8.0) * sx)
-            out[t, r] = acc
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk)
+                dx = xd[t, b]
+                a0 += _f16(tab, h0, o, 0) * dx * _blk_q4_0(w0, o, x, xo, qk)
+                a1 += _f16(tab, h1, o, 0) * dx * _blk_q4_0(w1, o, x, xo, qk)
+                a2 += _f16(tab, h2, o, 0) * dx * _blk_q4_0(w2, o, x, xo, qk)
+                a3 += _f16(tab, h3, o, 0) * dx * _blk_q4_0(w3, o, x, xo, qk)
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
-    half = qk // 2
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
-                q = row[o + 4:o + ts]
-                x = xq[t, b * qk:b * qk + qk]
-                s = np.float32(0.0)
-                for j in range(half):
-                    v = q[j]
-                    s += np.float32(v & np.uint8(15)) * x[j] + np.float32(v >> np.uint8(4)) * x[j + half]
-                acc += dw * xd[t, b] * s + mw * xs[t, b]
-            out[t, r] = acc
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk)
+                dx = xd[t, b]
+                sx = xs[t, b]  # Q8_1: fp16(d * sum) multiplies the block minimum, as in ggml
+                a0 += _f16(tab, h0, o, 0) * dx * _blk_q4_1(w0, o, x, xo, qk) + _f16(tab, h0, o, 2) * sx
+                a1 += _f16(tab, h1, o, 0) * dx * _blk_q4_1(w1, o, x, xo, qk) + _f16(tab, h1, o, 2) * sx
+                a2 += _f16(tab, h2, o, 0) * dx * _blk_q4_1(w2, o, x, xo, qk) + _f16(tab, h2, o, 2) * sx
+                a3 += _f16(tab, h3, o, 0) * dx * _blk_q4_1(w3, o, x, xo, qk) + _f16(tab, h3, o, 2) * sx
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 
 def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
-    half = qk // 2
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                qh = (np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << np.uint32(8))
-                      | (np.uint32(row[o + 4]) << np.uint32(16)) | (np.uint32(row[o + 5]) << np.uint32(24)))
-                q = row[o + 6:o + ts]
-                x = xq[t, b * qk:b * qk + qk]
-                s = np.float32(0.0)
-                sx = np.float32(0.0)  # sum (q - 16) * x = sum q * x - 16 * sum x
-                for j in range(half):
-                    v = q[j]
-                    h0 = np.float32((qh >> np.uint32(j)) & np.uint32(1))
-                    h1 = np.float32((qh >> np.uint32(j + half)) & np.uint32(1))
-                    s += (np.float32(v & np.uint8(15)) + np.float32(16.0) * h0) * x[j]
-                    s += (np.float32(v >> np.uint8(4)) + np.float32(16.0) * h1) * x[j + half]
-                    sx += x[j] + x[j + half]
-                acc += dw * xd[t, b] * (s - np.float32(16.0) * sx)
-            out[t, r] = acc
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk)
+                dx = xd[t, b]
+                a0 += _f16(tab, h0, o, 0) * dx * _blk_q5(w0, h0, o, 2, x, xo, qk, 16)
+                a1 += _f16(tab, h1, o, 0) * dx * _blk_q5(w1, h1, o, 2, x, xo, qk, 16)
+                a2 += _f16(tab, h2, o, 0) * dx * _blk_q5(w2, h2, o, 2, x, xo, qk, 16)
+                a3 += _f16(tab, h3, o, 0) * dx * _blk_q5(w3, h3, o, 2, x, xo, qk, 16)
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 
 def mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
-    half = qk // 2
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
-                qh = (np.uint32(row[o + 4]) | (np.uint32(row[o + 5]) << np.uint32(8))
-                      | (np.uint32(row[o + 6]) << np.uint32(16)) | (np.uint32(row[o + 7]) << np.uint32(24)))
-                q = row[o + 8:o + ts]
-                x = xq[t, b * qk:b * qk + qk]
-                s = np.float32(0.0)
-                for j in range(half):
-                    v = q[j]
-                    h0 = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
-                    h1 = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
-                    s += np.float32(np.uint32(v & np.uint8(15)) | h0) * x[j]
-                    s += np.float32(np.uint32(v >> np.uint8(4)) | h1) * x[j + half]
-                acc += dw * xd[t, b] * s + mw * xs[t, b]
-            out[t, r] = acc
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk)
+                dx = xd[t, b]
+                sx = xs[t, b]  # Q8_1: fp16(d * sum) multiplies the block minimum, as in ggml
+                a0 += _f16(tab, h0, o, 0) * dx * _blk_q5(w0, h0, o, 4, x, xo, qk, 0) + _f16(tab, h0, o, 2) * sx
+                a1 += _f16(tab, h1, o, 0) * dx * _blk_q5(w1, h1, o, 4, x, xo, qk, 0) + _f16(tab, h1, o, 2) * sx
+                a2 += _f16(tab, h2, o, 0) * dx * _blk_q5(w2, h2, o, 4, x, xo, qk, 0) + _f16(tab, h2, o, 2) * sx
+                a3 += _f16(tab, h3, o, 0) * dx * _blk_q5(w3, h3, o, 4, x, xo, qk, 0) + _f16(tab, h3, o, 2) * sx
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 
 def mv_q8_0(w, xq, xd, out, r0, r1, tab, qk):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
+    h = w.view(np.uint16)
     wi = w.view(np.int8)
-    for r in range(r0, r1):
-        row = w[r]
-        rowi = wi[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = wi[i0], wi[i1], wi[i2], wi[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                q = rowi[o + 2:o + ts]
-                x = xq[t, b * qk:b * qk + qk]
-                s = np.float32(0.0)
-                for j in range(qk):
-                    s += np.float32(q[j]) * x[j]
-                acc += dw * xd[t, b] * s
-            out[t, r] = acc
-
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk)
+                dx = xd[t, b]
+                a0 += _f16(tab, h0, o, 0) * dx * _blk_q8_0(w0, o, x, xo, qk)
+                a1 += _f16(tab, h1, o, 0) * dx * _blk_q8_0(w1, o, x, xo, qk)
+                a2 += _f16(tab, h2, o, 0) * dx * _blk_q8_0(w2, o, x, xo, qk)
+                a3 += _f16(tab, h3, o, 0) * dx * _blk_q8_0(w3, o, x, xo, qk)
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 def mv_q2_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     n_tok = xq.shape[0]
@@ -288,40 +286,26 @@ def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 
 
 def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk_k
     ts = w.shape[1] // nb
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        bs = xbs[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
-                p = row[o + 4:o + 16]
-                qs = row[o + 16:o + ts]
-                sumi = np.float32(0.0)
-                summ = np.float32(0.0)
-                for pair in range(4):
-                    q = qs[32 * pair:32 * pair + 32]
-                    base = b * qk_k + 64 * pair
-                    x = xq[t, base:base + 64]
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    for j in range(32):
-                        v = q[j]
-                        s0 += np.float32(v & np.uint8(15)) * x[j]
-                        s1 += np.float32(v >> np.uint8(4)) * x[j + 32]
-                    j0 = 2 * pair
-                    sc0, m0 = _k_scale_min(p, j0)
-                    sc1, m1 = _k_scale_min(p, j0 + 1)
-                    sumi += np.float32(sc0) * s0 + np.float32(sc1) * s1
-                    g = b * 16 + 4 * pair
-                    summ += np.float32(m0) * (xbs[t, g] + xbs[t, g + 1]) + np.float32(m1) * (xbs[t, g + 2] + xbs[t, g + 3])
-                acc += xd[t, b] * (dw * sumi - mw * summ)
-            out[t, r] = acc
-
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk_k)
+                dx = xd[t, b]
+                a0 += dx * _blk_q4_k(w0, h0, o, x, xo, bs, b * 16, qk_k, tab)
+                a1 += dx * _blk_q4_k(w1, h1, o, x, xo, bs, b * 16, qk_k, tab)
+                a2 += dx * _blk_q4_k(w2, h2, o, x, xo, bs, b * 16, qk_k, tab)
+                a3 += dx * _blk_q4_k(w3, h3, o, x, xo, bs, b * 16, qk_k, tab)
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     n_tok = xq.shape[0]
@@ -364,47 +348,28 @@ def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 
 
 def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    n_tok = xq.shape[0]
     nb = xq.shape[1] // qk_k
     ts = w.shape[1] // nb
-    sc_all = w.view(np.int8)
-    for r in range(r0, r1):
-        row = w[r]
-        sc_row = sc_all[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
+    h = w.view(np.uint16)
+    wi = w.view(np.int8)
+    for t in range(xq.shape[0]):
+        x = xq[t]
+        bs = xbs[t]
+        for r in range(r0, r1, 4):
+            i0, i1, i2, i3 = _rows4(r, r1)
+            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
+            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
+            v0, v1, v2, v3 = wi[i0], wi[i1], wi[i2], wi[i3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o + 208]) | (np.int64(row[o + 209]) << 8)]
-                sumi = np.float32(0.0)
-                for h in range(2):
-                    ql = row[o + 64 * h:o + 64 * h + 64]
-                    qh = row[o + 128 + 32 * h:o + 128 + 32 * h + 32]
-                    sc = sc_row[o + 192 + 8 * h:o + 192 + 8 * h + 8]
-                    base = b * qk_k + 128 * h
-                    x = xq[t, base:base + 128]
-                    for c in range(2):  # 16-element groups sharing one scale
-                        l0 = 16 * c
-                        s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
-                        s3 = np.float32(0.0)
-                        s4 = np.float32(0.0)
-                        for j in range(l0, l0 + 16):  # unsigned 6-bit values; the -32 comes from the group sums
-                            a = ql[j]
-                            a2 = ql[j + 32]
-                            hh = qh[j]
-                            s1 += np.float32((a & np.uint8(15)) | ((hh & np.uint8(3)) << np.uint8(4))) * x[j]
-                            s2 += np.float32((a2 & np.uint8(15)) | (((hh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) * x[j + 32]
-                            s3 += np.float32((a >> np.uint8(4)) | (((hh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))) * x[j + 64]
-                            s4 += np.float32((a2 >> np.uint8(4)) | ((hh >> np.uint8(6)) << np.uint8(4))) * x[j + 96]
-                        g = b * 16 + 8 * h + c  # Q8_K sum of the 16 activations each s multiplies
-                        sumi += (np.float32(sc[c]) * (s1 - np.float32(32.0) * xbs[t, g])
-                                 + np.float32(sc[c + 2]) * (s2 - np.float32(32.0) * xbs[t, g + 2])
-                                 + np.float32(sc[c + 4]) * (s3 - np.float32(32.0) * xbs[t, g + 4])
-                                 + np.float32(sc[c + 6]) * (s4 - np.float32(32.0) * xbs[t, g + 6]))
-                acc += dw * xd[t, b] * sumi
-            out[t, r] = acc
-
+                o = np.uint64(b * ts)
+                xo = np.uint64(b * qk_k)
+                dx = xd[t, b]
+                a0 += dx * _blk_q6_k(w0, h0, v0, o, x, xo, bs, b * 16, qk_k, tab)
+                a1 += dx * _blk_q6_k(w1, h1, v1, o, x, xo, bs, b * 16, qk_k, tab)
+                a2 += dx * _blk_q6_k(w2, h2, v2, o, x, xo, bs, b * 16, qk_k, tab)
+                a3 += dx * _blk_q6_k(w3, h3, v3, o, x, xo, bs, b * 16, qk_k, tab)
+            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 def mv_f32(w, x, out, r0, r1):
     n_tok, k = x.shape
@@ -686,6 +651,146 @@ def scan_strings(buf, pos, count, starts, ends):
 
 # --- helpers (inlined into the kernels) -------------------------------------------------------
 
+
+@njit(inline="always")
+def _rows4(r, r1):
+    """Rows r..r+3, those past r1 - 1 replaced by r1 - 1 (computed and stored twice: no tail loop)."""
+    last = r1 - 1
+    return r, min(r + 1, last), min(r + 2, last), min(r + 3, last)
+
+
+@njit(inline="always")
+def _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3):
+    out[t, i0] = a0
+    out[t, i1] = a1
+    out[t, i2] = a2
+    out[t, i3] = a3
+
+
+@njit(inline="always")
+def _f16(tab, h, o, at):
+    """The fp16 number at byte o + at of a row (h: the row's uint16 view)."""
+    return tab[h[(o + np.uint64(at)) >> np.uint64(1)]]
+
+
+# One row's block against the 8-bit activations x[xo:] (integer-valued float32). o, xo: uint64.
+
+
+@njit(inline="always")
+def _blk_q4_0(row, o, x, xo, qk):
+    half = qk // 2
+    q = o + np.uint64(2)
+    xh = xo + np.uint64(half)
+    s = np.float32(0.0)
+    for j in range(min(half, 16)):
+        u = np.uint64(j)
+        v = row[q + u]
+        s += ((np.float32(np.int32(v & np.uint8(15))) - np.float32(8.0)) * x[xo + u]
+              + (np.float32(np.int32(v >> np.uint8(4))) - np.float32(8.0)) * x[xh + u])
+    return s
+
+
+@njit(inline="always")
+def _blk_q4_1(row, o, x, xo, qk):
+    half = qk // 2
+    q = o + np.uint64(4)
+    xh = xo + np.uint64(half)
+    s = np.float32(0.0)
+    for j in range(min(half, 16)):
+        u = np.uint64(j)
+        v = row[q + u]
+        s += np.float32(np.int32(v & np.uint8(15))) * x[xo + u] + np.float32(np.int32(v >> np.uint8(4))) * x[xh + u]
+    return s
+
+
+@njit(inline="always")
+def _blk_q5(row, h, o, at, x, xo, qk, offset):
+    """Q5_0 (high bits at byte 2, values - 16) and Q5_1 (at byte 4, offset 0)."""
+    half = qk // 2
+    p = (o + np.uint64(at)) >> np.uint64(1)
+    qh = np.uint32(h[p]) | (np.uint32(h[p + np.uint64(1)]) << np.uint32(16))
+    q = o + np.uint64(at + 4)
+    xh = xo + np.uint64(half)
+    off = np.float32(offset)
+    s = np.float32(0.0)
+    for j in range(min(half, 16)):
+        u = np.uint64(j)
+        v = row[q + u]
+        hl = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
+        hh = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
+        s += ((np.float32(np.int32(np.uint32(v & np.uint8(15)) | hl)) - off) * x[xo + u]
+              + (np.float32(np.int32(np.uint32(v >> np.uint8(4)) | hh)) - off) * x[xh + u])
+    return s
+
+
+@njit(inline="always")
+def _blk_q8_0(rowi, o, x, xo, qk):
+    q = o + np.uint64(2)
+    s = np.float32(0.0)
+    for j in range(min(qk, 32)):
+        u = np.uint64(j)
+        s += np.float32(np.int32(rowi[q + u])) * x[xo + u]
+    return s
+
+
+@njit(inline="always")
+def _blk_q4_k(row, h, o, x, xo, bs, g0, qk_k, tab):
+    """d * sum(scale * q * x) - dmin * sum(min * Q8_K group sums) of one super-block."""
+    n = qk_k // 8  # 32 values per sub-block
+    p = row[o + np.uint64(4):o + np.uint64(16)]  # one view per super-block
+    sumi = np.float32(0.0)
+    summ = np.float32(0.0)
+    for pair in range(4):
+        sc0, m0 = _k_scale_min(p, 2 * pair)
+        sc1, m1 = _k_scale_min(p, 2 * pair + 1)
+        f0 = np.float32(sc0)
+        f1 = np.float32(sc1)
+        q = o + np.uint64(16 + 32 * pair)
+        xl = xo + np.uint64(64 * pair)
+        xh = xl + np.uint64(32)
+        s = np.float32(0.0)  # both sub-blocks' scales folded in: one reduction, not two
+        for j in range(min(n, 32)):
+            u = np.uint64(j)
+            v = row[q + u]
+            s += f0 * np.float32(np.int32(v & np.uint8(15))) * x[xl + u] + f1 * np.float32(np.int32(v >> np.uint8(4))) * x[xh + u]
+        sumi += s
+        g = g0 + 4 * pair
+        summ += np.float32(m0) * (bs[g] + bs[g + 1]) + np.float32(m1) * (bs[g + 2] + bs[g + 3])
+    return _f16(tab, h, o, 0) * sumi - _f16(tab, h, o, 2) * summ
+
+
+@njit(inline="always")
+def _blk_q6_k(row, h, rowi, o, x, xo, bs, g0, qk_k, tab):
+    """d * sum(scale * (q - 32) * x) of one super-block, the -32 taken from Q8_K's group sums."""
+    n = qk_k // 16  # 16 values per scale
+    sumi = np.float32(0.0)
+    for hh in range(2):  # two 128-value halves
+        for c in range(2):
+            sc = o + np.uint64(192 + 8 * hh + c)
+            f1 = np.float32(rowi[sc])
+            f2 = np.float32(rowi[sc + np.uint64(2)])
+            f3 = np.float32(rowi[sc + np.uint64(4)])
+            f4 = np.float32(rowi[sc + np.uint64(6)])
+            qa = o + np.uint64(64 * hh + 16 * c)
+            qb = qa + np.uint64(32)
+            qc = o + np.uint64(128 + 32 * hh + 16 * c)
+            xa = xo + np.uint64(128 * hh + 16 * c)
+            xb = xa + np.uint64(32)
+            xc = xa + np.uint64(64)
+            xd = xa + np.uint64(96)
+            s = np.float32(0.0)  # four scales folded in: one reduction, not four
+            for j in range(min(n, 16)):
+                u = np.uint64(j)
+                a = row[qa + u]
+                a2 = row[qb + u]
+                hb = row[qc + u]
+                s += (f1 * np.float32(np.int32((a & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) * x[xa + u]
+                      + f2 * np.float32(np.int32((a2 & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) * x[xb + u]
+                      + f3 * np.float32(np.int32((a >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) * x[xc + u]
+                      + f4 * np.float32(np.int32((a2 >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) * x[xd + u])
+            g = g0 + 8 * hh + c
+            sumi += s - np.float32(32.0) * (f1 * bs[g] + f2 * bs[g + 2] + f3 * bs[g + 4] + f4 * bs[g + 6])
+    return _f16(tab, h, o, 208) * sumi
 
 @njit(inline="always")
 def _k_scale_min(p, j):
