@@ -9,7 +9,8 @@ are compiled too: LLVM cross-targets any CPU of the same architecture.
 pycc builds its export wrappers from a default numba `Flags()`, which holds the GIL and uses
 no fast-math. `KernelModuleCompiler` builds them from the flags the JIT gets from
 `njit(nogil=True, fastmath=...)`: `release_gil` (the wrapper calls PyEval_SaveThread before
-the kernel and PyEval_RestoreThread after) and the same fast-math set.
+the kernel and PyEval_RestoreThread after) and the same per-kernel fast-math set
+(source.fastmath_for).
 """
 from __future__ import annotations
 
@@ -33,28 +34,39 @@ from ggufile.runtime.kernels import cpu, source
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def kernel_flags() -> Flags:
-    """What njit(nogil=True, fastmath=source.FASTMATH) sets, for pycc's exports."""
+def kernel_flags(fastmath=source.FASTMATH) -> Flags:
+    """What njit(nogil=True, fastmath=...) sets, for pycc's exports."""
     flags = Flags()
     flags.release_gil = True
-    flags.fastmath = FastMathOptions(set(source.FASTMATH))
+    flags.fastmath = FastMathOptions(set(fastmath))
     return flags
 
 
+def _compile_kernel(typingctx, targetctx, func, args, return_type, flags, **kwargs):
+    """pycc compiles every export with one Flags object; give each kernel its own fast-math set."""
+    flags = flags.copy()
+    flags.fastmath = FastMathOptions(set(source.fastmath_for(func.__name__)))
+    return _pycc_compile_extra(typingctx, targetctx, func, args, return_type, flags, **kwargs)
+
+
+_pycc_compile_extra = pycc_compiler.compile_extra
+
+
 @contextlib.contextmanager
-def _pycc_flags(factory):
-    """pycc's _cull_exports calls the module-level name `Flags()`; point it at our factory."""
-    original = pycc_compiler.Flags
-    pycc_compiler.Flags = factory
+def _pycc_patched():
+    """pycc's _cull_exports calls the module-level names `Flags()` and `compile_extra`: point
+    them at ours (GIL released, per-kernel fast-math)."""
+    saved = pycc_compiler.Flags, pycc_compiler.compile_extra
+    pycc_compiler.Flags, pycc_compiler.compile_extra = kernel_flags, _compile_kernel
     try:
         yield
     finally:
-        pycc_compiler.Flags = original
+        pycc_compiler.Flags, pycc_compiler.compile_extra = saved
 
 
 class KernelModuleCompiler(pycc_compiler.ModuleCompiler):
     def _cull_exports(self):
-        with _pycc_flags(kernel_flags):
+        with _pycc_patched():
             return super()._cull_exports()
 
 

@@ -17,6 +17,6 @@ NAME = "jit"
 def load() -> SimpleNamespace:
     """The kernels, each wrapped like its AOT export: no GIL, same fast-math flags."""
     return SimpleNamespace(**{
-        name: numba.njit(nogil=True, fastmath=set(source.FASTMATH), cache=True)(getattr(source, name))
+        name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(getattr(source, name))
         for name in source.KERNEL_NAMES
     })
