@@ -24,8 +24,12 @@ from ggufile.runtime.kernels.pool import RowPool, split_rows
 
 # At or below this many tokens the quantized matvec kernels beat dequantize + BLAS.
 MATVEC_MAX_TOKENS = 4
-# Below this many weight bytes a matvec is not worth a thread hand-off.
-MIN_PARALLEL_BYTES = 128 * 1024
+# Below this many weight bytes a dispatch round runs on the calling thread: a pool round costs
+# ~20 us when idle and far more when the cores are shared, while a decode matvec streams
+# ~5-13 GB/s per thread. Measured (2 threads, contended 2-core machine, cold weights): Q8_0
+# 1.4 MB 148 -> 191 us (worse), 5 MB 660 -> 453 us, 10 MB 1322 -> 690 us; a SmolLM2 layer's
+# 0.5 MB Q4_1 matrices 115 -> 161 us (worse). So: the output matrix, and prefill, split.
+MIN_PARALLEL_BYTES = 3 << 20
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
