@@ -721,6 +721,11 @@ def _blk_q4_1(row, o, x, xo, qk):
     return s
 
 
+# Bit j of Q5's 32 high bits is tested with _BIT[j]: a constant vector, where shifting by the
+# lane index (numba types the shift as 64-bit) left LLVM with 64-bit lanes.
+_BIT = np.array([1 << i for i in range(32)], dtype=np.uint32)
+
+
 @njit(inline="always")
 def _blk_q5(row, h, o, at, x, xo, qk, offset):
     """Q5_0 (high bits at byte 2, values - 16) and Q5_1 (at byte 4, offset 0)."""
@@ -734,10 +739,10 @@ def _blk_q5(row, h, o, at, x, xo, qk, offset):
     for j in range(min(half, 16)):
         u = np.uint64(j)
         v = row[q + u]
-        hl = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
-        hh = ((qh >> np.uint32(j + half)) & np.uint32(1)) << np.uint32(4)
-        s += ((np.float32(np.int32(np.uint32(v & np.uint8(15)) | hl)) - off) * x[xo + u]
-              + (np.float32(np.int32(np.uint32(v >> np.uint8(4)) | hh)) - off) * x[xh + u])
+        hl = np.float32(16.0) if qh & _BIT[j] else np.float32(0.0)
+        hh = np.float32(16.0) if qh & _BIT[j + half] else np.float32(0.0)
+        s += ((np.float32(np.int32(v & np.uint8(15))) + hl - off) * x[xo + u]
+              + (np.float32(np.int32(v >> np.uint8(4))) + hh - off) * x[xh + u])
     return s
 
 
