@@ -75,8 +75,9 @@ def main() -> None:
     outt = np.empty((1, 64), np.float32)
     per_call = best_time(lambda: [kernels.matmul(tiny, GGMLType.Q4_1, xt, outt) for _ in range(1000)], 5)
     print(f"per-call overhead (64x64 Q4_1 matvec): {per_call * 1e3:.1f} us")
-    big = weight(GGMLType.Q4_1, 256, 576)  # just above MIN_PARALLEL_BYTES? report the pooled round
-    print(f"pooled round threshold: {compiled.MIN_PARALLEL_BYTES} bytes; 256x576 Q4_1 = {big.nbytes} bytes")
+    big = weight(GGMLType.Q4_1, 256, 576)
+    print(f"pooled round threshold: {compiled.MIN_PARALLEL_WORK} weight bytes x tokens; "
+          f"256x576 Q4_1 = {big.nbytes} bytes")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ from ggufile.runtime.kernels.pool import RowPool, split_rows
 
 # At or below this many tokens the quantized matvec kernels beat dequantize + BLAS.
 MATVEC_MAX_TOKENS = 4
-# Below this many weight bytes a dispatch round runs on the calling thread: a pool round costs
+# Below this much work (weight bytes x tokens) a dispatch round runs on the calling thread: a pool round costs
 # ~20 us when idle and far more when the cores are shared, while a decode matvec streams
 # ~5-13 GB/s per thread. Measured (2 threads, contended 2-core machine, cold weights): Q8_0
 # 1.4 MB 148 -> 191 us (worse), 5 MB 660 -> 453 us, 10 MB 1322 -> 690 us; a SmolLM2 layer's
-# 0.5 MB Q4_1 matrices 115 -> 161 us (worse). So: the output matrix, and prefill, split.
-MIN_PARALLEL_BYTES = 3 << 20
+# 0.5 MB Q4_1 matrices 115 -> 161 us (worse). So in decode only the output matrix splits;
+# prefill (many tokens per weight byte) always does.
+MIN_PARALLEL_WORK = 3 << 20
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
@@ -93,16 +94,16 @@ class CompiledBackend:
     def matmul_multi(self, pairs, x: np.ndarray, outs: list[np.ndarray]) -> list[np.ndarray]:
         n_tok, k = x.shape
         activations: dict[str, tuple] = {}
-        tasks = []  # (run(r0, r1), rows, weight bytes)
+        tasks = []  # (run(r0, r1), rows, work: weight bytes x tokens)
         for (w, qtype), out in zip(pairs, outs):
             check_weight(w, qtype, k)
             if out.shape != (n_tok, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_tok, w.shape[0])}")
             if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
                 x_seen = self._prefill_activations(qtype, x, activations)
-                tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes))
+                tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes * n_tok))
             else:
-                tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes))
+                tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes * n_tok))
         self._dispatch(tasks)
         return outs
 
@@ -186,7 +187,7 @@ class CompiledBackend:
     def _dispatch(self, tasks) -> None:
         """One pool round: thread i runs the i-th slice of every task's rows."""
         n = self.pool.n_threads
-        if n == 1 or sum(nbytes for _, _, nbytes in tasks) < MIN_PARALLEL_BYTES:
+        if n == 1 or sum(work for _, _, work in tasks) < MIN_PARALLEL_WORK:
             for run, rows, _ in tasks:
                 run(0, rows)
             return
