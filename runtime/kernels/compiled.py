@@ -24,13 +24,16 @@ from ggufile.runtime.kernels.pool import RowPool, split_rows
 
 # At or below this many tokens the quantized matvec kernels beat dequantize + BLAS.
 MATVEC_MAX_TOKENS = 4
-# Below this much work (weight bytes x tokens) a dispatch round runs on the calling thread: a pool round costs
-# ~20 us when idle and far more when the cores are shared, while a decode matvec streams
-# ~5-13 GB/s per thread. Measured (2 threads, contended 2-core machine, cold weights): Q8_0
-# 1.4 MB 148 -> 191 us (worse), 5 MB 660 -> 453 us, 10 MB 1322 -> 690 us; a SmolLM2 layer's
-# 0.5 MB Q4_1 matrices 115 -> 161 us (worse). So in decode only the output matrix splits;
-# prefill (many tokens per weight byte) always does.
-MIN_PARALLEL_WORK = 3 << 20
+# A pool round hands work to sleeping threads: each starts ~15-25 us after the calling thread
+# (wake-up, then its Python job reaches the kernel), which runs its own slice at once. So the
+# calling thread's slice is made bigger by about that head start (`_first_share`): a 0.55 MB
+# Q4_1 matvec went 113 us -> 83 us on 2 threads (equal halves: 113-120 us, no gain).
+HANDOFF_US = 20.0
+# Decode matvec speed per thread, to turn weight bytes into time for the share above.
+MATVEC_BYTES_PER_US = 5500.0
+# Below this much work (weight bytes x tokens) a task runs whole on the calling thread: the
+# head start would be most of it.
+MIN_PARALLEL_WORK = 256 * 1024
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
@@ -185,18 +188,26 @@ class CompiledBackend:
         return tile
 
     def _dispatch(self, tasks) -> None:
-        """One pool round: thread i runs the i-th slice of every task's rows."""
+        """One pool round: thread i runs the i-th slice of every big task's rows; small tasks
+        run whole on the calling thread. Decided per task, so a weight is split the same way
+        alone or fused with others (a row's float rounding can depend on its place in the
+        kernels' four-row groups)."""
         n = self.pool.n_threads
-        if n == 1 or sum(work for _, _, work in tasks) < MIN_PARALLEL_WORK:
-            for run, rows, _ in tasks:
-                run(0, rows)
-            return
         per_thread: list[list] = [[] for _ in range(n)]
-        for run, rows, _ in tasks:
-            for i, (r0, r1) in enumerate(split_rows(rows, n, align=4)):
+        for run, rows, work in tasks:
+            if n == 1 or work < MIN_PARALLEL_WORK:
+                per_thread[0].append((run, 0, rows))
+                continue
+            for i, (r0, r1) in enumerate(split_rows(rows, n, align=4, first=_first_share(work, n))):
                 per_thread[i].append((run, r0, r1))
-        jobs = [_job(slices) for slices in per_thread if slices]
-        self.pool.run(jobs)
+        self.pool.run([_job(slices) for slices in per_thread if slices])
+
+
+def _first_share(work: int, n: int) -> float:
+    """The calling thread's fraction of a round's rows: an equal share plus the head start the
+    other threads need (HANDOFF_US) - all that matters for a small matvec, nothing for a big one."""
+    total_us = work / MATVEC_BYTES_PER_US
+    return min(0.9, (total_us + (n - 1) * HANDOFF_US) / n / total_us)
 
 
 def check_weight(w: np.ndarray, qtype: GGMLType, k: int) -> None:

@@ -64,7 +64,13 @@ class RowPool:
                 raise first_error
 
 
-def split_rows(rows: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
-    """[r0, r1) ranges covering rows in `parts` nearly equal pieces (boundaries multiple of align)."""
-    bounds = [min(rows, (rows * i // parts + align - 1) // align * align) for i in range(parts)] + [rows]
+def split_rows(rows: int, parts: int, align: int = 1, first: float | None = None) -> list[tuple[int, int]]:
+    """[r0, r1) ranges covering rows in `parts` pieces (boundaries multiple of align): equal, or
+    the first piece a fraction `first` of the rows and the others equal."""
+    if first is None or parts == 1:
+        cuts = [rows * i / parts for i in range(parts)]
+    else:
+        head = rows * first
+        cuts = [0.0] + [head + (rows - head) * i / (parts - 1) for i in range(parts - 1)]
+    bounds = [min(rows, (int(c) + align - 1) // align * align) for c in cuts] + [rows]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
