@@ -76,7 +76,7 @@ def main() -> None:
     per_call = best_time(lambda: [kernels.matmul(tiny, GGMLType.Q4_1, xt, outt) for _ in range(1000)], 5)
     print(f"per-call overhead (64x64 Q4_1 matvec): {per_call * 1e3:.1f} us")
     big = weight(GGMLType.Q4_1, 256, 576)
-    print(f"pooled round threshold: {compiled.MIN_PARALLEL_WORK} weight bytes x tokens; "
+    print(f"decode tasks split above {compiled.MIN_PARALLEL_WORK} weight bytes x tokens; "
           f"256x576 Q4_1 = {big.nbytes} bytes")
 
 

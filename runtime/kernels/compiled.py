@@ -31,9 +31,11 @@ MATVEC_MAX_TOKENS = 4
 HANDOFF_US = 20.0
 # Decode matvec speed per thread, to turn weight bytes into time for the share above.
 MATVEC_BYTES_PER_US = 5500.0
-# Below this much work (weight bytes x tokens) a task runs whole on the calling thread: the
-# head start would be most of it.
+# Below this much decode work (weight bytes x tokens) a task runs whole on the calling thread:
+# the head start would be most of it.
 MIN_PARALLEL_WORK = 256 * 1024
+# Prefill rounds use the pool above this many weight bytes.
+MIN_PARALLEL_PREFILL_BYTES = 128 * 1024
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
@@ -97,17 +99,20 @@ class CompiledBackend:
     def matmul_multi(self, pairs, x: np.ndarray, outs: list[np.ndarray]) -> list[np.ndarray]:
         n_tok, k = x.shape
         activations: dict[str, tuple] = {}
-        tasks = []  # (run(r0, r1), rows, work: weight bytes x tokens)
+        tasks = []  # (run(r0, r1), rows, weight bytes, prefill tile rows)
         for (w, qtype), out in zip(pairs, outs):
             check_weight(w, qtype, k)
             if out.shape != (n_tok, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_tok, w.shape[0])}")
             if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
                 x_seen = self._prefill_activations(qtype, x, activations)
-                tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes * n_tok))
+                tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes, _tile_rows(k)))
             else:
-                tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes * n_tok))
-        self._dispatch(tasks)
+                tasks.append((self._matvec_task(w, qtype, x, out, activations), w.shape[0], w.nbytes, 0))
+        if n_tok <= MATVEC_MAX_TOKENS:
+            self._dispatch_decode(tasks, n_tok)
+        else:
+            self._dispatch_prefill(tasks)
         return outs
 
     def _matvec_task(self, w, qtype, x, out, activations):
@@ -161,7 +166,7 @@ class CompiledBackend:
 
     def _prefill_task(self, w, qtype, x, out):
         k = x.shape[1]
-        tile_rows = max(8, TILE_ELEMENTS // k)
+        tile_rows = _tile_rows(k)
 
         def run(r0: int, r1: int) -> None:
             tile = np.empty((tile_rows, k), dtype=np.float32)
@@ -187,20 +192,44 @@ class CompiledBackend:
             raise UnsupportedModelError(f"tensor type {GGMLType(qtype).name} is not supported")
         return tile
 
-    def _dispatch(self, tasks) -> None:
-        """One pool round: thread i runs the i-th slice of every big task's rows; small tasks
-        run whole on the calling thread. Decided per task, so a weight is split the same way
-        alone or fused with others (a row's float rounding can depend on its place in the
-        kernels' four-row groups)."""
+    def _dispatch_prefill(self, tasks) -> None:
+        """One pool round, the tasks' row tiles dealt to the threads in turn. Tiles sit on the
+        grid every thread count uses (multiples of the tile height), so every row goes through
+        the same BLAS call shape and prefill logits do not depend on GGUFILE_THREADS (splitting
+        rows elsewhere changed them by up to ~1: BLAS rounding, amplified by the 8-bit
+        requantization of the next matmul's activations)."""
+        n = self.pool.n_threads
+        if n == 1 or sum(task[2] for task in tasks) < MIN_PARALLEL_PREFILL_BYTES:
+            for run, rows, _, _ in tasks:
+                run(0, rows)
+            return
+        per_thread: list[list] = [[] for _ in range(n)]
+        dealt = 0
+        for run, rows, _, tile in tasks:
+            tile = tile or -(-rows // n)  # F32 matvecs (rows independent): n equal pieces
+            for t0 in range(0, rows, tile):
+                per_thread[dealt % n].append((run, t0, min(rows, t0 + tile)))
+                dealt += 1
+        self.pool.run([_job(slices) for slices in per_thread if slices])
+
+    def _dispatch_decode(self, tasks, n_tok: int) -> None:
+        """One pool round: thread i runs the i-th slice of every big task's rows, the calling
+        thread's slice bigger (_first_share); small tasks run whole on the calling thread.
+        Decided per task, so a weight is split the same way alone or fused with others."""
         n = self.pool.n_threads
         per_thread: list[list] = [[] for _ in range(n)]
-        for run, rows, work in tasks:
+        for run, rows, nbytes, _ in tasks:
+            work = nbytes * n_tok
             if n == 1 or work < MIN_PARALLEL_WORK:
                 per_thread[0].append((run, 0, rows))
                 continue
             for i, (r0, r1) in enumerate(split_rows(rows, n, align=4, first=_first_share(work, n))):
                 per_thread[i].append((run, r0, r1))
         self.pool.run([_job(slices) for slices in per_thread if slices])
+
+
+def _tile_rows(k: int) -> int:
+    return max(8, TILE_ELEMENTS // k)
 
 
 def _first_share(work: int, n: int) -> float:
