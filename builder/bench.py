@@ -15,6 +15,8 @@ import sys
 import time
 
 import click
+
+import ggufile.runtime  # noqa: F401 -- first: sets one BLAS thread per pool thread before NumPy loads
 import numpy as np
 
 PREFILL_SIZES = (128, 512)
