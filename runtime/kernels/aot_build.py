@@ -27,6 +27,7 @@ with warnings.catch_warnings():  # pycc is "pending deprecation" but is the AOT 
     import numba.pycc.compiler as pycc_compiler
 from numba.core.compiler import Flags
 from numba.core.cpu import FastMathOptions
+from numba.core.codegen import AOTCPUCodegen
 from numba.pycc import CC
 
 from ggufile.runtime.kernels import cpu, source
@@ -70,12 +71,24 @@ class KernelModuleCompiler(pycc_compiler.ModuleCompiler):
             return super()._cull_exports()
 
 
+TUNING = {"x86-64-v4": "-prefer-256-bit"}
+
+
 class KernelCC(CC):
     """CC whose exports release the GIL and use the kernels' fast-math flags."""
 
+    target_features = ""  # LLVM feature string added to target_cpu's (pycc passes none)
+
     def _compile_object_files(self, build_dir):
-        compiler = KernelModuleCompiler(self._export_entries, self._basename, self._use_nrt,
-                                        cpu_name=self._target_cpu)
+        features = self.target_features
+        saved = AOTCPUCodegen._customize_tm_features
+        AOTCPUCodegen._customize_tm_features = lambda codegen: features  # read as the codegen is made
+        try:
+            compiler = KernelModuleCompiler(self._export_entries, self._basename, self._use_nrt,
+                                            cpu_name=self._target_cpu)
+        finally:
+            AOTCPUCodegen._customize_tm_features = saved
+        assert compiler.context.codegen()._tm_features == features
         compiler.external_init_function = self._init_function
         temp_obj = os.path.join(build_dir, os.path.splitext(self._output_file)[0] + ".o")
         compiler.write_native_object(temp_obj, wrap=True)
@@ -86,6 +99,9 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
     cc = KernelCC(cpu.module_name(variant))
     cc.output_dir = str(out_dir)
     cc.target_cpu = llvm_cpu
+    # skylake-avx512 tuning prefers 256-bit vectors; the decode kernels' 16-lane float loops run
+    # 1.25x faster as 512-bit code (Zen 4: Q4_1 7.6 -> 9.5 GB/s, as JIT-compiled for the host).
+    cc.target_features = TUNING.get(variant, "")
     cc.verbose = False
     for name, signature in source.SIGNATURES.items():
         cc.export(name, signature)(getattr(source, name))
