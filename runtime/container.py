@@ -162,19 +162,12 @@ def find_pyinstaller_archive(path: Path) -> int | None:
 def read_exe(path: Path) -> EmbeddedModel:
     """The EmbeddedModel of a ggufile executable; GGUFileError if it holds none."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            end = f.seek(0, os.SEEK_END)
-            if end >= FOOTER.size:
-                f.seek(end - FOOTER.size)
-                if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] == TRAILER_MAGIC:
-                    return _read_trailer(f, path, end, "cached")
-    except FileNotFoundError:
-        raise GGUFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GGUFileError(f"{path}: is a directory") from None
-    except OSError as err:
-        raise GGUFileError(f"{path}: cannot read: {err.strerror or err}") from None
+    with os_errors_as(GGUFileError, path), open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end >= FOOTER.size:
+            f.seek(end - FOOTER.size)
+            if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] == TRAILER_MAGIC:
+                return _read_trailer(f, path, end, "cached")
     pkg_offset = _archive_offset(path)
     with open(path, "rb") as f:
         if pkg_offset < FOOTER.size:

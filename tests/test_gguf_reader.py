@@ -95,6 +95,14 @@ def test_real_model_matches_gguf_py(smollm2_path):
 
 # -- broken files: every one is a one-line GGUFFormatError ------------------------------------
 
+def patch_after(path, marker: bytes, skip: int, fmt: str, value) -> None:
+    """Overwrite the field `skip` bytes past the first `marker` in the file with struct `fmt`."""
+    data = bytearray(path.read_bytes())
+    at = data.index(marker) + len(marker) + skip
+    data[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(data))
+
+
 def _expect_error(path, match):
     with pytest.raises(GGUFFormatError, match=match) as info:
         GGUFReader(path)
@@ -154,51 +162,31 @@ def test_huge_string_length(tiny):
 
 def test_huge_array_count(tmp_path):
     path = write_tiny_gguf(tmp_path / "a.gguf")
-    data = bytearray(path.read_bytes())
-    key = b"t.arr_i32"
-    at = data.index(key) + len(key) + 4 + 4  # value type ARRAY, element type
-    data[at:at + 8] = struct.pack("<Q", 2**61)
-    path.write_bytes(bytes(data))
+    patch_after(path, b"t.arr_i32", 4 + 4, "<Q", 2**61)  # past value type ARRAY, element type
     _expect_error(path, "truncated|corrupt")
 
 
 def test_unknown_value_type(tmp_path):
     path = write_tiny_gguf(tmp_path / "v.gguf")
-    data = bytearray(path.read_bytes())
-    key = b"t.u8"
-    at = data.index(key) + len(key)
-    data[at:at + 4] = struct.pack("<I", 99)
-    path.write_bytes(bytes(data))
+    patch_after(path, b"t.u8", 0, "<I", 99)
     _expect_error(path, "unknown value type")
 
 
 def test_unknown_tensor_type(tmp_path):
     path = write_tiny_gguf(tmp_path / "t.gguf")
-    data = bytearray(path.read_bytes())
-    name = b"a.weight"
-    at = data.index(name) + len(name) + 4 + 2 * 8  # n_dims, two dims
-    data[at:at + 4] = struct.pack("<I", 1234)
-    path.write_bytes(bytes(data))
+    patch_after(path, b"a.weight", 4 + 2 * 8, "<I", 1234)  # past n_dims, two dims
     _expect_error(path, "unknown type 1234")
 
 
 def test_too_many_dimensions(tmp_path):
     path = write_tiny_gguf(tmp_path / "d.gguf")
-    data = bytearray(path.read_bytes())
-    name = b"a.weight"
-    at = data.index(name) + len(name)
-    data[at:at + 4] = struct.pack("<I", 9)
-    path.write_bytes(bytes(data))
+    patch_after(path, b"a.weight", 0, "<I", 9)
     _expect_error(path, "dimensions|corrupt|truncated")
 
 
 def test_tensor_offset_out_of_range(tmp_path):
     path = write_tiny_gguf(tmp_path / "o.gguf")
-    data = bytearray(path.read_bytes())
-    name = b"c.weight"
-    at = data.index(name) + len(name) + 4 + 2 * 8 + 4  # n_dims, dims, type
-    data[at:at + 8] = struct.pack("<Q", 2**50)
-    path.write_bytes(bytes(data))
+    patch_after(path, b"c.weight", 4 + 2 * 8 + 4, "<Q", 2**50)  # past n_dims, dims, type
     _expect_error(path, "lies outside")
 
 
