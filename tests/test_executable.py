@@ -206,3 +206,44 @@ def test_cached_extract_is_byte_identical(cached_exe, smollm2_path, tmp_path):
     out = tmp_path / "back.gguf"
     build.extract(cached_exe, out)
     assert out.read_bytes() == smollm2_path.read_bytes()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cached_executable_serves_the_openai_api(cached_exe, tmp_path):
+    """`./model --server`: the frozen runtime carries starlette/uvicorn and the web page."""
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    port = _free_port()
+    proc = subprocess.Popen([str(cached_exe), "--server", "--port", str(port), "--nobrowser"],
+                            env=cache_env(tmp_path / "cache"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    get = lambda path: urllib.request.urlopen(base + path, timeout=10).read().decode()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                get("/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        assert "<html" in get("/").lower()
+        client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120)
+        reply = client.chat.completions.create(model="local", max_tokens=12, temperature=0,
+                                               messages=[{"role": "user", "content": "What is 2+2?"}])
+        assert "4" in reply.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
