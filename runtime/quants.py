@@ -247,13 +247,19 @@ def dot_activations(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
     qtype = GGMLType(qtype)
     if qtype in Q8_K_FAMILY:
         q, d, _ = quantize_q8_k(x)
-        return (q.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
+        return dequantize_activations(q, d)
     if qtype in Q8_0_FAMILY:
         q, d, _ = quantize_q8_0(x)
-        return (q.reshape(len(x), -1, QK) * d[..., None]).reshape(x.shape)
+        return dequantize_activations(q, d)
     if qtype == GGMLType.F16:
         return x.astype(np.float16).astype(np.float32)
     return x
+
+
+def dequantize_activations(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """8-bit activation values (n_tok, k) times their per-block scales (n_tok, k/block)."""
+    n_tok, k = q.shape
+    return (q.reshape(n_tok, d.shape[1], -1) * d[..., None]).reshape(n_tok, k)
 
 
 def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:

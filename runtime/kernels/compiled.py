@@ -45,8 +45,7 @@ F16_TABLE.flags.writeable = False
 T = GGMLType
 # Which activation format each weight type is multiplied with (as in ggml's type traits).
 _Q8_0, _Q8_K = "q8_0", "q8_k"  # Q8_0 and Q8_1 share one quantization (Q8_1 adds d*sum)
-ACTIVATION = {T.Q4_0: _Q8_0, T.Q4_1: _Q8_0, T.Q5_0: _Q8_0, T.Q5_1: _Q8_0, T.Q8_0: _Q8_0,
-              T.Q2_K: _Q8_K, T.Q3_K: _Q8_K, T.Q4_K: _Q8_K, T.Q5_K: _Q8_K, T.Q6_K: _Q8_K}
+ACTIVATION = {**{t: _Q8_0 for t in quants.Q8_0_FAMILY}, **{t: _Q8_K for t in quants.Q8_K_FAMILY}}
 # Kernels whose activation arguments include the Q8_1 sums / Q8_K group sums.
 _WITH_SUMS = {T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
@@ -139,7 +138,7 @@ class CompiledBackend:
         if qtype == T.F16:  # F16 weights are multiplied with F16-rounded activations
             key = "f16"
             if key not in activations:
-                activations[key] = x.astype(np.float16).astype(np.float32)
+                activations[key] = quants.dot_activations(x, qtype)
             return activations[key]
         family = ACTIVATION.get(qtype)
         if family is None:
@@ -149,8 +148,7 @@ class CompiledBackend:
             if family not in activations:
                 activations[family] = self._quantize_activations(family, x)
             xq, xd, _ = activations[family]
-            n_tok, k = x.shape
-            activations[key] = (xq.reshape(n_tok, xd.shape[1], -1) * xd[..., None]).reshape(n_tok, k)
+            activations[key] = quants.dequantize_activations(xq, xd)
         return activations[key]
 
     def _quantize_activations(self, family: str, x: np.ndarray) -> tuple:
