@@ -141,14 +141,6 @@ def load_for_perplexity(model_path: str | Path):
     return load_model(reader), Tokenizer.from_metadata(reader.metadata)
 
 
-def perplexity_of_text(model_path: str | Path, text: str, n_ctx: int = 512, max_chunks: int | None = None,
-                       on_chunk: Callable[[int, NLLStats], None] | None = None) -> PerplexityResult:
-    model, tok = load_for_perplexity(model_path)
-    tokens = tok.encode(text, add_special=True)
-    bos = tok.bos_id if tok.add_bos else None
-    return evaluate(model, tokens, n_ctx, bos, max_chunks, on_chunk)
-
-
 def format_result(res: PerplexityResult) -> str:
     return (f"PPL = {res.stats.ppl:.4f} ± {res.stats.stderr:.5f}  ({res.n_chunks} chunks x {res.n_ctx} tokens, "
             f"{res.stats.count} scored, {res.tokens_per_second:.1f} tokens/s)")
