@@ -166,7 +166,7 @@ def test_build_non_gguf(tmp_path, fake_stub):
     junk.write_bytes(b"hello, this is not a model" * 100)
     result = run_cli("build", junk, "-o", tmp_path / "out", "--stub", fake_stub)
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"Error: junk.gguf: not a GGUF file (bad magic)"]
+    assert result.output.strip().splitlines() == ["Error: junk.gguf: not a GGUF file (bad magic)"]
     assert files_in(tmp_path) == ["junk.gguf"]
 
 

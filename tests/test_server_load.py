@@ -7,7 +7,6 @@ hang (every client has a timeout), and the server's memory must not grow round o
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
