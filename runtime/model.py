@@ -255,6 +255,8 @@ class Model:
         self._rope = ops.rope_freqs(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
         self._rope_swa = ops.rope_freqs(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
         self._swa_layers = [c.is_swa(il) for il in range(c.n_layer)]
+        self._step = None  # the compiled one-token step, packed on the first decode
+        self._step_packed = False
 
     def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, n_ctx or self.config.n_ctx_train, dtype)
@@ -274,11 +276,22 @@ class Model:
         if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
             raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
         ids = ids.astype(np.int32)
+        if n == 1 and not all_logits:
+            step = self._compiled_step()
+            if step is not None and step.supports(cache):
+                return step.step(int(ids[0]), cache)
         if n <= MAX_BATCH:
             return self._forward_batch(ids, cache, all_logits)
         # Long prompts go in slices, like llama.cpp's micro-batches: bounds the (n, n_keys) scores.
         parts = [self._forward_batch(ids[i:i + MAX_BATCH], cache, all_logits) for i in range(0, n, MAX_BATCH)]
         return np.concatenate(parts) if all_logits else parts[-1]
+
+    def _compiled_step(self):
+        if not self._step_packed:
+            from ggufile.runtime.compiled_step import CompiledStep
+
+            self._step, self._step_packed = CompiledStep.for_model(self), True
+        return self._step
 
     def _forward_batch(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         c, w = self.config, self.weights

@@ -102,3 +102,9 @@ def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray) -> np.ndarray:
     qtype = GGMLType(qtype)
     ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
     return _impl.get_rows(w, qtype, ids, quants.row_elements(w, qtype))
+
+
+def step_backend():
+    """The backend that runs the compiled one-token step (ggufile.runtime.compiled_step), or
+    None: the NumPy backend has none, nor has a kernel build from before the step."""
+    return _impl if getattr(_impl, "decode_token", None) is not None else None

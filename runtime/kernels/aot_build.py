@@ -30,7 +30,7 @@ from numba.core.cpu import FastMathOptions
 from numba.core.codegen import AOTCPUCodegen
 from numba.pycc import CC
 
-from ggufile.runtime.kernels import cpu, source
+from ggufile.runtime.kernels import cpu, source, step_source
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -103,8 +103,9 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
     # 1.25x faster as 512-bit code (Zen 4: Q4_1 7.6 -> 9.5 GB/s, as JIT-compiled for the host).
     cc.target_features = TUNING.get(variant, "")
     cc.verbose = False
-    for name, signature in source.SIGNATURES.items():
-        cc.export(name, signature)(getattr(source, name))
+    for module in (source, step_source):
+        for name, signature in module.SIGNATURES.items():
+            cc.export(name, signature)(getattr(module, name))
     cc.compile()  # pycc builds in its own temporary directory
     return out_dir / cc.output_file
 

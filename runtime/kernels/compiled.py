@@ -21,6 +21,7 @@ from ggufile.runtime import quants
 from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
 from ggufile.runtime.kernels.pool import RowPool, split_rows
+from ggufile.runtime.kernels.step_layout import S_ABORT
 
 # At or below this many tokens the quantized matvec kernels beat dequantize + BLAS.
 MATVEC_MAX_TOKENS = 4
@@ -59,6 +60,30 @@ class CompiledBackend:
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
         self.scan_strings = ns.scan_strings
+        self.decode_token = getattr(ns, "decode_token", None)  # absent from builds older than the step
+
+    # --- the compiled one-token step (step_source.decode_token) -------------------------------
+
+    def run_step(self, sync: np.ndarray, args: tuple) -> None:
+        """decode_token(tid, n, sync, *args) on every pool thread at once. The threads meet at
+        barriers inside, so all must run: one that fails to start aborts the others' wait."""
+        n = self.pool.n_threads
+        sync[:] = 0
+        status = [0] * n
+
+        def job(tid: int):
+            def run() -> None:
+                try:
+                    status[tid] = self.decode_token(tid, n, sync, *args)
+                except BaseException:
+                    sync[S_ABORT] = 1
+                    raise
+            return run
+
+        self.pool.run([job(tid) for tid in range(n)])
+        if any(status):
+            raise RuntimeError("the compiled decode step was aborted")
+
 
     # --- dequantization ---------------------------------------------------------------------
 

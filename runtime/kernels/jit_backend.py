@@ -9,14 +9,16 @@ from types import SimpleNamespace
 
 import numba
 
-from ggufile.runtime.kernels import source
+from ggufile.runtime.kernels import source, step_source
 
 NAME = "jit"
 
 
 def load() -> SimpleNamespace:
     """The kernels, each wrapped like its AOT export: no GIL, same fast-math flags."""
+    kernels = {name: getattr(source, name) for name in source.KERNEL_NAMES}
+    kernels.update({name: getattr(step_source, name) for name in step_source.KERNEL_NAMES})
     return SimpleNamespace(**{
-        name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(getattr(source, name))
-        for name in source.KERNEL_NAMES
+        name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(kernel)
+        for name, kernel in kernels.items()
     })

@@ -1,0 +1,169 @@
+"""Decode one token with the compiled step: the whole model packed into the step's flat tables.
+
+`CompiledStep.for_model(model)` packs a Model once (where each weight lies in the mapped file,
+the norm weights in one float32 array, the dimensions) and `step(token, cache)` then runs one
+token as a single call per pool thread (kernels/step_source.py), instead of ~120 pool rounds
+and the Python glue between them. It gives None where it cannot run the model (the NumPy
+backend, a kernel build without the step, a weight type it lacks, a float16 KV cache), and the
+caller keeps the Python forward pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggufile.runtime import kernels, ops
+from ggufile.runtime.constants import QK, QK_K, GGMLType
+from ggufile.runtime.kernels import step_layout as S
+from ggufile.runtime.quants import row_elements
+
+# Weight types the step's matvec dispatch covers (everything the decode kernels cover but BF16).
+STEP_WEIGHT_TYPES = frozenset({
+    GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+    GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+
+_F16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_F16_VALUES.flags.writeable = False
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array at the bottom of a view chain (for weights: the reader's map of the file)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+class _Packer:
+    """Collects weight matrices (file offsets) and norm vectors (one float32 array)."""
+
+    def __init__(self, blob: np.ndarray):
+        self.blob = blob
+        self._base = blob.ctypes.data
+        self.tensors: list[tuple] = []
+        self._tensor_ids: dict[int, int] = {}
+        self.vectors: list[np.ndarray] = []
+        self._vector_len = 0
+
+    def matrix(self, qw) -> int:
+        """Row number of weight `qw` in the tensor table (a tied weight appears once)."""
+        data = qw.data
+        offset = data.ctypes.data - self._base
+        if (qw.qtype not in STEP_WEIGHT_TYPES or _root(data) is not self.blob or data.ndim != 2
+                or not data.flags.c_contiguous or not 0 <= offset <= self.blob.nbytes - data.nbytes):
+            raise _CannotPack
+        if offset not in self._tensor_ids:
+            k = row_elements(data, qw.qtype)
+            self._tensor_ids[offset] = len(self.tensors)
+            self.tensors.append((offset, int(qw.qtype), data.shape[0], k, data.nbytes // data.shape[0]))
+        return self._tensor_ids[offset]
+
+    def vector(self, v: np.ndarray | None) -> int:
+        """Offset of norm weight `v` in the packed float32 array, -1 for None."""
+        if v is None:
+            return -1
+        at = self._vector_len
+        self.vectors.append(np.asarray(v, dtype=np.float32).reshape(-1))
+        self._vector_len += self.vectors[-1].size
+        return at
+
+
+class _CannotPack(Exception):
+    pass
+
+
+class CompiledStep:
+    def __init__(self, model, backend, blob: np.ndarray, tensors, layers, vecs, cfg, cfg_f):
+        self.model, self.backend = model, backend
+        c = model.config
+        self._blob, self._tensors, self._layers, self._vecs = blob, tensors, layers, vecs
+        self._cfg, self._cfg_f = cfg, cfg_f
+        width = max(c.n_embd, 2 * c.n_ff, (c.n_head + 2 * c.n_head_kv) * c.head_dim)
+        self._work = np.zeros((5, width), dtype=np.float32)
+        self._acts = np.zeros((6, max(c.n_embd, c.n_ff, c.n_head * c.head_dim)), dtype=np.float32)
+        self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by step()
+        self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
+        self._gelu = _gelu_table()
+        self._rope = np.zeros((S.ROPE_ROWS, c.n_rot), dtype=np.float32)
+
+    @classmethod
+    def for_model(cls, model, backend=None) -> "CompiledStep | None":
+        """The step for `model` on `backend` (default: the kernels' own), or None where it cannot run."""
+        backend = backend or kernels.step_backend()
+        if backend is None or getattr(backend, "decode_token", None) is None:
+            return None
+        w, c = model.weights, model.config
+        try:
+            packer = _Packer(_root(w.tok_embd.data))
+            layers = np.array([_layer_row(packer, L, c.is_swa(il)) for il, L in enumerate(w.layers)],
+                              dtype=np.int64)
+            cfg = np.zeros(S.CFG_LEN, dtype=np.int64)
+            cfg[S.C_EMBD] = packer.matrix(w.tok_embd)
+            cfg[S.C_OUTPUT] = packer.matrix(w.output)
+            cfg[S.C_OUTPUT_NORM] = packer.vector(w.output_norm)
+        except _CannotPack:
+            return None
+        cfg[[S.C_N_EMBD, S.C_N_HEAD, S.C_N_KV, S.C_HEAD_DIM, S.C_N_FF, S.C_N_VOCAB, S.C_N_ROT]] = (
+            c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab, c.n_rot)
+        cfg[S.C_NEOX], cfg[S.C_GELU], cfg[S.C_WINDOW] = int(c.rope_neox), int(c.gelu), c.sliding_window
+        cfg[S.C_N_LAYER], cfg[S.C_QK], cfg[S.C_QK_K] = c.n_layer, QK, QK_K
+        cfg_f = np.zeros(S.CFG_F_LEN, dtype=np.float32)
+        cfg_f[S.F_EPS], cfg_f[S.F_EMBD_SCALE] = c.rms_eps, c.embd_scale
+        tensors = np.array(packer.tensors, dtype=np.int64).reshape(-1, S.TENSOR_COLS)
+        vecs = np.concatenate(packer.vectors).astype(np.float32)
+        return cls(model, backend, packer.blob, _readonly(tensors), _readonly(layers), _readonly(vecs), cfg, cfg_f)
+
+    def supports(self, cache) -> bool:
+        return cache.k.dtype == np.float32 and cache.k.flags.c_contiguous and cache.v.flags.c_contiguous
+
+    def step(self, token: int, cache) -> np.ndarray:
+        """Logits (n_vocab,) after token `token` at position cache.n_tokens; appends its K/V."""
+        pos = cache.n_tokens
+        self._cfg[S.C_TOKEN], self._cfg[S.C_POS] = token, pos
+        self._fill_rope(pos)
+        n_threads = self.backend.pool.n_threads
+        if self._scores.shape[0] != n_threads or self._scores.shape[1] < cache.n_ctx:
+            # one row of attention scores per thread (the step trusts this shape: no bounds checks)
+            self._scores = np.zeros((n_threads, cache.n_ctx), dtype=np.float32)
+        logits = np.empty((1, self.model.config.n_vocab), dtype=np.float32)
+        self.backend.run_step(self._sync, (
+            self._blob, self._tensors, self._layers, self._vecs, self._cfg, self._cfg_f, self._rope,
+            self._gelu, _F16_VALUES, cache.k, cache.v, self._work, self._scores, self._acts,
+            logits))
+        cache.n_tokens = pos + 1
+        return logits[0]
+
+    def _fill_rope(self, pos: int) -> None:
+        """This position's cos/sin rows, exactly as the Python pass builds them (ops.rope_tables)."""
+        m, c = self.model, self.model.config
+        at = np.array([pos])
+        freqs = ((0, m._rope), (S.ROPE_SWA, m._rope_swa)) if c.sliding_window else ((0, m._rope),)
+        for base, f in freqs:
+            rows = (ops.rope_tables(at, f, c.rope_neox, c.attn_scale) + ops.rope_tables(at, f, c.rope_neox))
+            for i, table in enumerate(rows):  # cos q, sin q, cos k, sin k
+                self._rope[base + i] = table.reshape(-1)
+
+
+def _layer_row(packer: _Packer, L, swa: bool) -> list[int]:
+    row = [0] * S.LAYER_COLS
+    for col, qw in ((S.L_WQ, L.wq), (S.L_WK, L.wk), (S.L_WV, L.wv), (S.L_WO, L.wo),
+                    (S.L_GATE, L.w_gate), (S.L_UP, L.w_up), (S.L_DOWN, L.w_down)):
+        row[col] = packer.matrix(qw)
+    for col, v in ((S.L_ATTN_NORM, L.attn_norm), (S.L_FFN_NORM, L.ffn_norm), (S.L_Q_NORM, L.q_norm),
+                   (S.L_K_NORM, L.k_norm), (S.L_POST_ATTN_NORM, L.post_attn_norm),
+                   (S.L_POST_FFN_NORM, L.post_ffn_norm)):
+        row[col] = packer.vector(v)
+    row[S.L_SWA] = int(swa)
+    return row
+
+
+def _gelu_table() -> np.ndarray:
+    """GELU of every float16 value, computed by the Python pass's own function (ops.gelu_tanh),
+    so the step's lookup gives its exact results."""
+    with np.errstate(all="ignore"):
+        table = ops.gelu_tanh(_F16_VALUES)
+    return _readonly(np.nan_to_num(table, nan=0.0))
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
