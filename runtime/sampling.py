@@ -64,10 +64,7 @@ def apply_penalties(logits: np.ndarray, recent: list[int], p: SamplingParams) ->
 def candidate_probs(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """The surviving candidate ids and their renormalized probabilities (sum to 1)."""
     k = p.top_k if 0 < p.top_k < logits.size else logits.size
-    if k < logits.size:
-        ids = np.argpartition(-logits, k - 1)[:k]
-    else:
-        ids = np.arange(logits.size)
+    ids = _top_k(logits, k) if k < logits.size else np.arange(logits.size)
     ids = ids[np.argsort(-logits[ids], kind="stable")]  # sorted by logit, descending
     vals = logits[ids].astype(np.float64)
     probs = _softmax(vals)
@@ -79,6 +76,18 @@ def candidate_probs(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, 
         keep = probs >= p.min_p * probs[0]
         ids, vals = ids[keep], vals[keep]
     return ids, _softmax(vals / p.temperature)
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, in no order. Whenever k logits lie within a margin of the
+    maximum, the k largest are among them: one comparison pass over the vocabulary, then a
+    partition of a few hundred, instead of a partition of all of it (gemma3's 262k: 4.4 ms)."""
+    top = logits.max()
+    for margin in (8.0, 32.0):
+        near = np.flatnonzero(logits >= top - margin)
+        if len(near) >= k:
+            return near[np.argpartition(-logits[near], k - 1)[:k]]
+    return np.argpartition(-logits, k - 1)[:k]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -37,6 +37,14 @@ def test_top_k_top_p_min_p_filter():
     assert list(ids) == [0, 1]  # 0.15 < 0.5 * 0.5
 
 
+@pytest.mark.parametrize("spread", [0.5, 3.0, 40.0])  # within the first margin, the second, neither
+def test_top_k_equals_a_full_partition(spread):
+    logits = (np.random.default_rng(2).standard_normal(5000) * spread).astype(np.float32)
+    for k in (1, 40, 1000):
+        ids, _ = candidate_probs(logits, SamplingParams(temperature=1, top_k=k, top_p=1, min_p=0))
+        assert sorted(ids) == sorted(np.argsort(-logits)[:k])
+
+
 def test_low_temperature_sharpens():
     logits = np.array([1.0, 0.5], dtype=np.float32)
     _, hot = candidate_probs(logits, SamplingParams(temperature=2, top_k=0, top_p=1, min_p=0))
