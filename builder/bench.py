@@ -1,13 +1,20 @@
-"""`ggufile bench`: load time, prefill and decode speed, peak RSS — side by side with llama.cpp.
+"""`ggufile bench`: load time, prefill and decode speed, peak RSS — side by side with llama.cpp
+and, optionally, the transformers CPU path.
 
 Each engine runs in its own fresh subprocess (so load time and peak RSS are its own) on the
 same GGUF file, the same token ids and the same thread count, and the parent prints the
-figures and the ratios ggufile / llama.cpp — the figures llama.cpp's llama-bench reports
-(pp128, pp512, tg128). llama.cpp comes from `llama-cpp-python` (the `bench` extra), a
+figures and the ratios ggufile / each other engine — the figures llama.cpp's llama-bench
+reports (pp128, pp512, tg128). llama.cpp comes from `llama-cpp-python` (the `bench` extra), a
 development-only dependency; without it only ggufile's column is printed.
+
+transformers + torch are never a dependency, not even a dev one: `--transformers-python`
+names an interpreter (typically a separate venv) that has them, and the transformers worker
+runs there as a standalone script assembled from this module's own worker and measuring
+functions, so it needs neither ggufile nor click in that interpreter.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -82,6 +89,41 @@ def _work_llamacpp(model: str, threads: int, repeats: int) -> dict:
     return out
 
 
+def _work_transformers(model: str, threads: int, repeats: int) -> dict:
+    # Runs in another interpreter (see _standalone_script): standard library, NumPy, torch and
+    # transformers only.
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    folder, name = os.path.split(os.path.abspath(model))
+    # transformers dequantizes every GGUF tensor to float32 at load; the tokenizer is loaded
+    # too, so "load" means the same as for the other engines: ready for a first prompt.
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    load_s = time.perf_counter() - t0
+    out = {"engine": "transformers", "backend": f"transformers {transformers.__version__}, torch {torch.__version__}",
+           "threads": threads, "load_s": load_s}
+    state = {}
+
+    def run(ids, past):
+        with torch.inference_mode():
+            o = lm(torch.tensor([ids], dtype=torch.long), past_key_values=past, use_cache=True)
+        state["past"] = o.past_key_values  # the KV cache decode extends, as the other engines do
+        return o.logits[0, -1].float().numpy()
+
+    def prefill(ids):
+        return run(ids, None)  # a fresh cache: like cache.truncate(0) / llm.reset()
+
+    def decode_step(token):
+        return run([token], state["past"])
+
+    out.update(_measure(prefill, decode_step, lm.config.vocab_size, repeats))
+    return out
+
+
 def _measure(prefill, decode_step, n_vocab: int, repeats: int) -> dict:
     """Best-of-`repeats` tokens/s for each prefill size and for greedy decoding."""
     result = {}
@@ -110,10 +152,36 @@ def _timed(fn, arg) -> float:
 
 WORKERS = {"ggufile": _work_ggufile, "llama.cpp": _work_llamacpp}
 
+# What the transformers worker needs from this module, copied into its standalone script so the
+# measuring code (token ids, warm-up, best-of, decode loop) is the very same as the others'.
+_STANDALONE_FUNCTIONS = (_prompt_ids, _peak_rss_mib, _timed, _measure, _work_transformers)
 
-def _run_worker(engine: str, model: str, threads: int, repeats: int) -> dict | None:
-    cmd = [sys.executable, "-m", "ggufile.builder.bench", engine, model, str(threads), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+
+def _standalone_script(worker) -> str:
+    """Python source that runs `worker(MODEL, THREADS, REPEATS)` and prints one JSON line."""
+    head = ["from __future__ import annotations", "import json, os, sys, time", "import numpy as np",
+            f"PREFILL_SIZES = {PREFILL_SIZES!r}", f"DECODE_TOKENS = {DECODE_TOKENS!r}"]
+    body = [inspect.getsource(f) for f in _STANDALONE_FUNCTIONS]
+    main = f"print(json.dumps({worker.__name__}(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+    return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n" + main + "\n"
+
+
+def _worker_command(engine: str, model: str, threads: int, repeats: int,
+                    transformers_python: str | None) -> tuple[list[str], dict]:
+    args = [model, str(threads), str(repeats)]
+    if engine != "transformers":
+        return [sys.executable, "-m", "ggufile.builder.bench", engine, *args], dict(os.environ)
+    # Importing ggufile.runtime here pinned the BLAS/OpenMP pools to 1 thread for ggufile's own
+    # pool; torch has no pool of its own on top, so it gets the bench's thread count.
+    env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                           "OPENBLAS_NUM_THREADS")})
+    return [transformers_python, "-c", _standalone_script(_work_transformers), *args], env
+
+
+def _run_worker(engine: str, model: str, threads: int, repeats: int,
+                transformers_python: str | None = None) -> dict | None:
+    cmd, env = _worker_command(engine, model, threads, repeats, transformers_python)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         click.echo(f"{engine}: failed ({tail})", err=True)
@@ -135,16 +203,17 @@ METRICS = [("load_s", "load (s)", ".2f"), ("pp128", "prefill 128 (tok/s)", ".1f"
 
 
 def format_table(model: str, results: list[dict]) -> str:
-    """A Markdown table, one column per engine, plus ggufile / llama.cpp ratios."""
+    """A Markdown table, one column per engine, plus one ratio column ggufile / each other engine."""
     names = [r["engine"] for r in results]
+    base, others = (results[0], results[1:]) if names[0] == "ggufile" else (None, [])
+    ratio_heads = [f"ggufile/{r['engine']}" for r in others]
     lines = [f"model: {os.path.basename(model)}; threads: {results[0]['threads']}; "
-             f"ggufile kernels: {results[0].get('backend')}", "",
-             "| metric | " + " | ".join(names) + (" | ratio |" if len(results) == 2 else " |"),
-             "|---" * (len(names) + 1 + (len(results) == 2)) + "|"]
+             + "; ".join(f"{r['engine']}: {r.get('backend')}" for r in results), "",
+             "| metric | " + " | ".join(names + ratio_heads) + " |",
+             "|---" * (len(names) + len(ratio_heads) + 1) + "|"]
     for key, label, fmt in METRICS:
         row = [format(r[key], fmt) for r in results]
-        if len(results) == 2:
-            row.append(f"{results[0][key] / results[1][key]:.2f}×")
+        row += [f"{base[key] / r[key]:.2f}×" for r in others]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -156,17 +225,25 @@ def format_table(model: str, results: list[dict]) -> str:
               help="Best of this many runs per figure.")
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Run llama.cpp (llama-cpp-python) side by side when it is installed.")
-def bench_command(model_path, threads, repeats, compare):
+@click.option("--transformers-python", type=click.Path(exists=True, dir_okay=False),
+              envvar="GGUFILE_BENCH_TRANSFORMERS_PYTHON",
+              help="A Python interpreter with torch + transformers (e.g. a separate venv): also run "
+                   "the transformers CPU path, which dequantizes the GGUF to float32 at load.")
+def bench_command(model_path, threads, repeats, compare, transformers_python):
     """Benchmark MODEL: load time, prefill 128/512 and decode 128 tokens/s, peak RSS.
 
     With llama-cpp-python installed, llama.cpp runs on the same file and thread count in the
-    same run and the last column is the ratio ggufile / llama.cpp.
+    same run and a column gives the ratio ggufile / llama.cpp; likewise transformers with
+    --transformers-python (ratio ggufile / transformers).
     """
     engines = ["ggufile"] + (["llama.cpp"] if compare and _llama_cpp_available() else [])
     if compare and len(engines) == 1:
-        click.echo("llama-cpp-python is not installed: measuring ggufile only "
+        click.echo("llama-cpp-python is not installed: measuring ggufile without llama.cpp "
                    "(pip install 'ggufile[bench]' for the side-by-side run)", err=True)
-    results = [r for r in (_run_worker(e, model_path, threads, repeats) for e in engines) if r]
+    if transformers_python:
+        engines.append("transformers")
+    results = [r for r in (_run_worker(e, model_path, threads, repeats, transformers_python)
+                           for e in engines) if r]
     if not results:
         raise click.ClickException("no engine could be measured")
     click.echo(format_table(model_path, results))
