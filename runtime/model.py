@@ -307,10 +307,6 @@ class Model:
         if c.sliding_window:
             rope_k_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox)
             rope_q_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox, c.attn_scale)
-        mask_global = ops.causal_mask(n, p0) if n > 1 else None  # (n, T)
-        mask_swa = None
-        if c.sliding_window and T > c.sliding_window:
-            mask_swa = ops.causal_mask(n, p0, c.sliding_window)
 
         x = kernels.get_rows(w.tok_embd.data, w.tok_embd.qtype, ids)  # (n, n_embd)
         if c.embd_scale != 1.0:
@@ -332,11 +328,11 @@ class Model:
                 k = ops.rope(k, *(rope_k_swa if swa else rope_k))
                 # llama.cpp keeps K and V in float16 and so also rounds q to float16 for q.k;
                 # doing the same (even in a float32 cache) keeps our logits next to its logits.
-                q = q.astype(np.float16)
-                cache.k[il, :, p0:T] = k.transpose(1, 0, 2).astype(np.float16)
-                cache.v[il, :, p0:T] = v.transpose(1, 0, 2).astype(np.float16)
-                a = ops.attention(q, cache.k[il, :, :T], cache.v[il, :, :T],
-                                  mask_swa if swa and mask_swa is not None else mask_global)  # (n, n_head*head_dim)
+                q = ops.round_f16(q)
+                cache.k[il, :, p0:T] = ops.round_f16(k).transpose(1, 0, 2)
+                cache.v[il, :, p0:T] = ops.round_f16(v).transpose(1, 0, 2)
+                a = ops.causal_attention(q, cache.k[il, :, :T], cache.v[il, :, :T], p0,
+                                         c.sliding_window if swa else 0)  # (n, n_head*head_dim)
                 o = kernels.matmul(L.wo.data, L.wo.qtype, a)  # (n, n_embd)
                 if c.post_norms:
                     o = ops.rmsnorm(o, L.post_attn_norm, c.rms_eps)
@@ -344,8 +340,11 @@ class Model:
                 # ---- feed-forward
                 h = ops.rmsnorm(x, L.ffn_norm, c.rms_eps)  # (n, n_embd)
                 g, u = kernels.matmul_multi([L.w_gate, L.w_up], h)  # (n, n_ff) each
-                g = ops.gelu_tanh(g) if c.gelu else ops.silu(g)
-                g *= u
+                if c.gelu:
+                    g = ops.geglu(g, u)
+                else:
+                    g = ops.silu(g)
+                    g *= u
                 o = kernels.matmul(L.w_down.data, L.w_down.qtype, g)  # (n, n_embd)
                 if c.post_norms:
                     o = ops.rmsnorm(o, L.post_ffn_norm, c.rms_eps)

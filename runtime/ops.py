@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ggufile.runtime import kernels
+
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_COEF_A = np.float32(0.044715)
 
@@ -158,6 +160,35 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     return o.reshape(n_kv, g, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head * hd)
 
 
+def _compiled():
+    """The compiled kernel backend (fused prefill passes on its thread pool), None on the NumPy one."""
+    impl = kernels._impl
+    return impl if hasattr(impl, "attention") else None
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, window: int = 0) -> np.ndarray:
+    """attention() of queries at positions q0.. over the keys at positions 0.., each query seeing
+    the keys at or before its position (and, with a window, after position - window).
+
+    q (n_tok, n_head, hd) float32, already scaled and rounded to fp16 (round_f16); k, v
+    (n_head_kv, q0 + n_tok, hd), fp16-rounded values. Returns (n_tok, n_head * hd).
+    """
+    b = _compiled()
+    if b is not None and k.dtype == np.float32 and v.dtype == np.float32:
+        return b.attention(q, k, v, q0, window)
+    n = q.shape[0]
+    mask = causal_mask(n, q0, window) if n > 1 or (window and q0 + n > window) else None
+    return attention(q, k, v, mask)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """x rounded to float16 precision, as float32 (a new array)."""
+    b = _compiled()
+    if b is None:
+        return x.astype(np.float16).astype(np.float32)
+    return b.round_f16(np.ascontiguousarray(x, dtype=np.float32))
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -176,3 +207,28 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     big = x >= 10.0
     y[big] = x[big]
     return y
+
+
+_gelu_table: np.ndarray | None = None
+
+
+def _gelu_f16_table() -> np.ndarray:
+    """gelu_tanh of every fp16 value, indexed by its bit pattern (ggml's table, as float32)."""
+    global _gelu_table
+    if _gelu_table is None:
+        every_f16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+        with np.errstate(all="ignore"):  # inf and NaN entries: never read (|x| >= 10 is handled apart)
+            table = gelu_tanh(every_f16)
+        table.flags.writeable = False
+        _gelu_table = table
+    return _gelu_table
+
+
+def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """gelu_tanh(g) * u (ggml's geglu), computed in place in g (float32 (n, n_ff), C-contiguous)."""
+    b = _compiled()
+    if b is None:
+        g = gelu_tanh(g)
+        g *= u
+        return g
+    return b.geglu(g, u, _gelu_f16_table())

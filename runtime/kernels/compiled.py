@@ -37,6 +37,12 @@ MATVEC_BYTES_PER_US = 5500.0
 MIN_PARALLEL_WORK = 256 * 1024
 # Prefill rounds use the pool above this many weight bytes.
 MIN_PARALLEL_PREFILL_BYTES = 128 * 1024
+# Below this many elements an element-wise prefill pass (activation quantization, GELU, fp16
+# rounding: ~0.3-1 ns an element) runs on the calling thread: a pool round costs ~20-50 us.
+MIN_PARALLEL_ELEMENTS = 256 * 1024
+# Query tokens per prefill attention chunk: its scores (n_head x 32 x keys floats) stay in L2,
+# and a 128-token prompt makes 4 chunks (costs 1:2:3:4), which two threads share evenly.
+ATTN_CHUNK = 32
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
@@ -59,6 +65,9 @@ class CompiledBackend:
         self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
+        # prefill's fused element-wise passes
+        self._roundtrip = {_Q8_0: ns.q8_0_roundtrip, _Q8_K: ns.q8_k_roundtrip}
+        self._round_f16, self._geglu, self._softmax = ns.round_f16, ns.geglu_f16, ns.softmax_f16
         self.scan_strings = ns.scan_strings
         self.decode_token = getattr(ns, "decode_token", None)  # absent from builds older than the step
 
@@ -169,11 +178,11 @@ class CompiledBackend:
         if family is None:
             return x
         key = family + ":dequantized"
-        if key not in activations:
-            if family not in activations:
-                activations[family] = self._quantize_activations(family, x)
-            xq, xd, _ = activations[family]
-            activations[key] = quants.dequantize_activations(xq, xd)
+        if key not in activations:  # one fused pass, the rows split over the pool
+            out = np.empty_like(x)
+            kernel, block = self._roundtrip[family], QK if family == _Q8_0 else QK_K
+            self._rows_parallel(lambda r0, r1: kernel(x, out, block, r0, r1), x.shape[0], x.size)
+            activations[key] = out
         return activations[key]
 
     def _quantize_activations(self, family: str, x: np.ndarray) -> tuple:
@@ -235,6 +244,63 @@ class CompiledBackend:
                 dealt += 1
         self.pool.run([_job(slices) for slices in per_thread if slices])
 
+    # --- prefill's element-wise passes and attention ------------------------------------------
+
+    def _rows_parallel(self, run, rows: int, n_elements: int) -> None:
+        """run(r0, r1) over [0, rows) in one pool round, equal row ranges per thread (for
+        kernels whose rows are independent: the split never changes a result)."""
+        n = self.pool.n_threads
+        if n == 1 or n_elements < MIN_PARALLEL_ELEMENTS or rows < 2:
+            run(0, rows)
+            return
+        self.pool.run([_job([(run, r0, r1)]) for r0, r1 in split_rows(rows, n)])
+
+    def round_f16(self, x: np.ndarray) -> np.ndarray:
+        """x (C-contiguous float32, any shape) rounded to fp16 precision, as a new float32 array."""
+        x2 = x.reshape(x.shape[0], -1)
+        out = np.empty_like(x2)
+        self._rows_parallel(lambda r0, r1: self._round_f16(x2, out, r0, r1), x2.shape[0], x2.size)
+        return out.reshape(x.shape)
+
+    def geglu(self, g: np.ndarray, u: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """g = gelu(g) * u in place (g, u: C-contiguous float32 (n, n_ff); table: GELU by fp16 bits)."""
+        self._rows_parallel(lambda r0, r1: self._geglu(g, u, table, r0, r1), g.shape[0], g.size)
+        return g
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, window: int) -> np.ndarray:
+        """Causal (optionally sliding-window) softmax attention of prompt queries.
+
+        q (n, n_head, hd) float32, scaled and fp16-rounded; k, v (n_kv, q0 + n, hd) float32: the
+        cache through the last query; query i sits at position q0 + i. Returns (n, n_head * hd).
+        Queries go in chunks of ATTN_CHUNK tokens, each multiplied with only the keys it can
+        see, the chunks dealt to the pool threads; the chunk grid is the same for any thread
+        count, so the result is too.
+        """
+        n, n_head, hd = q.shape
+        n_kv = k.shape[0]
+        g = n_head // n_kv
+        # (n_kv, n * g, hd), rows in (token, head of the group) order: a token chunk is contiguous
+        qg = np.ascontiguousarray(q.reshape(n, n_kv, g, hd).transpose(1, 0, 2, 3)).reshape(n_kv, n * g, hd)
+        o = np.empty_like(qg)
+
+        def run(i0: int, i1: int) -> None:
+            k0, k1 = _key_range(q0 + i0, q0 + i1, window)
+            s = np.matmul(qg[:, i0 * g:i1 * g], k[:, k0:k1].transpose(0, 2, 1))  # (n_kv, rows, keys)
+            self._softmax(s, q0 + i0, g, k0, window)
+            np.matmul(s, v[:, k0:k1], out=o[:, i0 * g:i1 * g])
+
+        chunks = [(i0, min(n, i0 + ATTN_CHUNK)) for i0 in range(0, n, ATTN_CHUNK)]
+        per_thread: list[list] = [[] for _ in range(self.pool.n_threads)]
+        load = [0] * len(per_thread)
+        # longest first, each to the least loaded thread (a chunk's cost: queries x keys)
+        for i0, i1 in sorted(chunks, key=lambda c: -_attention_cost(c, q0, window)):
+            t = load.index(min(load))
+            per_thread[t].append((run, i0, i1))
+            load[t] += _attention_cost((i0, i1), q0, window)
+        self.pool.run([_job(slices) for slices in per_thread if slices])
+        # (n_kv, n, g * hd) -> (n, n_kv * g * hd): head h = kv * g + j, as ggml's broadcast has it
+        return o.reshape(n_kv, n, g * hd).transpose(1, 0, 2).reshape(n, n_head * hd)
+
     def _dispatch_decode(self, tasks, n_tok: int) -> None:
         """One pool round: thread i runs the i-th slice of every big task's rows, the calling
         thread's slice bigger (_first_share); small tasks run whole on the calling thread.
@@ -249,6 +315,16 @@ class CompiledBackend:
             for i, (r0, r1) in enumerate(split_rows(rows, n, align=4, first=_first_share(work, n))):
                 per_thread[i].append((run, r0, r1))
         self.pool.run([_job(slices) for slices in per_thread if slices])
+
+
+def _key_range(p_first: int, p_end: int, window: int) -> tuple[int, int]:
+    """Key positions [k0, k1) that queries at positions [p_first, p_end) can see."""
+    return (max(0, p_first - window + 1) if window else 0), p_end
+
+
+def _attention_cost(chunk: tuple[int, int], q0: int, window: int) -> int:
+    k0, k1 = _key_range(q0 + chunk[0], q0 + chunk[1], window)
+    return (chunk[1] - chunk[0]) * (k1 - k0)
 
 
 def _tile_rows(k: int) -> int:

@@ -21,7 +21,9 @@ Conventions shared by all kernels:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
@@ -903,6 +905,150 @@ def _q3_scale(p, j):
     return np.int32(low | (high << np.uint8(4))) - 32
 
 
+# --- prefill: fused element-wise passes --------------------------------------------------------
+# NumPy's float32 <-> float16 casts cost ~5 ns per value, and ~75 ns on values that are fp16
+# subnormals (small attention probabilities, GELU inputs near 0): these kernels round to fp16
+# with integer bit operations instead, and fuse each pass's neighbours. Each takes a row range
+# so the thread pool can split the rows; a row's result never depends on the split.
+
+
+@intrinsic
+def _f32_bits(typingctx, v):
+    """The bit pattern of float32 v (a register bitcast)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    """The float32 whose bit pattern is uint32 u."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def _round_f16(v):
+    """Float32 v rounded to the nearest fp16 value (ties to even), kept as float32: below fp16's
+    normal range to its fixed 2**-24 step, above by rounding away the low 13 mantissa bits.
+    (No overflow to inf: callers' values are far below 65504.)"""
+    if abs(v) < np.float32(6.103515625e-05):
+        return np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
+    u = _f32_bits(v)
+    return _bits_f32((u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
+
+
+@njit(inline="always")
+def _f16_bits(v):
+    """The fp16 bit pattern nearest float32 v (ties to even; inf past fp16's range, NaN not kept)."""
+    u = _f32_bits(v)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a < np.uint32(0x38800000):  # below 2**-14: subnormal steps of 2**-24 (1024 is the first normal)
+        h = np.uint32(np.rint(abs(v) * np.float32(16777216.0)))
+    else:  # rebias the exponent (127 -> 15), round the 13 dropped mantissa bits (a carry bumps the exponent)
+        h = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        h = min(h, np.uint32(0x7C00))
+    return sign | h
+
+
+def round_f16(x, out, r0, r1):
+    """out[r] = x[r] rounded to fp16 precision (as float32), rows r0 <= r < r1."""
+    n = x.shape[1]
+    for r in range(r0, r1):
+        for j in range(n):
+            out[r, j] = _round_f16(x[r, j])
+
+
+def geglu_f16(g, u, tab, r0, r1):
+    """g[r] = gelu(g[r]) * u[r] in place, rows r0 <= r < r1, GELU as ggml's GGML_GELU_FP16 build
+    computes it: the input rounded to fp16 indexes a table of results (tab, float32 by fp16 bit
+    pattern), x <= -10 gives 0 and x >= 10 gives x."""
+    n = g.shape[1]
+    for r in range(r0, r1):
+        for j in range(n):
+            x = g[r, j]
+            if x <= np.float32(-10.0):
+                y = np.float32(0.0)
+            elif x >= np.float32(10.0):
+                y = x
+            else:
+                y = tab[_f16_bits(x)]
+            g[r, j] = y * u[r, j]
+
+
+def softmax_f16(s, q0, group, k0, window):
+    """Masked softmax of attention scores in place, probabilities rounded to fp16 (as ggml's
+    float16 V cache product sees them). s (n_kv, rows, n_keys): row r is the query at position
+    q0 + r // group, column j the key at position k0 + j; a query sees keys at or before its own
+    position and, if window > 0, after position - window. Sums in float64 and scales by the
+    reciprocal, as ggml_soft_max does."""
+    n_kv, rows, nk = s.shape
+    for h in range(n_kv):
+        for r in range(rows):
+            qp = q0 + r // group
+            hi = min(nk, qp - k0 + 1)
+            lo = max(0, qp - window + 1 - k0) if window > 0 else 0
+            m = np.float32(-np.inf)
+            for j in range(lo, hi):
+                m = max(m, s[h, r, j])
+            total = 0.0
+            for j in range(lo, hi):
+                e = np.exp(s[h, r, j] - m)
+                s[h, r, j] = e
+                total += e
+            inv = np.float32(1.0 / total)
+            for j in range(lo):
+                s[h, r, j] = 0
+            for j in range(lo, hi):
+                s[h, r, j] = _round_f16(s[h, r, j] * inv)
+            for j in range(hi, nk):
+                s[h, r, j] = 0
+
+
+def q8_0_roundtrip(x, out, qk, r0, r1):
+    """out[r] = dequant(Q8_0(x[r])), rows r0 <= r < r1: quantize_q8_0's values times its
+    fp16-rounded scales, bit for bit, without storing the blocks (prefill's BLAS input)."""
+    nb = x.shape[1] // qk
+    for t in range(r0, r1):
+        for b in range(nb):
+            o = b * qk
+            amax = np.float32(0.0)
+            for j in range(qk):
+                amax = max(amax, abs(x[t, o + j]))
+            d = _round_f16(amax / np.float32(127.0))
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            for j in range(qk):
+                out[t, o + j] = np.rint(x[t, o + j] * inv) * d
+
+
+def q8_k_roundtrip(x, out, qk_k, r0, r1):
+    """out[r] = dequant(Q8_K(x[r])), rows r0 <= r < r1, bit for bit as quantize_q8_k's values
+    times its scales."""
+    nb = x.shape[1] // qk_k
+    for t in range(r0, r1):
+        for b in range(nb):
+            o = b * qk_k
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(qk_k):
+                a = abs(x[t, o + j])
+                if a > amax:
+                    amax = a
+                    vmax = x[t, o + j]
+            if amax == 0:
+                for j in range(qk_k):
+                    out[t, o + j] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            # max() with -FLT_MAX changes no finite d, but hides the division from reassociation,
+            # which would otherwise fold q * (1 / iscale) into q / iscale (a different rounding).
+            d = max(np.float32(1.0) / iscale, np.float32(-3.4028235e38))
+            for j in range(qk_k):
+                out[t, o + j] = min(np.float32(127.0), np.rint(iscale * x[t, o + j])) * d
+
+
 # --- exported signatures (AOT) -----------------------------------------------------------------
 
 def _signatures() -> dict:
@@ -931,6 +1077,12 @@ def _signatures() -> dict:
     for name in ("dq_q4_0", "dq_q4_1", "dq_q5_0", "dq_q5_1", "dq_q8_0",
                  "dq_q2_k", "dq_q3_k", "dq_q4_k", "dq_q5_k", "dq_q6_k"):
         sigs[name] = nt.void(w_q, ids, f32_2d, tab, i64)
+    f32_3d = nt.float32[:, :, ::1]
+    sigs["round_f16"] = nt.void(f32_2d, f32_2d, i64, i64)
+    sigs["geglu_f16"] = nt.void(f32_2d, f32_2d, tab, i64, i64)
+    sigs["softmax_f16"] = nt.void(f32_3d, i64, i64, i64, i64)
+    sigs["q8_0_roundtrip"] = nt.void(f32_2d, f32_2d, i64, i64, i64)
+    sigs["q8_k_roundtrip"] = nt.void(f32_2d, f32_2d, i64, i64, i64)
     return sigs
 
 
