@@ -93,7 +93,6 @@ class CompiledBackend:
         if any(status):
             raise RuntimeError("the compiled decode step was aborted")
 
-
     # --- dequantization ---------------------------------------------------------------------
 
     def dequantize(self, raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
