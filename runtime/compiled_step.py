@@ -14,6 +14,7 @@ import numpy as np
 from ggufile.runtime import kernels, ops
 from ggufile.runtime.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import step_layout as S
+from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.quants import row_elements
 
 # Weight types the step's matvec dispatch covers (everything the decode kernels cover but BF16).
@@ -21,8 +22,6 @@ STEP_WEIGHT_TYPES = frozenset({
     GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
     GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 
-_F16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-_F16_VALUES.flags.writeable = False
 
 
 def _root(a: np.ndarray) -> np.ndarray:
@@ -81,7 +80,7 @@ class CompiledStep:
         self._acts = np.zeros((6, max(c.n_embd, c.n_ff, c.n_head * c.head_dim)), dtype=np.float32)
         self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by step()
         self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
-        self._gelu = _gelu_table()
+        self._gelu = ops.gelu_f16_table()
         self._rope = np.zeros((S.ROPE_ROWS, c.n_rot), dtype=np.float32)
 
     @classmethod
@@ -126,7 +125,7 @@ class CompiledStep:
         logits = np.empty((1, self.model.config.n_vocab), dtype=np.float32)
         self.backend.run_step(self._sync, (
             self._blob, self._tensors, self._layers, self._vecs, self._cfg, self._cfg_f, self._rope,
-            self._gelu, _F16_VALUES, cache.k, cache.v, self._work, self._scores, self._acts,
+            self._gelu, F16_TABLE, cache.k, cache.v, self._work, self._scores, self._acts,
             logits))
         cache.n_tokens = pos + 1
         return logits[0]
@@ -153,14 +152,6 @@ def _layer_row(packer: _Packer, L, swa: bool) -> list[int]:
         row[col] = packer.vector(v)
     row[S.L_SWA] = int(swa)
     return row
-
-
-def _gelu_table() -> np.ndarray:
-    """GELU of every float16 value, computed by the Python pass's own function (ops.gelu_tanh),
-    so the step's lookup gives its exact results."""
-    with np.errstate(all="ignore"):
-        table = ops.gelu_tanh(_F16_VALUES)
-    return _readonly(np.nan_to_num(table, nan=0.0))
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

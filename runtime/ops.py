@@ -162,8 +162,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
 
 def _compiled():
     """The compiled kernel backend (fused prefill passes on its thread pool), None on the NumPy one."""
-    impl = kernels._impl
-    return impl if hasattr(impl, "attention") else None
+    return kernels.compiled_backend()
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, window: int = 0) -> np.ndarray:
@@ -212,7 +211,7 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 _gelu_table: np.ndarray | None = None
 
 
-def _gelu_f16_table() -> np.ndarray:
+def gelu_f16_table() -> np.ndarray:
     """gelu_tanh of every fp16 value, indexed by its bit pattern (ggml's table, as float32)."""
     global _gelu_table
     if _gelu_table is None:
@@ -231,4 +230,4 @@ def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
         g = gelu_tanh(g)
         g *= u
         return g
-    return b.geglu(g, u, _gelu_f16_table())
+    return b.geglu(g, u, gelu_f16_table())

@@ -16,19 +16,16 @@ import pytest
 from ggufile.runtime import kernels
 from ggufile.runtime.compiled_step import CompiledStep
 from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.kernels import compiled, cpu
+from ggufile.runtime.kernels import compiled
 from ggufile.runtime.model import load_model
+from test_kernels import _aot_variants
 from test_model import TINY, write_tiny_gguf
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def _step_backends() -> list[str]:
-    names = ["jit"] if HAS_NUMBA else []
-    for variant in cpu.runnable_variants():
-        if importlib.util.find_spec(f"ggufile.runtime.kernels.{cpu.module_name(variant)}"):
-            names.append(f"aot:{variant}")
-    return names
+    return (["jit"] if HAS_NUMBA else []) + [f"aot:{v}" for v in _aot_variants()]
 
 
 _LOADED: dict = {}
@@ -169,10 +166,10 @@ def test_a_thread_that_never_comes_aborts_the_step(tiny, backend):
 def test_float16_rounding_helpers_match_numpy():
     from numba import njit
 
-    from ggufile.runtime.kernels import step_source
+    from ggufile.runtime.kernels import source
 
-    round_all = njit(lambda xs: np.array([step_source._round_f16(v) for v in xs], dtype=np.float32))
-    bits_all = njit(lambda xs: np.array([step_source._f16_bits(step_source._round_f16(v)) for v in xs]))
+    round_all = njit(lambda xs: np.array([source._round_f16(v) for v in xs], dtype=np.float32))
+    bits_all = njit(lambda xs: np.array([np.int64(source._f16_bits(v)) for v in xs]))
     rng = np.random.default_rng(0)
     xs = np.concatenate([
         rng.standard_normal(20000).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 5, 20000),

@@ -104,6 +104,11 @@ def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray) -> np.ndarray:
     return _impl.get_rows(w, qtype, ids, quants.row_elements(w, qtype))
 
 
+def compiled_backend():
+    """The compiled backend (AOT or JIT: fused passes, thread pool), or None on the NumPy one."""
+    return None if _impl is _numpy_backend else _impl
+
+
 def step_backend():
     """The backend that runs the compiled one-token step (ggufile.runtime.compiled_step), or
     None: the NumPy backend has none, nor has a kernel build from before the step."""

@@ -931,10 +931,13 @@ def _bits_f32(typingctx, u):
 @njit(inline="always")
 def _round_f16(v):
     """Float32 v rounded to the nearest fp16 value (ties to even), kept as float32: below fp16's
-    normal range to its fixed 2**-24 step, above by rounding away the low 13 mantissa bits.
-    (No overflow to inf: callers' values are far below 65504.)"""
-    if abs(v) < np.float32(6.103515625e-05):
+    normal range to its fixed 2**-24 step, above by rounding away the low 13 mantissa bits, and
+    past fp16's largest value to +-inf, as a float16 store would."""
+    a = abs(v)
+    if a < np.float32(6.103515625e-05):
         return np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
+    if a >= np.float32(65520.0):
+        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
     u = _f32_bits(v)
     return _bits_f32((u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
 
@@ -968,14 +971,17 @@ def geglu_f16(g, u, tab, r0, r1):
     n = g.shape[1]
     for r in range(r0, r1):
         for j in range(n):
-            x = g[r, j]
-            if x <= np.float32(-10.0):
-                y = np.float32(0.0)
-            elif x >= np.float32(10.0):
-                y = x
-            else:
-                y = tab[_f16_bits(x)]
-            g[r, j] = y * u[r, j]
+            g[r, j] = gelu_f16(g[r, j], tab) * u[r, j]
+
+
+@njit(inline="always")
+def gelu_f16(x, tab):
+    """GELU of one value the GGML_GELU_FP16 way (see geglu_f16); shared with the decode step."""
+    if x <= np.float32(-10.0):
+        return np.float32(0.0)
+    if x >= np.float32(10.0):
+        return x
+    return tab[_f16_bits(x)]
 
 
 def softmax_f16(s, q0, group, k0, window):

@@ -9,8 +9,8 @@ Thread 0 also does the small serial steps (norms, RoPE, activation quantization)
 
 Numerics are those of the Python forward pass (model.py / ops.py), which follows llama.cpp's:
 8-bit activations in every quantized matvec (the same `mv_*` kernels), float16-rounded q, K, V
-and attention probabilities, the GELU read from a float16 table, RMSNorm summed in double as
-ggml does. The model arrives as flat tables (step_layout); weights stay in the mapped file.
+and attention probabilities, the GELU read from ggml's float16 table (source.gelu_f16),
+RMSNorm summed in double as ggml does. The model arrives as flat tables (step_layout); weights stay in the mapped file.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from numba import njit
 
 from ggufile.runtime.constants import GGMLType
 from ggufile.runtime.kernels import source
+from ggufile.runtime.kernels.source import _round_f16, gelu_f16
 from ggufile.runtime.kernels.step_layout import (
     C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB,
     C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN, C_WINDOW, F_EMBD_SCALE, F_EPS,
@@ -153,34 +154,6 @@ def _share(n, tid, n_threads):
 # --- the small maths (thread 0) ----------------------------------------------------------------
 
 @njit(inline="always")
-def _round_f16(v):
-    """v rounded to the nearest float16 (ties to even), as float32: how a value looks after
-    ggml stores it in a float16 tensor."""
-    a = abs(v)
-    if a < np.float32(6.103515625e-05):  # subnormal range: a fixed 2**-24 step
-        return np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
-    if a >= np.float32(65520.0):  # rounds past the largest float16
-        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
-    u = np.float32(v).view(np.uint32)
-    u = np.uint32((u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
-    return u.view(np.float32)
-
-
-@njit(inline="always")
-def _f16_bits(v):
-    """The float16 bit pattern of v (already a float16 value, e.g. from _round_f16)."""
-    u = np.float32(v).view(np.uint32)
-    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
-    a = abs(v)
-    if a >= np.float32(65520.0):
-        return np.int64(sign | np.uint32(0x7C00))
-    if a < np.float32(6.103515625e-05):
-        return np.int64(sign | np.uint32(np.rint(a * np.float32(16777216.0))))
-    exp = ((u >> np.uint32(23)) & np.uint32(0xFF)) - np.uint32(112)
-    return np.int64(sign | (exp << np.uint32(10)) | ((u >> np.uint32(13)) & np.uint32(0x3FF)))
-
-
-@njit(inline="always")
 def _rmsnorm(x, n, w, eps, out):
     """out[:n] = x / sqrt(mean(x^2) + eps) * w: ggml_rms_norm (sum in double), then ggml_mul."""
     total = 0.0
@@ -282,22 +255,12 @@ def _attend(il, cfg, window, q, k_cache, v_cache, scores, h0, h1, out):
 
 
 @njit(inline="always")
-def _gelu(v, table):
-    """ops.gelu_tanh: the float16-rounded input looked up in a float16 table; saturated at +-10."""
-    if v <= np.float32(-10.0):
-        return np.float32(0.0)
-    if v >= np.float32(10.0):
-        return v
-    return table[_f16_bits(_round_f16(v))]
-
-
-@njit(inline="always")
 def _glu(g, u, r0, r1, use_gelu, gelu_table):
     """g[r0:r1] = act(g) * u: GELU (gemma) or SiLU (llama), as ops.gelu_tanh / ops.silu."""
     for i in range(r0, r1):
         v = g[i]
         if use_gelu:
-            a = _gelu(v, gelu_table)
+            a = gelu_f16(v, gelu_table)
         else:
             a = v / (np.float32(1.0) + np.exp(-v))
         g[i] = a * u[i]

@@ -10,6 +10,9 @@ by intrinsics; they compile the same way under the JIT and numba.pycc.
 """
 from __future__ import annotations
 
+import platform
+
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -20,6 +23,7 @@ from ggufile.runtime.kernels.step_layout import S_ABORT, S_COUNT, S_GENERATION
 # on a quiet machine, short next to a time slice.
 SPINS_BEFORE_YIELD = 20000
 
+_ARM = platform.machine().lower() in ("aarch64", "arm64")
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
 
 
@@ -52,6 +56,25 @@ def atomic_load(typingctx, array, index):
     return sig, codegen
 
 
+@intrinsic
+def cpu_relax(typingctx):
+    """The spin-wait hint (x86 PAUSE, Arm YIELD): a waiting thread yields the core's resources
+    to a sibling hardware thread and leaves the loop without a memory-order mis-speculation."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        name = "llvm.aarch64.hint" if _ARM else "llvm.x86.sse2.pause"
+        if _ARM:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]), name)
+            builder.call(fn, [ir.Constant(ir.IntType(32), 1)])  # hint #1 = YIELD
+        else:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), name)
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def barrier(sync, n_threads):
     """Wait until all n_threads threads arrive. False if the round was aborted (sync[S_ABORT]).
@@ -70,6 +93,7 @@ def barrier(sync, n_threads):
     while atomic_load(sync, S_GENERATION) == generation:
         if atomic_load(sync, S_ABORT) != 0:
             return False
+        cpu_relax()
         spins += 1
         if spins > SPINS_BEFORE_YIELD:
             _sched_yield()
