@@ -9,6 +9,8 @@ caller keeps the Python forward pass.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ggufile.runtime import kernels, ops
@@ -82,6 +84,7 @@ class CompiledStep:
         self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
         self._gelu = ops.gelu_f16_table()
         self._rope = np.zeros((S.ROPE_ROWS, c.n_rot), dtype=np.float32)
+        self._lock = threading.Lock()
 
     @classmethod
     def for_model(cls, model, backend=None) -> "CompiledStep | None":
@@ -111,10 +114,19 @@ class CompiledStep:
         return cls(model, backend, packer.blob, _readonly(tensors), _readonly(layers), _readonly(vecs), cfg, cfg_f)
 
     def supports(self, cache) -> bool:
-        return cache.k.dtype == np.float32 and cache.k.flags.c_contiguous and cache.v.flags.c_contiguous
+        """Whether the step can write this cache: float32, C order, this model's shape (the
+        compiled code trusts the shape: it has no bounds checks)."""
+        c = self.model.config
+        shape = (c.n_layer, c.n_head_kv, cache.n_ctx, c.head_dim)
+        return all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == shape
+                   for a in (cache.k, cache.v)) and 0 <= cache.n_tokens < cache.n_ctx
 
     def step(self, token: int, cache) -> np.ndarray:
         """Logits (n_vocab,) after token `token` at position cache.n_tokens; appends its K/V."""
+        with self._lock:  # one token at a time: the scratch, tables and rope rows are shared
+            return self._step(token, cache)
+
+    def _step(self, token: int, cache) -> np.ndarray:
         pos = cache.n_tokens
         self._cfg[S.C_TOKEN], self._cfg[S.C_POS] = token, pos
         self._fill_rope(pos)

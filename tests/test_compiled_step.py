@@ -115,6 +115,18 @@ def test_forward_uses_the_step_for_one_token(tiny):
     np.testing.assert_allclose(tiny.forward(np.array([9], dtype=np.int32), c16), via_forward, atol=5e-3)
 
 
+def test_step_refuses_a_cache_it_would_overrun(tiny, backend):
+    """The compiled code has no bounds checks: a cache of another shape goes to the Python pass."""
+    step = CompiledStep.for_model(tiny, backend)
+    assert step.supports(tiny.new_cache(16))
+    other = tiny.new_cache(16)
+    other.k = other.k[:, :, :, :-1].copy()  # as if made for a model with smaller heads
+    assert not step.supports(other)
+    full = tiny.new_cache(4)
+    full.n_tokens = 4
+    assert not step.supports(full)
+
+
 def test_numpy_backend_has_no_step(tiny):
     from ggufile.runtime.kernels import numpy_backend
 
