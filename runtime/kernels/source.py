@@ -38,16 +38,14 @@ def fastmath_for(name: str) -> frozenset:
 
 
 # --- activation quantization -----------------------------------------------------------------
-# Each block's scale is rounded to fp16 exactly as ggml stores it, with integer bit operations
-# (immune to fast-math): ties to even; values below fp16's normal range round to its 2**-24 step.
+# Each block's scale is rounded to fp16 exactly as ggml stores it (_round_f16: integer bit
+# operations, immune to fast-math).
 
 
 def quantize_q8_0(x, xq, xd, xs, qk):
     """Rows of x (n_tok, k) -> Q8_0/Q8_1 blocks: int values xq, fp16 scales xd, fp16 d*sum xs."""
     n_tok, k = x.shape
     nb = k // qk
-    bits = xd.view(np.uint32)
-    sbits = xs.view(np.uint32)
     for t in range(n_tok):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -60,15 +58,8 @@ def quantize_q8_0(x, xq, xd, xs, qk):
                 q = np.rint(x[t, b * qk + j] * inv)
                 xq[t, b * qk + j] = q
                 total += q
-            xd[t, b] = d
-            xs[t, b] = d * total
-            for dst, a in ((bits, xd), (sbits, xs)):
-                v = a[t, b]
-                u = dst[t, b]
-                if abs(v) < np.float32(6.103515625e-05):  # fp16 subnormal: fixed 2**-24 step
-                    a[t, b] = np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08)
-                else:
-                    dst[t, b] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+            xd[t, b] = _round_f16(d)
+            xs[t, b] = _round_f16(d * total)
 
 
 def quantize_q8_k(x, xq, xd, xbs, qk_k):
@@ -78,13 +69,7 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
     for t in range(n_tok):
         for b in range(nb):
             o = b * qk_k
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(qk_k):
-                a = abs(x[t, o + j])
-                if a > amax:
-                    amax = a
-                    vmax = x[t, o + j]
+            amax, vmax = _q8_k_max(x, t, o, qk_k)
             if amax == 0:
                 xd[t, b] = 0
                 for j in range(qk_k):
@@ -929,6 +914,20 @@ def _bits_f32(typingctx, u):
 
 
 @njit(inline="always")
+def _q8_k_max(x, t, o, qk_k):
+    """Largest |value| of the Q8_K super-block at x[t, o:o + qk_k], and that value (its sign
+    sets the scale's, as in ggml: the first of equal magnitudes wins)."""
+    amax = np.float32(0.0)
+    vmax = np.float32(0.0)
+    for j in range(qk_k):
+        a = abs(x[t, o + j])
+        if a > amax:
+            amax = a
+            vmax = x[t, o + j]
+    return amax, vmax
+
+
+@njit(inline="always")
 def _round_f16(v):
     """Float32 v rounded to the nearest fp16 value (ties to even), kept as float32: below fp16's
     normal range to its fixed 2**-24 step, above by rounding away the low 13 mantissa bits, and
@@ -1036,13 +1035,7 @@ def q8_k_roundtrip(x, out, qk_k, r0, r1):
     for t in range(r0, r1):
         for b in range(nb):
             o = b * qk_k
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(qk_k):
-                a = abs(x[t, o + j])
-                if a > amax:
-                    amax = a
-                    vmax = x[t, o + j]
+            amax, vmax = _q8_k_max(x, t, o, qk_k)
             if amax == 0:
                 for j in range(qk_k):
                     out[t, o + j] = 0
