@@ -783,19 +783,20 @@ _BIT = np.array([1 << i for i in range(32)], dtype=np.uint32)
 
 @njit(inline="always")
 def _blk_q5(row, h, o, at, x, xo, qk, offset):
-    """Q5_0 (high bits at byte 2, values - 16) and Q5_1 (at byte 4, offset 0)."""
-    half = qk // 2
+    """Q5_0 (high bits at byte 2, values - 16) and Q5_1 (at byte 4, offset 0). The lane loop runs
+    a constant 16 (Q5 blocks are always 32 wide): here, unlike in the 4-bit kernels, that is
+    1.25x faster than the run-time trip count (Q5_0 3.9 -> 4.9 GB/s, one thread), same results."""
     p = (o + np.uint64(at)) >> np.uint64(1)
     qh = np.uint32(h[p]) | (np.uint32(h[p + np.uint64(1)]) << np.uint32(16))
     q = o + np.uint64(at + 4)
-    xh = xo + np.uint64(half)
+    xh = xo + np.uint64(16)
     off = np.float32(offset)
     s = np.float32(0.0)
-    for j in range(min(half, 16)):
+    for j in range(16):
         u = np.uint64(j)
         v = row[q + u]
         hl = np.float32(16.0) if qh & _BIT[j] else np.float32(0.0)
-        hh = np.float32(16.0) if qh & _BIT[j + half] else np.float32(0.0)
+        hh = np.float32(16.0) if qh & _BIT[j + 16] else np.float32(0.0)
         s += ((np.float32(np.int32(v & np.uint8(15))) + hl - off) * x[xo + u]
               + (np.float32(np.int32(v >> np.uint8(4))) + hh - off) * x[xh + u])
     return s
