@@ -17,13 +17,10 @@ from ggufile.runtime import kernels, ops
 from ggufile.runtime.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
-from ggufile.runtime.quants import row_elements
+from ggufile.runtime.quants import Q8_0_FAMILY, Q8_K_FAMILY, row_elements
 
-# Weight types the step's matvec dispatch covers (everything the decode kernels cover but BF16).
-STEP_WEIGHT_TYPES = frozenset({
-    GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
-    GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
-
+# Weight types the step's matvec dispatch covers: those of the decode kernels, but BF16.
+STEP_WEIGHT_TYPES = Q8_0_FAMILY | Q8_K_FAMILY | {GGMLType.F32, GGMLType.F16}
 
 
 def _root(a: np.ndarray) -> np.ndarray:

@@ -18,32 +18,18 @@ from ggufile.runtime.compiled_step import CompiledStep
 from ggufile.runtime.gguf_reader import GGUFReader
 from ggufile.runtime.kernels import compiled
 from ggufile.runtime.model import load_model
-from test_kernels import _aot_variants
+from test_kernels import _backend_ids, load_backend
 from test_model import TINY, write_tiny_gguf
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 
-def _step_backends() -> list[str]:
-    return (["jit"] if HAS_NUMBA else []) + [f"aot:{v}" for v in _aot_variants()]
-
-
-_LOADED: dict = {}
-
-
-@pytest.fixture(scope="module", params=_step_backends())
+@pytest.fixture(scope="module", params=[name for name in _backend_ids() if name != "numpy"])
 def backend(request):
-    name = request.param
-    if name not in _LOADED:
-        if name == "jit":
-            from ggufile.runtime.kernels import jit_backend
-
-            _LOADED[name] = compiled.CompiledBackend(name, jit_backend.load())
-        else:
-            _LOADED[name] = kernels._load_aot(name.split(":", 1)[1])
-    if _LOADED[name].decode_token is None:
-        pytest.skip(f"{name} was built before the step")
-    return _LOADED[name]
+    loaded = load_backend(request.param)
+    if loaded.decode_token is None:
+        pytest.skip(f"{request.param} was built before the step")
+    return loaded
 
 
 @pytest.fixture(scope="module", params=list(TINY))

@@ -39,9 +39,8 @@ def _backend_ids() -> list[str]:
 _BACKENDS: dict = {}
 
 
-@pytest.fixture(scope="module", params=_backend_ids())
-def backend(request):
-    name = request.param
+def load_backend(name: str):
+    """Backend `name` (one of _backend_ids()), loaded once per test session."""
     if name not in _BACKENDS:
         if name == "numpy":
             _BACKENDS[name] = numpy_backend
@@ -52,6 +51,11 @@ def backend(request):
         else:
             _BACKENDS[name] = kernels._load_aot(name.split(":", 1)[1])
     return _BACKENDS[name]
+
+
+@pytest.fixture(scope="module", params=_backend_ids())
+def backend(request):
+    return load_backend(request.param)
 
 
 def random_weight(qtype: GGMLType, rows: int, k: int, seed: int = 0) -> np.ndarray:

@@ -33,8 +33,6 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int
                                      int(GGMLType.Q5_1), int(GGMLType.Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
                                      int(GGMLType.Q5_K), int(GGMLType.Q6_K))
-# The weight types the step runs (the rest keep the Python forward pass).
-STEP_TYPES = (_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K)
 
 
 def _kernel(name):
