@@ -111,46 +111,14 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 #   at Numba-IR level.
 
 
-def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
+@njit(inline="always")
+def _mv_q4(w, xq, xd, xs, out, r0, r1, tab, qk, at, offset):
+    """Q4_0 (values at byte 2, minus 8, xs unused) and Q4_1 (at byte 4, offset 0, + min * xs)."""
     nb = xq.shape[1] // qk
     ts = w.shape[1] // nb
     h = w.view(np.uint16)
     half = qk // 2
-    acc = np.zeros((4, 16), np.float32)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            acc[:] = 0
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                q = o + np.uint64(2)
-                xo = np.uint64(b * qk)
-                xh = xo + np.uint64(half)
-                dx = xd[t, b]
-                c0 = _f16(tab, h0, o, 0) * dx
-                c1 = _f16(tab, h1, o, 0) * dx
-                c2 = _f16(tab, h2, o, 0) * dx
-                c3 = _f16(tab, h3, o, 0) * dx
-                for j in range(min(half, 16)):
-                    u = np.uint64(j)
-                    xa = x[xo + u]
-                    xb = x[xh + u]
-                    acc[0, j] += c0 * _lane_q4(w0[q + u], xa, xb, np.float32(8.0))
-                    acc[1, j] += c1 * _lane_q4(w1[q + u], xa, xb, np.float32(8.0))
-                    acc[2, j] += c2 * _lane_q4(w2[q + u], xa, xb, np.float32(8.0))
-                    acc[3, j] += c3 * _lane_q4(w3[q + u], xa, xb, np.float32(8.0))
-            _store4(out, t, i0, i1, i2, i3, acc[0].sum(), acc[1].sum(), acc[2].sum(), acc[3].sum())
-
-
-def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
-    nb = xq.shape[1] // qk
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    half = qk // 2
+    off = np.float32(offset)
     acc = np.zeros((4, 16), np.float32)
     for t in range(xq.shape[0]):
         x = xq[t]
@@ -163,11 +131,10 @@ def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(nb):
                 o = np.uint64(b * ts)
-                q = o + np.uint64(4)
+                q = o + np.uint64(at)
                 xo = np.uint64(b * qk)
                 xh = xo + np.uint64(half)
                 dx = xd[t, b]
-                sx = xs[t, b]  # Q8_1: fp16(d * sum) multiplies the block minimum, as in ggml
                 c0 = _f16(tab, h0, o, 0) * dx
                 c1 = _f16(tab, h1, o, 0) * dx
                 c2 = _f16(tab, h2, o, 0) * dx
@@ -176,16 +143,26 @@ def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
                     u = np.uint64(j)
                     xa = x[xo + u]
                     xb = x[xh + u]
-                    acc[0, j] += c0 * _lane_q4(w0[q + u], xa, xb, np.float32(0.0))
-                    acc[1, j] += c1 * _lane_q4(w1[q + u], xa, xb, np.float32(0.0))
-                    acc[2, j] += c2 * _lane_q4(w2[q + u], xa, xb, np.float32(0.0))
-                    acc[3, j] += c3 * _lane_q4(w3[q + u], xa, xb, np.float32(0.0))
-                a0 += _f16(tab, h0, o, 2) * sx
-                a1 += _f16(tab, h1, o, 2) * sx
-                a2 += _f16(tab, h2, o, 2) * sx
-                a3 += _f16(tab, h3, o, 2) * sx
+                    acc[0, j] += c0 * _lane_q4(w0[q + u], xa, xb, off)
+                    acc[1, j] += c1 * _lane_q4(w1[q + u], xa, xb, off)
+                    acc[2, j] += c2 * _lane_q4(w2[q + u], xa, xb, off)
+                    acc[3, j] += c3 * _lane_q4(w3[q + u], xa, xb, off)
+                if offset == 0:
+                    sx = xs[t, b]  # Q8_1: fp16(d * sum) multiplies the block minimum, as in ggml
+                    a0 += _f16(tab, h0, o, 2) * sx
+                    a1 += _f16(tab, h1, o, 2) * sx
+                    a2 += _f16(tab, h2, o, 2) * sx
+                    a3 += _f16(tab, h3, o, 2) * sx
             _store4(out, t, i0, i1, i2, i3, a0 + acc[0].sum(), a1 + acc[1].sum(), a2 + acc[2].sum(),
                     a3 + acc[3].sum())
+
+
+def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
+    _mv_q4(w, xq, xd, xd, out, r0, r1, tab, qk, 2, 8)  # xs unused: Q4_0 has no block minimum
+
+
+def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
+    _mv_q4(w, xq, xd, xs, out, r0, r1, tab, qk, 4, 0)
 
 
 @njit(inline="always")
