@@ -10,6 +10,7 @@ BUILD_ONLY_MODULES = [
     "ggufile.runtime.kernels.aot_build",
     "ggufile.runtime.kernels.jit_backend",
     "ggufile.runtime.kernels.source",
+    "ggufile.runtime.kernels.lanes_source",
     "ggufile.runtime.kernels.step_source",
     "ggufile.runtime.kernels.sync_source",
     "ggufile.runtime.kernels.bench",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import ggml_lanes
 import numpy as np
 import pytest
 from test_quants import random_blocks
@@ -143,6 +144,57 @@ def test_decode_row_counts_not_multiple_of_four(backend, qtype, rows):
     y = backend.matmul(w, qtype, x, out)
     ref = quants.reference_matvec(w, qtype, x)
     assert_close(y, ref, 2e-6 if is_8bit_decode(backend, qtype, 2) else 2e-3)
+
+
+def _has_fma(backend_name: str) -> bool:
+    """Whether this backend's kernels were compiled for a CPU with FMA (as ggml's AVX2 path)."""
+    if backend_name == "jit":
+        return "fma" in cpu.cpu_flags()
+    variant = backend_name.split(":", 1)[1]
+    return "fma" in cpu.variants_for_machine()[variant][1]
+
+
+@pytest.mark.parametrize("n_tok", [1, 3])
+@pytest.mark.parametrize("qtype", ggml_lanes.LANE_TYPES, ids=lambda t: t.name)
+def test_decode_is_llama_cpp_avx2_bit_for_bit(qtype, n_tok):
+    """The lane kernels reproduce ggml's AVX2 vec_dot exactly (an emulation written from its C),
+    on every compiled backend whose target has FMA; without FMA, to float rounding."""
+    k = 2 * 256 + 256 if qtype in quants.Q8_K_FAMILY else 23 * 32
+    w = random_weight(qtype, 37, k, seed=11)
+    x = np.random.default_rng(5).standard_normal((n_tok, k)).astype(np.float32)
+    ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])
+    for name in _backend_ids()[1:]:
+        y = load_backend(name).matmul(w, qtype, x, np.empty((n_tok, 37), np.float32))
+        if _has_fma(name):
+            np.testing.assert_array_equal(y, ref, err_msg=name)
+        else:
+            assert_close(y, ref, 1e-6)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
+@pytest.mark.parametrize("qtype", ggml_lanes.LANE_TYPES, ids=lambda t: t.name)
+def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
+    """Targets without AVX2 (the generic variant, aarch64) get portable vector IR: the same integer
+    lanes, so on one machine the same bits as the x86 intrinsics."""
+    import numba
+
+    from ggufile.runtime.kernels import lanes_source, source
+
+    name = f"mv_{qtype.name.lower()}"
+    monkeypatch.setattr(lanes_source, "_target_has_avx2", lambda context: False)
+    portable = numba.njit(getattr(source, name))  # compiled now, with the patch in place
+    k = 512 if qtype in quants.Q8_K_FAMILY else 640
+    w = random_weight(qtype, 29, k, seed=2)
+    x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
+    family = compiled.ACTIVATION[qtype]
+    xq, xd, xs = load_backend("jit")._quantize_activations(family, x)
+    block = QUANT_TABLE[qtype].block_size
+    out = np.empty((1, 29), np.float32)
+    if qtype in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0):
+        portable(w, xq, xd, out, 0, 29, compiled.F16_TABLE, block)
+    else:
+        portable(w, xq, xd, xs, out, 0, 29, compiled.F16_TABLE, block)
+    np.testing.assert_array_equal(out, load_backend("jit").matmul(w, qtype, x, np.empty_like(out)))
 
 
 def test_matmul_multi_equals_separate_matmuls(backend):

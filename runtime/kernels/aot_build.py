@@ -4,7 +4,10 @@
 
 Writes `_aot_<variant>` extension modules next to this file (gitignored). The shipped
 executable imports them with no numba/LLVM present. Variants the build machine cannot run
-are compiled too: LLVM cross-targets any CPU of the same architecture.
+are compiled too: LLVM cross-targets any CPU of the same architecture. Each variant is built
+in a process of its own, all at once: Numba compiles callee functions (the step's kernels)
+once per process, so the IR lanes_source emits for one variant's ISA must not be reused for
+another's.
 
 pycc builds its export wrappers from a default numba `Flags()`, which holds the GIL and uses
 no fast-math. `KernelModuleCompiler` builds them from the flags the JIT gets from
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -30,7 +34,7 @@ from numba.core.cpu import FastMathOptions
 from numba.core.codegen import AOTCPUCodegen
 from numba.pycc import CC
 
-from ggufile.runtime.kernels import cpu, source, step_source
+from ggufile.runtime.kernels import cpu, lanes_source, source, step_source
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -110,22 +114,44 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
     return out_dir / cc.output_file
 
 
+def lanes_isa(variant: str) -> str:
+    """The integer instructions lanes_source may use in a variant."""
+    return "avx2" if "avx2" in cpu.variants_for_machine()[variant][1] else "portable"
+
+
+def _build_here(variant: str, out_dir: Path) -> None:
+    if os.environ.get(lanes_source.ISA_ENV) != lanes_isa(variant):
+        raise SystemExit(f"{lanes_source.ISA_ENV} must be {lanes_isa(variant)} to build {variant}")
+    start = time.perf_counter()
+    path = build_variant(variant, cpu.variants_for_machine()[variant][0], out_dir)
+    print(f"{variant:10} -> {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - start:.1f}s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     variants = cpu.variants_for_machine()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", choices=sorted(variants),
                     help="build only these (default: all for this architecture)")
     ap.add_argument("--out", type=Path, default=PACKAGE_DIR)
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not variants:
         print(f"no AOT variants defined for {cpu.machine()}; the JIT/NumPy backends will be used")
         return 0
+    chosen = args.variant or list(variants)
+    if args.in_process:
+        for variant in chosen:
+            _build_here(variant, args.out)
+        return 0
     total = time.perf_counter()
-    for variant in args.variant or list(variants):
-        start = time.perf_counter()
-        path = build_variant(variant, variants[variant][0], args.out)
-        print(f"{variant:10} -> {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
-              f"in {time.perf_counter() - start:.1f}s")
+    children = [subprocess.Popen(
+        [sys.executable, "-m", __spec__.name, "--in-process", "--variant", variant, "--out", str(args.out)],
+        env={**os.environ, lanes_source.ISA_ENV: lanes_isa(variant)}) for variant in chosen]
+    failed = [v for v, child in zip(chosen, children) if child.wait() != 0]
+    if failed:
+        print(f"AOT build failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
     print(f"total {time.perf_counter() - total:.1f}s")
     return 0
 

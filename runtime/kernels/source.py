@@ -25,6 +25,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from ggufile.runtime.constants import GGMLType
+from ggufile.runtime.kernels import lanes_source as lanes
+
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
 FASTMATH = frozenset({"reassoc", "nsz"})
@@ -32,8 +35,14 @@ FASTMATH = frozenset({"reassoc", "nsz"})
 DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
+# Kernels built on lanes_source: no fast-math at all, which would let LLVM reorder ggml's lane sums.
+LANE_KERNELS = frozenset(f"mv_{t.name.lower()}" for t in lanes.LANE_TYPES)
+
+
 def fastmath_for(name: str) -> frozenset:
     """The fast-math flags kernel `name` is compiled with (JIT and AOT alike)."""
+    if name in LANE_KERNELS:
+        return frozenset()
     return DECODE_FASTMATH if name.startswith("mv_") else FASTMATH
 
 
@@ -87,8 +96,10 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
-# By far the most decode time is spent in these kernels' inner loops, so they are shaped for
-# LLVM's loop vectorizer:
+# By far the most decode time is spent in these kernels. The common types (Q4_0, Q4_1, Q5_0,
+# Q8_0, Q4_K, Q6_K) call lanes_source: llama.cpp's own AVX2 integer dot products, emitted as
+# LLVM vector IR, so their results are llama.cpp's bit for bit and 2-3x faster than float
+# loops. The rarer ones (Q5_1, Q2_K, Q3_K, Q5_K) are float loops shaped for LLVM's vectorizer:
 # - each block's elements are one short inner loop whose trip count is a run-time value capped
 #   by a constant (`min(half, 16)`): LLVM then emits exactly one 16-lane vector iteration (no
 #   interleaving a 16-trip loop never reaches, no scalar tail), whereas a constant trip count is
@@ -99,70 +110,56 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 # - no slicing inside the row loop: every array view costs a reference-count increment and
 #   decrement (atomic calls). Offsets are uint64, so indexing skips negative-index wraparound;
 # - fp16 block scales are read through a uint16 view of the row (every scale is 2-byte aligned).
-# - Q4_0/Q4_1/Q5_1: one reduction per row, not per block: each row keeps a vector of
-#   per-lane sums (`acc`, a 4 x 16 scratch array allocated once per call) and each
-#   block adds its lane products times its scale product d_w * d_x; the 16->1 horizontal sum
-#   per block was a third of the work (one thread, AOT x86-64-v4 on Zen 4: Q4_1 6.0 -> 8.1-8.9
-#   GB/s). As a stack array (an alloca intrinsic) LLVM split `acc` into
-#   64 scalars and ran 20% slower than this heap array. Q5_0 and Q8_0 (kept as before) are
-#   faster this way as well (Q5_0 4.2 -> 6.5 GB/s), but the new summation order
-#   flipped gemma-3's greedy near-tie test, so they keep the one-reduction-per-block form.
-#   One lane's work is a helper (`_lane_*`); K-quant blocks are helpers (`_blk_*`), all inlined
-#   at Numba-IR level.
+# - Q5_1: one reduction per row, not per block: each row keeps a vector of per-lane sums
+#   (`acc`, a 4 x 16 scratch array allocated once per call) and each block adds its lane
+#   products times its scale product d_w * d_x; the 16->1 horizontal sum per block was a third
+#   of the work (measured on Q4_1's former float kernel: 6.0 -> 8.1-8.9 GB/s).
+
+
+# Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K: llama.cpp's AVX2 dot products lane for lane (lanes_source),
+# one row at a time; the rows of a thread's slice are one sequential stream.
+
+
+# The lane kernels' types, as plain ints: Numba sees module globals as constants, so each
+# kernel's call below compiles its own dot_row IR.
+_Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K = (int(t) for t in (
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
 
 
 @njit(inline="always")
-def _mv_q4(w, xq, xd, xs, out, r0, r1, tab, qk, at, offset):
-    """Q4_0 (values at byte 2, minus 8, xs unused) and Q4_1 (at byte 4, offset 0, + min * xs)."""
-    nb = xq.shape[1] // qk
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    half = qk // 2
-    off = np.float32(offset)
-    acc = np.zeros((4, 16), np.float32)
+def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
+    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes_source row dot each;
+    qtype is a constant (each kernel below passes its own), which picks the dot's IR."""
+    x8 = np.empty(xq.shape[1], np.int8)
     for t in range(xq.shape[0]):
-        x = xq[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            acc[:] = 0
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                q = o + np.uint64(at)
-                xo = np.uint64(b * qk)
-                xh = xo + np.uint64(half)
-                dx = xd[t, b]
-                c0 = _f16(tab, h0, o, 0) * dx
-                c1 = _f16(tab, h1, o, 0) * dx
-                c2 = _f16(tab, h2, o, 0) * dx
-                c3 = _f16(tab, h3, o, 0) * dx
-                for j in range(min(half, 16)):
-                    u = np.uint64(j)
-                    xa = x[xo + u]
-                    xb = x[xh + u]
-                    acc[0, j] += c0 * _lane_q4(w0[q + u], xa, xb, off)
-                    acc[1, j] += c1 * _lane_q4(w1[q + u], xa, xb, off)
-                    acc[2, j] += c2 * _lane_q4(w2[q + u], xa, xb, off)
-                    acc[3, j] += c3 * _lane_q4(w3[q + u], xa, xb, off)
-                if offset == 0:
-                    sx = xs[t, b]  # Q8_1: fp16(d * sum) multiplies the block minimum, as in ggml
-                    a0 += _f16(tab, h0, o, 2) * sx
-                    a1 += _f16(tab, h1, o, 2) * sx
-                    a2 += _f16(tab, h2, o, 2) * sx
-                    a3 += _f16(tab, h3, o, 2) * sx
-            _store4(out, t, i0, i1, i2, i3, a0 + acc[0].sum(), a1 + acc[1].sum(), a2 + acc[2].sum(),
-                    a3 + acc[3].sum())
+        for j in range(xq.shape[1]):  # integer-valued float32 -> the int8 the lanes read
+            x8[j] = np.int8(xq[t, j])
+        for r in range(r0, r1):
+            out[t, r] = lanes.dot_row(qtype, w[r], x8, xd[t], xs[t], tab, xq.shape[1] // block)
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
-    _mv_q4(w, xq, xd, xd, out, r0, r1, tab, qk, 2, 8)  # xs unused: Q4_0 has no block minimum
+    _mv_lanes(_Q4_0, w, xq, xd, xd, out, r0, r1, tab, qk)
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
-    _mv_q4(w, xq, xd, xs, out, r0, r1, tab, qk, 4, 0)
+    _mv_lanes(_Q4_1, w, xq, xd, xs, out, r0, r1, tab, qk)
+
+
+def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
+    _mv_lanes(_Q5_0, w, xq, xd, xd, out, r0, r1, tab, qk)
+
+
+def mv_q8_0(w, xq, xd, out, r0, r1, tab, qk):
+    _mv_lanes(_Q8_0, w, xq, xd, xd, out, r0, r1, tab, qk)
+
+
+def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    _mv_lanes(_Q4_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
+
+
+def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    _mv_lanes(_Q6_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
 
 
 @njit(inline="always")
@@ -218,55 +215,8 @@ def _mv_q5(w, xq, xd, xs, out, r0, r1, tab, qk, at, offset):
                     a3 + acc[3].sum())
 
 
-def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
-    nb = xq.shape[1] // qk
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                xo = np.uint64(b * qk)
-                dx = xd[t, b]
-                a0 += _f16(tab, h0, o, 0) * dx * _blk_q5(w0, h0, o, 2, x, xo, qk, 16)
-                a1 += _f16(tab, h1, o, 0) * dx * _blk_q5(w1, h1, o, 2, x, xo, qk, 16)
-                a2 += _f16(tab, h2, o, 0) * dx * _blk_q5(w2, h2, o, 2, x, xo, qk, 16)
-                a3 += _f16(tab, h3, o, 0) * dx * _blk_q5(w3, h3, o, 2, x, xo, qk, 16)
-            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
-
-
 def mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk):
     _mv_q5(w, xq, xd, xs, out, r0, r1, tab, qk, 4, 0)
-
-
-def mv_q8_0(w, xq, xd, out, r0, r1, tab, qk):
-    nb = xq.shape[1] // qk
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    wi = w.view(np.int8)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = wi[i0], wi[i1], wi[i2], wi[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                xo = np.uint64(b * qk)
-                dx = xd[t, b]
-                a0 += _f16(tab, h0, o, 0) * dx * _blk_q8_0(w0, o, x, xo, qk)
-                a1 += _f16(tab, h1, o, 0) * dx * _blk_q8_0(w1, o, x, xo, qk)
-                a2 += _f16(tab, h2, o, 0) * dx * _blk_q8_0(w2, o, x, xo, qk)
-                a3 += _f16(tab, h3, o, 0) * dx * _blk_q8_0(w3, o, x, xo, qk)
-            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 
 def mv_q2_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
@@ -336,29 +286,6 @@ def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
             out[t, r] = acc
 
 
-def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    nb = xq.shape[1] // qk_k
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        bs = xbs[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                xo = np.uint64(b * qk_k)
-                dx = xd[t, b]
-                a0 += dx * _blk_q4_k(w0, h0, o, x, xo, bs, b * 16, qk_k, tab)
-                a1 += dx * _blk_q4_k(w1, h1, o, x, xo, bs, b * 16, qk_k, tab)
-                a2 += dx * _blk_q4_k(w2, h2, o, x, xo, bs, b * 16, qk_k, tab)
-                a3 += dx * _blk_q4_k(w3, h3, o, x, xo, bs, b * 16, qk_k, tab)
-            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
-
 def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     n_tok = xq.shape[0]
     nb = xq.shape[1] // qk_k
@@ -398,31 +325,6 @@ def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
                 acc += xd[t, b] * (dw * sumi - mw * summ)
             out[t, r] = acc
 
-
-def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    nb = xq.shape[1] // qk_k
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    wi = w.view(np.int8)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        bs = xbs[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            v0, v1, v2, v3 = wi[i0], wi[i1], wi[i2], wi[i3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                xo = np.uint64(b * qk_k)
-                dx = xd[t, b]
-                a0 += dx * _blk_q6_k(w0, h0, v0, o, x, xo, bs, b * 16, qk_k, tab)
-                a1 += dx * _blk_q6_k(w1, h1, v1, o, x, xo, bs, b * 16, qk_k, tab)
-                a2 += dx * _blk_q6_k(w2, h2, v2, o, x, xo, bs, b * 16, qk_k, tab)
-                a3 += dx * _blk_q6_k(w3, h3, v3, o, x, xo, bs, b * 16, qk_k, tab)
-            _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3)
 
 def mv_f32(w, x, out, r0, r1):
     n_tok, k = x.shape
@@ -733,13 +635,6 @@ def _f16(tab, h, o, at):
 
 
 @njit(inline="always")
-def _lane_q4(v, xa, xb, off):
-    """One byte of a Q4 block (low nibble with xa, high with xb), values minus off."""
-    return ((np.float32(np.int32(v & np.uint8(15))) - off) * xa
-            + (np.float32(np.int32(v >> np.uint8(4))) - off) * xb)
-
-
-@njit(inline="always")
 def _qh(h, p):
     """Q5: the 32 high bits at uint16 index p of a row."""
     return np.uint32(h[p]) | (np.uint32(h[p + np.uint64(1)]) << np.uint32(16))
@@ -757,98 +652,6 @@ def _lane_q5(v, qh, m0, m1, xa, xb, off):
 # lane index (numba types the shift as 64-bit) left LLVM with 64-bit lanes.
 _BIT = np.array([1 << i for i in range(32)], dtype=np.uint32)
 
-
-@njit(inline="always")
-def _blk_q5(row, h, o, at, x, xo, qk, offset):
-    """Q5_0 (high bits at byte 2, values - 16) and Q5_1 (at byte 4, offset 0). The lane loop runs
-    a constant 16 (Q5 blocks are always 32 wide): here, unlike in the 4-bit kernels, that is
-    1.25x faster than the run-time trip count (Q5_0 3.9 -> 4.9 GB/s, one thread), same results."""
-    p = (o + np.uint64(at)) >> np.uint64(1)
-    qh = np.uint32(h[p]) | (np.uint32(h[p + np.uint64(1)]) << np.uint32(16))
-    q = o + np.uint64(at + 4)
-    xh = xo + np.uint64(16)
-    off = np.float32(offset)
-    s = np.float32(0.0)
-    for j in range(16):
-        u = np.uint64(j)
-        v = row[q + u]
-        hl = np.float32(16.0) if qh & _BIT[j] else np.float32(0.0)
-        hh = np.float32(16.0) if qh & _BIT[j + 16] else np.float32(0.0)
-        s += ((np.float32(np.int32(v & np.uint8(15))) + hl - off) * x[xo + u]
-              + (np.float32(np.int32(v >> np.uint8(4))) + hh - off) * x[xh + u])
-    return s
-
-
-@njit(inline="always")
-def _blk_q8_0(rowi, o, x, xo, qk):
-    q = o + np.uint64(2)
-    s = np.float32(0.0)
-    for j in range(min(qk, 32)):
-        u = np.uint64(j)
-        s += np.float32(np.int32(rowi[q + u])) * x[xo + u]
-    return s
-
-
-@njit(inline="always")
-def _blk_q4_k(row, h, o, x, xo, bs, g0, qk_k, tab):
-    """d * sum(scale * q * x) - dmin * sum(min * Q8_K group sums) of one super-block."""
-    n = qk_k // 8  # 32 values per sub-block
-    p = row[o + np.uint64(4):o + np.uint64(16)]  # one view per super-block
-    sumi = np.float32(0.0)
-    summ = np.float32(0.0)
-    for pair in range(4):
-        sc0, m0 = _k_scale_min(p, 2 * pair)
-        sc1, m1 = _k_scale_min(p, 2 * pair + 1)
-        f0 = np.float32(sc0)
-        f1 = np.float32(sc1)
-        q = o + np.uint64(16 + 32 * pair)
-        xl = xo + np.uint64(64 * pair)
-        xh = xl + np.uint64(32)
-        s = np.float32(0.0)  # both sub-blocks' scales folded in: one reduction, not two
-        for j in range(min(n, 32)):
-            u = np.uint64(j)
-            v = row[q + u]
-            s += f0 * np.float32(np.int32(v & np.uint8(15))) * x[xl + u] + f1 * np.float32(np.int32(v >> np.uint8(4))) * x[xh + u]
-        sumi += s
-        g = g0 + 4 * pair
-        summ += np.float32(m0) * (bs[g] + bs[g + 1]) + np.float32(m1) * (bs[g + 2] + bs[g + 3])
-    return _f16(tab, h, o, 0) * sumi - _f16(tab, h, o, 2) * summ
-
-
-@njit(inline="always")
-def _blk_q6_k(row, h, rowi, o, x, xo, bs, g0, qk_k, tab):
-    """d * sum(scale * (q - 32) * x) of one super-block, the -32 taken from Q8_K's group sums."""
-    n = qk_k // 16  # 16 values per scale
-    sumi = np.float32(0.0)
-    for hh in range(2):  # two 128-value halves
-        for c in range(2):
-            sc = o + np.uint64(192 + 8 * hh + c)
-            f1 = np.float32(rowi[sc])
-            f2 = np.float32(rowi[sc + np.uint64(2)])
-            f3 = np.float32(rowi[sc + np.uint64(4)])
-            f4 = np.float32(rowi[sc + np.uint64(6)])
-            qa = o + np.uint64(64 * hh + 16 * c)
-            qb = qa + np.uint64(32)
-            qc = o + np.uint64(128 + 32 * hh + 16 * c)
-            xa = xo + np.uint64(128 * hh + 16 * c)
-            xb = xa + np.uint64(32)
-            xc = xa + np.uint64(64)
-            xd = xa + np.uint64(96)
-            s = np.float32(0.0)  # four scales folded in: one reduction, not four
-            # Each 6-bit value is cast to uint8 before float: cast from int32, LLVM converted
-            # from the 64-bit integers Numba computes in (8 lanes a vector): 1.45x slower.
-            for j in range(min(n, 16)):
-                u = np.uint64(j)
-                a = row[qa + u]
-                a2 = row[qb + u]
-                hb = row[qc + u]
-                s += (f1 * np.float32(np.uint8((a & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) * x[xa + u]
-                      + f2 * np.float32(np.uint8((a2 & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) * x[xb + u]
-                      + f3 * np.float32(np.uint8((a >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) * x[xc + u]
-                      + f4 * np.float32(np.uint8((a2 >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) * x[xd + u])
-            g = g0 + 8 * hh + c
-            sumi += s - np.float32(32.0) * (f1 * bs[g] + f2 * bs[g + 2] + f3 * bs[g + 4] + f4 * bs[g + 6])
-    return _f16(tab, h, o, 208) * sumi
 
 @njit(inline="always")
 def _k_scale_min(p, j):

@@ -1,0 +1,371 @@
+"""llama.cpp's AVX2 row dot products, lane for lane, as LLVM vector IR (Numba intrinsics).
+
+ggml's x86 dot products (ggml-cpu/arch/x86/quants.c, the __AVX2__ branches, which AVX-512
+builds use too) keep 8 float lanes per row. Per block, int32 lane j holds the products of
+elements 4j..4j+3 of each 32-value group (times the group's scale for K-quants, less the
+Q6_K offset term of its groups 2j and 2j+1); the lanes are converted to float and FMA-added
+into the row's accumulator with the block scale; hsum_float_8 then adds the lanes as
+((0+4)+(2+6)) + ((1+5)+(3+7)). Summed in any other order a logit moves by float rounding,
+and on near-ties that changes the greedy token: a per-lane variant of our older float kernels
+fell to 6/8 identical greedy prompts on gemma3 against the 7/8 required. Following ggml's
+lanes makes each row's result bit-identical to its AVX2 result.
+
+The integer part is what Numba loops cannot express fast (they never become maddubs/pmaddwd:
+per-element float conversion ran Q5_0 at 5 GB/s a thread), so it is emitted here directly:
+with the x86 AVX2 intrinsics ggml uses when the target has AVX2 (the x86-64-v3/v4 variants,
+or the JIT on such a host), else as portable vector IR (same integers, any target; there
+`llvm.fmuladd` is an unfused multiply-add). Kernels that call these intrinsics are compiled
+without fast-math (source.fastmath_for): a reassociating flag would let LLVM reorder the lane
+sums. One thread, JIT on a Zen 4: Q5_0 5.0 -> 13.6 GB/s, Q8_0 11.4 -> 28.6 GB/s.
+
+`dot_row(qtype, row, x8, xd, xs, tab, nb)` is one row's dot product with 8-bit activations:
+`row` the row's bytes (1-d uint8), `x8` the int8 activation values, `xd` their per-block
+float32 scales, `xs` Q8_1's d * sums or Q8_K's group sums, `tab` the fp16 -> float32 table,
+`nb` the number of blocks. `qtype` must be a compile-time constant: it picks the IR.
+"""
+from __future__ import annotations
+
+import os
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic
+
+from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+
+I1, I8, I16, I32, I64, F32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
+                              ir.IntType(64), ir.FloatType())
+
+# Which integer instructions the IR uses: "avx2" or "portable". The JIT asks its host CPU. An AOT
+# build sets this per variant, in one process per variant (aot_build): Numba compiles the step's
+# callee kernels with the JIT's context, once per process, whatever variant is being built.
+ISA_ENV = "GGUFILE_LANES_ISA"
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _const(t, values):
+    return ir.Constant(_vec(t, len(values)), list(values))
+
+
+def _splat(t, n, value):
+    return _const(t, [value] * n)
+
+
+def _target_has_avx2(context) -> bool:
+    forced = os.environ.get(ISA_ENV)
+    if forced:
+        return forced == "avx2"
+    return "+avx2" in context.codegen()._tm_features.split(",")
+
+
+class _Emit:
+    """Builds one kernel's IR: vector loads, ggml's integer dot steps, the float lanes."""
+
+    def __init__(self, context, builder):
+        self.b = builder
+        self.avx2 = _target_has_avx2(context)
+
+    # --- memory ---
+    def at(self, base, offset):
+        """The i8* `offset` bytes past base (offset: int or i64 value)."""
+        off = ir.Constant(I64, offset) if isinstance(offset, int) else offset
+        return self.b.gep(base, [off])
+
+    def load(self, base, offset, t, n=0):
+        """A (vector of n, or scalar) t at byte offset of base, unaligned."""
+        ty = _vec(t, n) if n else t
+        return self.b.load(self.b.bitcast(self.at(base, offset), ty.as_pointer()), align=1)
+
+    def f16(self, tab, base, offset):
+        """The fp16 number at byte offset of base, as float32 (through the table, as everywhere)."""
+        bits = self.load(base, offset, I16)
+        return self.b.load(self.b.gep(tab, [self.b.zext(bits, I64)]))
+
+    def index(self, i, scale, plus=0):
+        """i * scale + plus as an i64 value."""
+        v = self.b.mul(i, ir.Constant(I64, scale))
+        return self.b.add(v, ir.Constant(I64, plus)) if plus else v
+
+    # --- vectors ---
+    def shuffle(self, a, b, mask):
+        return self.b.shuffle_vector(a, a if b is None else b, _const(I32, mask))
+
+    def broadcast(self, scalar, n):
+        one = self.b.insert_element(ir.Constant(_vec(scalar.type, n), None), scalar, ir.Constant(I32, 0))
+        return self.shuffle(one, None, [0] * n)
+
+    def pair_sum(self, v, n, t):
+        """<n x iK> -> <n/2 x t>: element m = v[2m] + v[2m+1] (extended to t first)."""
+        even = self.b.sext(self.shuffle(v, None, range(0, n, 2)), _vec(t, n // 2))
+        odd = self.b.sext(self.shuffle(v, None, range(1, n, 2)), _vec(t, n // 2))
+        return self.b.add(even, odd)
+
+    def nibbles(self, qs16):
+        """16 bytes -> 32: the low nibbles, then the high ones (ggml's bytes_from_nibbles_32)."""
+        low = self.b.and_(qs16, _splat(I8, 16, 15))
+        high = self.b.lshr(qs16, _splat(I8, 16, 4))
+        return self.shuffle(low, high, range(32))
+
+    def call(self, name, ret, args):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return self.b.call(cgutils.get_or_insert_function(self.b.module, fnty, name), args)
+
+    # --- ggml's integer steps ---
+    def dot_i8(self, q, y):
+        """<32 x i8> q, y -> <8 x i32>, lane j = sum of q*y over elements 4j..4j+3
+        (mul_sum_i8_pairs_float before its conversion; q may be signed)."""
+        if self.avx2:
+            ax = self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
+            sy = self.call("llvm.x86.avx2.psign.b", _vec(I8, 32), [y, q])
+            return self.madd(self.maddubs(ax, sy), _splat(I16, 16, 1))
+        products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
+        return self.pair_sum(self.pair_sum(products, 32, I32), 16, I32)
+
+    def maddubs(self, u, s):
+        """<32 x i8> unsigned u, signed s -> <16 x i16> pair sums (no saturation reached here)."""
+        if self.avx2:
+            return self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [u, s])
+        products = self.b.mul(self.b.zext(u, _vec(I16, 32)), self.b.sext(s, _vec(I16, 32)))
+        return self.pair_sum(products, 32, I16)
+
+    def madd(self, a, b):
+        """<16 x i16> a, b -> <8 x i32> pair sums of a*b (pmaddwd)."""
+        if self.avx2:
+            return self.call("llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [a, b])
+        products = self.b.mul(self.b.sext(a, _vec(I32, 16)), self.b.sext(b, _vec(I32, 16)))
+        return self.pair_sum(products, 16, I32)
+
+    # --- float lanes ---
+    def fmuladd(self, a, b, c):
+        """a * b + c: one FMA where the target has it (as ggml's _mm256_fmadd_ps), else two ops."""
+        name = f"llvm.fmuladd.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fmuladd.f32"
+        return self.call(name, a.type, [a, b, c])
+
+    def fma_lanes(self, scale, lanes, acc):
+        """acc + scale * float(lanes), per lane."""
+        n = lanes.type.count
+        return self.fmuladd(self.broadcast(scale, n), self.b.sitofp(lanes, _vec(F32, n)), acc)
+
+    def lane(self, v, i):
+        return self.b.extract_element(v, ir.Constant(I32, i))
+
+    def hsum8(self, acc):
+        """hsum_float_8: ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))."""
+        s = [self.b.fadd(self.lane(acc, k), self.lane(acc, k + 4)) for k in range(4)]
+        return self.b.fadd(self.b.fadd(s[0], s[2]), self.b.fadd(s[1], s[3]))
+
+    def hsum4(self, acc):
+        """movehl + movehdup on 4 lanes: (l0+l2) + (l1+l3)."""
+        return self.b.fadd(self.b.fadd(self.lane(acc, 0), self.lane(acc, 2)),
+                           self.b.fadd(self.lane(acc, 1), self.lane(acc, 3)))
+
+    def block_loop(self, nb, inits, body):
+        """accs = inits; for i in range(nb): accs = body(i, accs). Returns the final accs."""
+        b = self.b
+        entry = b.basic_block
+        loop, done = b.append_basic_block("blocks"), b.append_basic_block("blocks_done")
+        b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+        b.position_at_end(loop)
+        i = b.phi(I64)
+        accs = [b.phi(v.type) for v in inits]
+        i.add_incoming(ir.Constant(I64, 0), entry)
+        for phi, v in zip(accs, inits):
+            phi.add_incoming(v, entry)
+        new = body(i, accs)
+        nxt = b.add(i, ir.Constant(I64, 1))
+        tail = b.basic_block
+        i.add_incoming(nxt, tail)
+        for phi, v in zip(accs, new):
+            phi.add_incoming(v, tail)
+        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+        b.position_at_end(done)
+        out = []
+        for v0, v1 in zip(inits, new):
+            phi = b.phi(v0.type)
+            phi.add_incoming(v0, entry)
+            phi.add_incoming(v1, tail)
+            out.append(phi)
+        return out
+
+
+def _zeros(n):
+    return ir.Constant(_vec(F32, n), [0.0] * n) if n else ir.Constant(F32, 0.0)
+
+
+def _pointers(context, builder, sig, args):
+    """Data pointers of the array arguments (as i8* / float*), scalars as they are."""
+    out = []
+    for ty, value in zip(sig.args, args):
+        if isinstance(ty, types.Array):
+            out.append(context.make_array(ty)(context, builder, value).data)
+        else:
+            out.append(value)
+    return out
+
+
+@intrinsic
+def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
+    """One row's dot product: (qtype, row, x8, xd, xs, tab, nb) -> float32, qtype a constant
+    (its IR is chosen as the caller compiles). `xs` holds Q8_1's fp16 d * sums (Q4_1) or Q8_K's
+    group sums (Q4_K, Q6_K), as float32; other types ignore it."""
+    if not isinstance(qtype, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(qtype)
+    body = _BODIES[qtype.literal_value]
+
+    def codegen(context, builder, sig, args):
+        return body(_Emit(context, builder), _pointers(context, builder, sig, args)[1:])
+    return types.float32(qtype, row, x8, xd, xs, tab, types.int64), codegen
+
+
+_BITS = [1 << (j % 8) for j in range(32)]
+_Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K = (QUANT_TABLE[t].type_size for t in (
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
+
+
+def _simple_row(e, row, x8, xd, tab, nb, block_bytes, values):
+    """The Q4_0/Q5_0/Q8_0 loop: per block, lanes of values(o) . y, FMA-added with d_w * d_x."""
+    def block(i, accs):
+        o = e.index(i, block_bytes)
+        y = e.load(x8, e.index(i, QK), I8, 32)
+        d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
+        return [e.fma_lanes(d, e.dot_i8(values(o), y), accs[0])]
+    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+
+
+def _dot_q4_0(e, p):
+    """ggml_vec_dot_q4_0_q8_0: nibbles - 8."""
+    row, x8, xd, _, tab, nb = p
+    return _simple_row(e, row, x8, xd, tab, nb, _Q4_0,
+                       lambda o: e.b.sub(e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 16)),
+                                         _splat(I8, 32, 8)))
+
+
+def _dot_q5_0(e, p):
+    """ggml_vec_dot_q5_0_q8_0: nibbles | 0xF0 where the block's high bit is clear (= value - 16)."""
+    row, x8, xd, _, tab, nb = p
+
+    def values(o):
+        nib = e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 6)), I8, 16))
+        qh = e.shuffle(e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 4), None, [j // 8 for j in range(32)])
+        high = e.b.icmp_unsigned("!=", e.b.and_(qh, _const(I8, _BITS)), _splat(I8, 32, 0))
+        return e.b.or_(nib, e.b.select(high, _splat(I8, 32, 0), _splat(I8, 32, 0xF0)))
+    return _simple_row(e, row, x8, xd, tab, nb, _Q5_0, values)
+
+
+def _dot_q8_0(e, p):
+    """ggml_vec_dot_q8_0_q8_0."""
+    row, x8, xd, _, tab, nb = p
+    return _simple_row(e, row, x8, xd, tab, nb, _Q8_0,
+                       lambda o: e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 32))
+
+
+def _dot_q4_1(e, p):
+    """ggml_vec_dot_q4_1_q8_1: lanes of nibbles . y times d_w * d_x, plus the scalar sum of
+    m_w * s_x (s_x: Q8_1's fp16 d * sum) added after the lanes."""
+    row, x8, xd, xs, tab, nb = p
+
+    def block(i, accs):
+        acc, summs = accs
+        o = e.index(i, _Q4_1)
+        summs = e.fmuladd(e.f16(tab, row, e.b.add(o, ir.Constant(I64, 2))), e.b.load(e.b.gep(xs, [i])), summs)
+        d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
+        q = e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 4)), I8, 16))
+        return [e.fma_lanes(d, e.dot_i8(q, e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
+    acc, summs = e.block_loop(nb, [_zeros(8), _zeros(0)], block)
+    return e.b.fadd(e.hsum8(acc), summs)
+
+
+def _group_sums(e, bsums, i):
+    """Super-block i's 16 Q8_K group sums (integer-valued float32) as <16 x i32>."""
+    sums = e.load(e.b.bitcast(bsums, I8.as_pointer()), e.index(i, 64), F32, 16)
+    return e.b.fptosi(sums, _vec(I32, 16))
+
+
+def _k4_scales_mins(e, row, o):
+    """Q4_K's 12 packed bytes -> <16 x i16>: the 8 scales, then the 8 mins (ggml's utmp dance)."""
+    b = e.b
+    c = lambda v: ir.Constant(I32, v)  # noqa: E731
+    u0, u1, u2 = (e.load(row, b.add(o, ir.Constant(I64, 4 + 4 * k)), I32) for k in range(3))
+    u3 = b.or_(b.and_(b.lshr(u2, c(4)), c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u1, c(6)), c(0x03030303)), c(4)))
+    aux = b.and_(u1, c(0x3F3F3F3F))
+    u1 = b.or_(b.and_(u2, c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u0, c(6)), c(0x03030303)), c(4)))
+    u0 = b.and_(u0, c(0x3F3F3F3F))
+    v = ir.Constant(_vec(I32, 4), None)
+    for k, u in enumerate((u0, u1, aux, u3)):
+        v = b.insert_element(v, u, c(k))
+    return b.zext(b.bitcast(v, _vec(I8, 16)), _vec(I16, 16))
+
+
+def _dot_q4_k(e, p):
+    """ggml_vec_dot_q4_K_q8_K: lanes of sum over sub-blocks of scale * (nibbles . y), times
+    d = d_x * d_w; mins in 4 lanes (pairs of sub-blocks) times -d_x * dmin_w."""
+    row, x8, xd, bsums, tab, nb = p
+    b = e.b
+
+    def block(i, accs):
+        acc, acc_m = accs
+        o = e.index(i, _Q4_K)
+        dx = b.load(b.gep(xd, [i]))
+        d = b.fmul(dx, e.f16(tab, row, o))
+        dmin = b.fmul(b.fneg(dx), e.f16(tab, row, b.add(o, ir.Constant(I64, 2))))
+        sm = _k4_scales_mins(e, row, o)
+        group = b.trunc(e.pair_sum(_group_sums(e, bsums, i), 16, I32), _vec(I16, 8))  # per 32-value sub-block
+        mins = e.shuffle(sm, None, range(8, 16))
+        prod = e.madd(e.shuffle(mins, _splat(I16, 8, 0), range(16)), e.shuffle(group, _splat(I16, 8, 0), range(16)))
+        acc_m = e.fma_lanes(dmin, e.shuffle(prod, None, range(4)), acc_m)
+        sumi = ir.Constant(_vec(I32, 8), [0] * 8)
+        for j in range(QK_K // 64):
+            bits = e.load(row, b.add(o, ir.Constant(I64, 16 + 32 * j)), I8, 32)
+            low, high = b.and_(bits, _splat(I8, 32, 15)), b.lshr(bits, _splat(I8, 32, 4))
+            y0 = e.load(x8, e.index(i, QK_K, 64 * j), I8, 32)
+            y1 = e.load(x8, e.index(i, QK_K, 64 * j + 32), I8, 32)
+            p0 = e.madd(e.shuffle(sm, None, [2 * j] * 16), e.maddubs(low, y0))
+            p1 = e.madd(e.shuffle(sm, None, [2 * j + 1] * 16), e.maddubs(high, y1))
+            sumi = b.add(sumi, b.add(p0, p1))
+        return [e.fma_lanes(d, sumi, acc), acc_m]
+    acc, acc_m = e.block_loop(nb, [_zeros(8), _zeros(4)], block)
+    return b.fadd(e.hsum8(acc), e.hsum4(acc_m))
+
+
+def _dot_q6_k(e, p):
+    """ggml_vec_dot_q6_K_q8_K: lanes of sum of scale * (6-bit values . y) less
+    32 * (bsums . scales) of groups 2j, 2j+1, times d = d_x * d_w."""
+    row, x8, xd, bsums, tab, nb = p
+    b = e.b
+
+    def block(i, accs):
+        o = e.index(i, _Q6_K)
+        d = b.fmul(b.load(b.gep(xd, [i])), e.f16(tab, row, b.add(o, ir.Constant(I64, 208))))
+        scales = b.sext(e.load(row, b.add(o, ir.Constant(I64, 192)), I8, 16), _vec(I16, 16))
+        sums = b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))
+        offset = b.shl(e.madd(sums, scales), _splat(I32, 8, 5))
+        sumi = ir.Constant(_vec(I32, 8), [0] * 8)
+        for j in range(QK_K // 128):
+            ql0 = e.load(row, b.add(o, ir.Constant(I64, 64 * j)), I8, 32)
+            ql1 = e.load(row, b.add(o, ir.Constant(I64, 64 * j + 32)), I8, 32)
+            qh = e.load(row, b.add(o, ir.Constant(I64, 128 + 32 * j)), I8, 32)
+            m = lambda v: _splat(I8, 32, v)  # noqa: E731
+            values = (
+                b.or_(b.and_(ql0, m(15)), b.shl(b.and_(qh, m(3)), m(4))),
+                b.or_(b.and_(ql1, m(15)), b.shl(b.and_(qh, m(12)), m(2))),
+                b.or_(b.lshr(ql0, m(4)), b.and_(qh, m(48))),
+                b.or_(b.lshr(ql1, m(4)), b.lshr(b.and_(qh, m(0xC0)), m(2))),
+            )
+            parts = []
+            for k, q in enumerate(values):
+                y = e.load(x8, e.index(i, QK_K, 128 * j + 32 * k), I8, 32)
+                s = 8 * j + 2 * k
+                parts.append(e.madd(e.shuffle(scales, None, [s] * 8 + [s + 1] * 8), e.maddubs(q, y)))
+            sumi = b.add(sumi, b.add(parts[0], parts[1]))
+            sumi = b.add(sumi, b.add(parts[2], parts[3]))
+        return [e.fma_lanes(d, b.sub(sumi, offset), accs[0])]
+    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+
+
+_BODIES = {int(GGMLType.Q4_0): _dot_q4_0, int(GGMLType.Q4_1): _dot_q4_1, int(GGMLType.Q5_0): _dot_q5_0,
+           int(GGMLType.Q8_0): _dot_q8_0, int(GGMLType.Q4_K): _dot_q4_k, int(GGMLType.Q6_K): _dot_q6_k}
+LANE_TYPES = frozenset(GGMLType(t) for t in _BODIES)
