@@ -30,8 +30,9 @@ MATVEC_MAX_TOKENS = 4
 # calling thread's slice is made bigger by about that head start (`_first_share`): a 0.55 MB
 # Q4_1 matvec went 113 us -> 83 us on 2 threads (equal halves: 113-120 us, no gain).
 HANDOFF_US = 20.0
-# Decode matvec speed per thread, to turn weight bytes into time for the share above.
-MATVEC_BYTES_PER_US = 5500.0
+# Decode matvec speed per thread, to turn weight bytes into time for the share above: the lane
+# kernels' slowest common types (Q4_0/Q5_0 ~13 GB/s a thread; Q8_0/Q6_K do twice that).
+MATVEC_BYTES_PER_US = 13000.0
 # Below this much decode work (weight bytes x tokens) a task runs whole on the calling thread:
 # the head start would be most of it.
 MIN_PARALLEL_WORK = 256 * 1024
