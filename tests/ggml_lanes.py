@@ -4,8 +4,10 @@ oracle for runtime/kernels/lanes_source.py: written from ggml's C, not from our 
 Per block, int32 lane j sums the products of elements 4j..4j+3 of each 32-value group (K-quants:
 times the group's scale; Q6_K: less 32 * its two 16-value groups' bsums . scales); lanes are
 converted to float and FMA-added with the block scale; hsum_float_8 adds them as
-((0+4)+(2+6)) + ((1+5)+(3+7)). The FMA is emulated in float64 (the float32 product is exact
-there) and rounded once to float32.
+((0+4)+(2+6)) + ((1+5)+(3+7)). Min terms go where ggml puts them: Q4_1/Q5_1 and Q5_K into a
+scalar `summs` added after the lanes, Q4_K into 4 lanes of their own (acc_m), Q2_K into the
+same 8 lanes (lane k: groups 2k, 2k+1), FMA-added before the block's values. The FMA is
+emulated in float64 (the float32 product is exact there) and rounded once to float32.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 from ggufile.runtime import quants
 from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
 
-LANE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
+LANE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+              GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 def _fma(a, b, c):
@@ -36,18 +39,24 @@ def _lanes(products):
     return products.reshape(rows, -1, 8, 4).sum(axis=(1, 3))
 
 
+def _bits(raw, n):
+    """(rows, n/8) bytes -> (rows, n) 0/1: bit j of the little-endian bit string."""
+    return np.unpackbits(raw, axis=1, bitorder="little")[:, :n].astype(np.int64)
+
+
 def _simple_values(blocks, qtype):
     """(rows, type_size) blocks -> (rows, 32) int values as ggml's AVX2 code forms them."""
     if qtype == GGMLType.Q8_0:
         return blocks[:, 2:34].view(np.int8).astype(np.int64)
-    at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6}[qtype]
+    at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[qtype]
     qs = blocks[:, at:at + 16].astype(np.int64)
     v = np.concatenate([qs & 15, qs >> 4], axis=1)
     if qtype == GGMLType.Q4_0:
         return v - 8
-    if qtype == GGMLType.Q5_0:
-        qh = blocks[:, 2:6].copy().view(np.uint32).astype(np.int64)
-        return v + 16 * ((qh >> np.arange(32)) & 1) - 16
+    if qtype == GGMLType.Q5_0:  # bytes_from_bits_32, andnot 0xF0: -16 where the bit is clear
+        return v + 16 * _bits(blocks[:, 2:6], 32) - 16
+    if qtype == GGMLType.Q5_1:  # bytes_from_bits_32 & 0x10
+        return v + 16 * _bits(blocks[:, 4:8], 32)
     return v
 
 
@@ -64,6 +73,30 @@ def _q4_k_scales_mins(p):
     return sc, m
 
 
+def _q3_k_scales(p):
+    """(rows, 12) packed bytes -> (rows, 16) signed scales: ggml's aux words, bytes - 32."""
+    aux = [a.astype(np.uint32) for a in p.copy().view("<u4").T]
+    k1, k2 = np.uint32(0x03030303), np.uint32(0x0F0F0F0F)
+    words = np.stack([(aux[0] & k2) | (((aux[2] >> 0) & k1) << 4),
+                      (aux[1] & k2) | (((aux[2] >> 2) & k1) << 4),
+                      ((aux[0] >> 4) & k2) | (((aux[2] >> 4) & k1) << 4),
+                      ((aux[1] >> 4) & k2) | (((aux[2] >> 6) & k1) << 4)], axis=1).astype("<u4")
+    return words.view(np.uint8).astype(np.int64) - 32
+
+
+def _crumbs(qs):
+    """(rows, 64) Q2_K/Q3_K low bits -> (rows, 256): value 128j + 32l + e is bits 2l..2l+1 of byte 32j + e."""
+    qs = qs.astype(np.int64)
+    return np.concatenate([(qs[:, 32 * j:32 * j + 32] >> (2 * l)) & 3 for j in range(2) for l in range(4)], axis=1)
+
+
+def _q3_k_values(blocks):
+    """q3l - q3h: q3h = 4 where bit 4j + l of hmask[e] is clear."""
+    hmask = blocks[:, :32].astype(np.int64)
+    high = np.concatenate([(hmask >> bit) & 1 for bit in range(8)], axis=1)
+    return _crumbs(blocks[:, 32:96]) - 4 * (1 - high)
+
+
 def _q6_k_values(blocks):
     ql, qh = blocks[:, :128].astype(np.int64), blocks[:, 128:192].astype(np.int64)
     out = np.empty((len(blocks), 256), np.int64)
@@ -77,10 +110,83 @@ def _q6_k_values(blocks):
     return out
 
 
-def _q4_k_values(blocks):
-    qs = blocks[:, 16:144].astype(np.int64)
-    return np.concatenate([np.concatenate([qs[:, 32 * p:32 * p + 32] & 15, qs[:, 32 * p:32 * p + 32] >> 4], axis=1)
-                           for p in range(4)], axis=1)
+def _k4_values(qs, qh=None):
+    """Q4_K/Q5_K: value 64j + e is the low nibble of qs[32j + e], 64j + 32 + e its high one
+    (Q5_K: plus 16 * bit 2j, 2j + 1 of qh[e])."""
+    qs = qs.astype(np.int64)
+    parts = []
+    for j in range(4):
+        for k, nib in enumerate((qs[:, 32 * j:32 * j + 32] & 15, qs[:, 32 * j:32 * j + 32] >> 4)):
+            high = 0 if qh is None else ((qh.astype(np.int64) >> (2 * j + k)) & 1) << 4
+            parts.append(nib + high)
+    return np.concatenate(parts, axis=1)
+
+
+# --- one super-block of each K-quant: (acc, extra) -> (acc, extra); extra is Q4_K's acc_m or
+# Q5_K's summs. blk (rows, type_size), y its 256 activations, bs their 16 sums, dx their scale.
+
+def _step_q2_k(blk, y, bs, dx, acc, extra):
+    d = (dx * _f16(blk[:, 80:82])).astype(np.float32)
+    dmin = (-dx * _f16(blk[:, 82:84])).astype(np.float32)
+    sc, m = blk[:, :16].astype(np.int64) & 15, blk[:, :16].astype(np.int64) >> 4
+    acc = _fma(dmin[:, None], (m * bs).reshape(len(blk), 8, 2).sum(axis=2).astype(np.float32), acc)
+    lanes = _lanes(np.repeat(sc, 16, axis=1) * _crumbs(blk[:, 16:80]) * y)
+    return _fma(d[:, None], lanes.astype(np.float32), acc), extra
+
+
+def _step_q3_k(blk, y, bs, dx, acc, extra):
+    d = (dx * _f16(blk[:, 108:110])).astype(np.float32)
+    lanes = _lanes(np.repeat(_q3_k_scales(blk[:, 96:108]), 16, axis=1) * _q3_k_values(blk) * y)
+    return _fma(d[:, None], lanes.astype(np.float32), acc), extra
+
+
+def _step_q4_k(blk, y, bs, dx, acc, acc_m):
+    d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
+    dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
+    sc, m = _q4_k_scales_mins(blk[:, 4:16])
+    prod = (m * bs.reshape(8, 2).sum(axis=1)).reshape(len(blk), 4, 2).sum(axis=2)
+    acc_m = _fma(dmin[:, None], prod.astype(np.float32), acc_m)
+    lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 16:144]) * y)
+    return _fma(d[:, None], lanes.astype(np.float32), acc), acc_m
+
+
+def _step_q5_k(blk, y, bs, dx, acc, summs):
+    d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
+    dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
+    sc, m = _q4_k_scales_mins(blk[:, 4:16])
+    total = (m * bs.reshape(8, 2).sum(axis=1)).sum(axis=1)  # hadd_epi16, madd, hadd_epi32 twice
+    summs = _fma(dmin, total.astype(np.float32), summs)
+    lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 48:176], blk[:, 16:48]) * y)
+    return _fma(d[:, None], lanes.astype(np.float32), acc), summs
+
+
+def _step_q6_k(blk, y, bs, dx, acc, extra):
+    d = (dx * _f16(blk[:, 208:210])).astype(np.float32)
+    sc = blk[:, 192:208].view(np.int8).astype(np.int64)
+    lanes = _lanes(np.repeat(sc, 16, axis=1) * _q6_k_values(blk) * y)
+    lanes -= 32 * (sc * bs).reshape(len(blk), 8, 2).sum(axis=2)
+    return _fma(d[:, None], lanes.astype(np.float32), acc), extra
+
+
+_K_STEPS = {GGMLType.Q2_K: _step_q2_k, GGMLType.Q3_K: _step_q3_k, GGMLType.Q4_K: _step_q4_k,
+            GGMLType.Q5_K: _step_q5_k, GGMLType.Q6_K: _step_q6_k}
+
+
+def _k_matvec(blocks, qtype, x):
+    rows, nb = blocks.shape[:2]
+    q, xd, bsums = quants.quantize_q8_k(x[None, :].astype(np.float32))
+    y, bsums = q[0].astype(np.int64), bsums[0].astype(np.int64)
+    acc = np.zeros((rows, 8), np.float32)
+    extra = np.zeros((rows, 4) if qtype == GGMLType.Q4_K else rows, np.float32)
+    for i in range(nb):
+        acc, extra = _K_STEPS[qtype](blocks[:, i], y[QK_K * i:QK_K * (i + 1)], bsums[16 * i:16 * (i + 1)],
+                                     xd[0, i], acc, extra)
+    out = _hsum8(acc)
+    if qtype == GGMLType.Q4_K:  # acc_m: movehl + movehdup
+        extra = ((extra[:, 0] + extra[:, 2]).astype(np.float32) + (extra[:, 1] + extra[:, 3]).astype(np.float32))
+    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
+        out = out + extra.astype(np.float32)
+    return out.astype(np.float32)
 
 
 def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
@@ -89,40 +195,17 @@ def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     info = QUANT_TABLE[qtype]
     rows, nb = w.shape[0], w.shape[1] // info.type_size
     blocks = np.ascontiguousarray(w).reshape(rows, nb, info.type_size)
-    acc = np.zeros((rows, 8), np.float32)
-    if qtype in (GGMLType.Q4_K, GGMLType.Q6_K):
-        q, xd, bsums = quants.quantize_q8_k(x[None, :].astype(np.float32))
-        y, bsums = q[0].astype(np.int64), bsums[0].astype(np.int64)
-        acc_m = np.zeros((rows, 4), np.float32)
-        for i in range(nb):
-            blk, yb, bs = blocks[:, i], y[QK_K * i:QK_K * (i + 1)], bsums[16 * i:16 * (i + 1)]
-            if qtype == GGMLType.Q4_K:
-                d = (xd[0, i] * _f16(blk[:, 0:2])).astype(np.float32)
-                dmin = (-xd[0, i] * _f16(blk[:, 2:4])).astype(np.float32)
-                sc, m = _q4_k_scales_mins(blk[:, 4:16])
-                group = bs.reshape(8, 2).sum(axis=1)
-                prod = (m * group).reshape(rows, 4, 2).sum(axis=2)
-                acc_m = _fma(dmin[:, None], prod.astype(np.float32), acc_m)
-                lanes = _lanes(np.repeat(sc, 32, axis=1) * _q4_k_values(blk) * yb)
-            else:
-                d = (xd[0, i] * _f16(blk[:, 208:210])).astype(np.float32)
-                sc = blk[:, 192:208].view(np.int8).astype(np.int64)
-                lanes = _lanes(np.repeat(sc, 16, axis=1) * _q6_k_values(blk) * yb)
-                lanes -= 32 * (sc * bs).reshape(rows, 8, 2).sum(axis=2)
-            acc = _fma(d[:, None], lanes.astype(np.float32), acc)
-        out = _hsum8(acc)
-        if qtype == GGMLType.Q4_K:
-            out = (out + ((acc_m[:, 0] + acc_m[:, 2]).astype(np.float32)
-                          + (acc_m[:, 1] + acc_m[:, 3]).astype(np.float32)).astype(np.float32)).astype(np.float32)
-        return out
+    if qtype in _K_STEPS:
+        return _k_matvec(blocks, qtype, x)
     q, xd, xs = quants.quantize_q8_0(x[None, :].astype(np.float32))
     y = q[0].astype(np.int64)
+    acc = np.zeros((rows, 8), np.float32)
     summs = np.zeros(rows, np.float32)
     for i in range(nb):
         blk = blocks[:, i]
         d = (_f16(blk[:, 0:2]) * xd[0, i]).astype(np.float32)
         lanes = _lanes(_simple_values(blk, qtype) * y[QK * i:QK * (i + 1)])
         acc = _fma(d[:, None], lanes.astype(np.float32), acc)
-        if qtype == GGMLType.Q4_1:
+        if qtype in (GGMLType.Q4_1, GGMLType.Q5_1):
             summs = _fma(_f16(blk[:, 2:4]), xs[0, i], summs)
-    return (_hsum8(acc) + summs).astype(np.float32) if qtype == GGMLType.Q4_1 else _hsum8(acc)
+    return (_hsum8(acc) + summs).astype(np.float32) if qtype in (GGMLType.Q4_1, GGMLType.Q5_1) else _hsum8(acc)

@@ -5,10 +5,13 @@ builds use too) keep 8 float lanes per row. Per block, int32 lane j holds the pr
 elements 4j..4j+3 of each 32-value group (times the group's scale for K-quants, less the
 Q6_K offset term of its groups 2j and 2j+1); the lanes are converted to float and FMA-added
 into the row's accumulator with the block scale; hsum_float_8 then adds the lanes as
-((0+4)+(2+6)) + ((1+5)+(3+7)). Summed in any other order a logit moves by float rounding,
-and on near-ties that changes the greedy token: a per-lane variant of our older float kernels
-fell to 6/8 identical greedy prompts on gemma3 against the 7/8 required. Following ggml's
-lanes makes each row's result bit-identical to its AVX2 result.
+((0+4)+(2+6)) + ((1+5)+(3+7)). Min terms go where ggml puts them, as that placement rounds
+too: Q4_1/Q5_1/Q5_K into a float scalar added after the lanes, Q4_K into 4 lanes of their own,
+Q2_K into the same 8 lanes (lane k: its groups 2k, 2k+1) just before the block's values.
+Summed in any other order a logit moves by float rounding, and on near-ties that changes the
+greedy token: a per-lane variant of our older float kernels fell to 6/8 identical greedy
+prompts on gemma3 against the 7/8 required. Following ggml's lanes makes each row's result
+bit-identical to its AVX2 result.
 
 The integer part is what Numba loops cannot express fast (they never become maddubs/pmaddwd:
 per-element float conversion ran Q5_0 at 5 GB/s a thread), so it is emitted here directly:
@@ -16,7 +19,8 @@ with the x86 AVX2 intrinsics ggml uses when the target has AVX2 (the x86-64-v3/v
 or the JIT on such a host), else as portable vector IR (same integers, any target; there
 `llvm.fmuladd` is an unfused multiply-add). Kernels that call these intrinsics are compiled
 without fast-math (source.fastmath_for): a reassociating flag would let LLVM reorder the lane
-sums. One thread, JIT on a Zen 4: Q5_0 5.0 -> 13.6 GB/s, Q8_0 11.4 -> 28.6 GB/s.
+sums. One thread, JIT on a Zen 4: Q5_0 5.0 -> 13.6 GB/s, Q8_0 11.4 -> 28.6 GB/s; AOT
+x86-64-v4: Q2_K 0.63 -> 11.4 GB/s.
 
 `dot_row(qtype, row, x8, xd, xs, tab, nb)` is one row's dot product with 8-bit activations:
 `row` the row's bytes (1-d uint8), `x8` the int8 activation values, `xd` their per-block
@@ -85,6 +89,10 @@ class _Emit:
         bits = self.load(base, offset, I16)
         return self.b.load(self.b.gep(tab, [self.b.zext(bits, I64)]))
 
+    def plus(self, o, k):
+        """Byte offset value o + k (k: a constant)."""
+        return self.b.add(o, ir.Constant(I64, k))
+
     def index(self, i, scale, plus=0):
         """i * scale + plus as an i64 value."""
         v = self.b.mul(i, ir.Constant(I64, scale))
@@ -110,6 +118,14 @@ class _Emit:
         high = self.b.lshr(qs16, _splat(I8, 16, 4))
         return self.shuffle(low, high, range(32))
 
+    def bit_set(self, v, bit):
+        """<32 x i1>: whether bit `bit` of each byte of v is set."""
+        return self.b.icmp_unsigned("!=", self.b.and_(v, _splat(I8, 32, 1 << bit)), _splat(I8, 32, 0))
+
+    def either(self, cond, if_set, if_clear):
+        """Per byte of <32 x i1> cond: the constant if_set or if_clear."""
+        return self.b.select(cond, _splat(I8, 32, if_set), _splat(I8, 32, if_clear))
+
     def call(self, name, ret, args):
         fnty = ir.FunctionType(ret, [a.type for a in args])
         return self.b.call(cgutils.get_or_insert_function(self.b.module, fnty, name), args)
@@ -119,11 +135,18 @@ class _Emit:
         """<32 x i8> q, y -> <8 x i32>, lane j = sum of q*y over elements 4j..4j+3
         (mul_sum_i8_pairs_float before its conversion; q may be signed)."""
         if self.avx2:
-            ax = self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
-            sy = self.call("llvm.x86.avx2.psign.b", _vec(I8, 32), [y, q])
-            return self.madd(self.maddubs(ax, sy), _splat(I16, 16, 1))
+            return self.madd(self.mul_i8_pairs(q, y), _splat(I16, 16, 1))
         products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
         return self.pair_sum(self.pair_sum(products, 32, I32), 16, I32)
+
+    def mul_i8_pairs(self, q, y):
+        """<32 x i8> signed q, y -> <16 x i16> pair sums of q*y: maddubs(|q|, sign(y, q)), the
+        same integers as ggml's maddubs of two unsigned parts subtracted (no saturation reached)."""
+        if self.avx2:
+            ax = self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
+            return self.maddubs(ax, self.call("llvm.x86.avx2.psign.b", _vec(I8, 32), [y, q]))
+        products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
+        return self.pair_sum(products, 32, I16)
 
     def maddubs(self, u, s):
         """<32 x i8> unsigned u, signed s -> <16 x i16> pair sums (no saturation reached here)."""
@@ -157,6 +180,11 @@ class _Emit:
         """hsum_float_8: ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))."""
         s = [self.b.fadd(self.lane(acc, k), self.lane(acc, k + 4)) for k in range(4)]
         return self.b.fadd(self.b.fadd(s[0], s[2]), self.b.fadd(s[1], s[3]))
+
+    def hsum_i32(self, v):
+        """The sum of <4 x i32> v's lanes (ggml's hadd_epi32 twice; integer, so any order)."""
+        return self.b.add(self.b.add(self.lane(v, 0), self.lane(v, 1)),
+                          self.b.add(self.lane(v, 2), self.lane(v, 3)))
 
     def hsum4(self, acc):
         """movehl + movehdup on 4 lanes: (l0+l2) + (l1+l3)."""
@@ -210,8 +238,8 @@ def _pointers(context, builder, sig, args):
 @intrinsic
 def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
     """One row's dot product: (qtype, row, x8, xd, xs, tab, nb) -> float32, qtype a constant
-    (its IR is chosen as the caller compiles). `xs` holds Q8_1's fp16 d * sums (Q4_1) or Q8_K's
-    group sums (Q4_K, Q6_K), as float32; other types ignore it."""
+    (its IR is chosen as the caller compiles). `xs` holds Q8_1's fp16 d * sums (Q4_1, Q5_1) or
+    Q8_K's group sums (K-quants), as float32; Q4_0/Q5_0/Q8_0 ignore it."""
     if not isinstance(qtype, types.IntegerLiteral):
         raise errors.RequireLiteralValue(qtype)
     body = _BODIES[qtype.literal_value]
@@ -222,8 +250,9 @@ def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
 
 
 _BITS = [1 << (j % 8) for j in range(32)]
-_Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K = (QUANT_TABLE[t].type_size for t in (
-    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (QUANT_TABLE[t].type_size for t in (
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 
 
 def _simple_row(e, row, x8, xd, tab, nb, block_bytes, values):
@@ -236,47 +265,57 @@ def _simple_row(e, row, x8, xd, tab, nb, block_bytes, values):
     return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
 
 
+def _high_bits(e, row, at):
+    """bytes_from_bits_32: <32 x i1>, element j = bit j of the 4 bytes at offset `at`."""
+    qh = e.shuffle(e.load(row, at, I8, 4), None, [j // 8 for j in range(32)])
+    return e.b.icmp_unsigned("!=", e.b.and_(qh, _const(I8, _BITS)), _splat(I8, 32, 0))
+
+
 def _dot_q4_0(e, p):
     """ggml_vec_dot_q4_0_q8_0: nibbles - 8."""
     row, x8, xd, _, tab, nb = p
     return _simple_row(e, row, x8, xd, tab, nb, _Q4_0,
-                       lambda o: e.b.sub(e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 16)),
-                                         _splat(I8, 32, 8)))
+                       lambda o: e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8)))
 
 
 def _dot_q5_0(e, p):
     """ggml_vec_dot_q5_0_q8_0: nibbles | 0xF0 where the block's high bit is clear (= value - 16)."""
     row, x8, xd, _, tab, nb = p
-
-    def values(o):
-        nib = e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 6)), I8, 16))
-        qh = e.shuffle(e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 4), None, [j // 8 for j in range(32)])
-        high = e.b.icmp_unsigned("!=", e.b.and_(qh, _const(I8, _BITS)), _splat(I8, 32, 0))
-        return e.b.or_(nib, e.b.select(high, _splat(I8, 32, 0), _splat(I8, 32, 0xF0)))
-    return _simple_row(e, row, x8, xd, tab, nb, _Q5_0, values)
+    return _simple_row(e, row, x8, xd, tab, nb, _Q5_0, lambda o: e.b.or_(
+        e.nibbles(e.load(row, e.plus(o, 6), I8, 16)), e.either(_high_bits(e, row, e.plus(o, 2)), 0, 0xF0)))
 
 
 def _dot_q8_0(e, p):
     """ggml_vec_dot_q8_0_q8_0."""
     row, x8, xd, _, tab, nb = p
-    return _simple_row(e, row, x8, xd, tab, nb, _Q8_0,
-                       lambda o: e.load(row, e.b.add(o, ir.Constant(I64, 2)), I8, 32))
+    return _simple_row(e, row, x8, xd, tab, nb, _Q8_0, lambda o: e.load(row, e.plus(o, 2), I8, 32))
 
 
-def _dot_q4_1(e, p):
-    """ggml_vec_dot_q4_1_q8_1: lanes of nibbles . y times d_w * d_x, plus the scalar sum of
+def _min_row(e, p, block_bytes, values):
+    """The Q4_1/Q5_1 loop: lanes of values(o) . y times d_w * d_x, plus the scalar sum of
     m_w * s_x (s_x: Q8_1's fp16 d * sum) added after the lanes."""
     row, x8, xd, xs, tab, nb = p
 
     def block(i, accs):
         acc, summs = accs
-        o = e.index(i, _Q4_1)
-        summs = e.fmuladd(e.f16(tab, row, e.b.add(o, ir.Constant(I64, 2))), e.b.load(e.b.gep(xs, [i])), summs)
+        o = e.index(i, block_bytes)
+        summs = e.fmuladd(e.f16(tab, row, e.plus(o, 2)), e.b.load(e.b.gep(xs, [i])), summs)
         d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
-        q = e.nibbles(e.load(row, e.b.add(o, ir.Constant(I64, 4)), I8, 16))
-        return [e.fma_lanes(d, e.dot_i8(q, e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
+        return [e.fma_lanes(d, e.dot_i8(values(o), e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
     acc, summs = e.block_loop(nb, [_zeros(8), _zeros(0)], block)
     return e.b.fadd(e.hsum8(acc), summs)
+
+
+def _dot_q4_1(e, p):
+    """ggml_vec_dot_q4_1_q8_1: nibbles."""
+    return _min_row(e, p, _Q4_1, lambda o: e.nibbles(e.load(p[0], e.plus(o, 4), I8, 16)))
+
+
+def _dot_q5_1(e, p):
+    """ggml_vec_dot_q5_1_q8_1: nibbles | 0x10 where the block's high bit is set."""
+    row = p[0]
+    return _min_row(e, p, _Q5_1, lambda o: e.b.or_(
+        e.nibbles(e.load(row, e.plus(o, 8), I8, 16)), e.either(_high_bits(e, row, e.plus(o, 4)), 0x10, 0)))
 
 
 def _group_sums(e, bsums, i):
@@ -285,50 +324,187 @@ def _group_sums(e, bsums, i):
     return e.b.fptosi(sums, _vec(I32, 16))
 
 
+def _bytes16(e, words):
+    """Four i32 words -> <16 x i8>, little-endian (ggml's _mm_set_epi32 of its aux words)."""
+    v = ir.Constant(_vec(I32, 4), None)
+    for k, u in enumerate(words):
+        v = e.b.insert_element(v, u, ir.Constant(I32, k))
+    return e.b.bitcast(v, _vec(I8, 16))
+
+
 def _k4_scales_mins(e, row, o):
-    """Q4_K's 12 packed bytes -> <16 x i16>: the 8 scales, then the 8 mins (ggml's utmp dance)."""
+    """Q4_K/Q5_K's 12 packed bytes at o + 4 -> <16 x i16>: the 8 scales, then the 8 mins
+    (ggml's utmp dance)."""
     b = e.b
     c = lambda v: ir.Constant(I32, v)  # noqa: E731
-    u0, u1, u2 = (e.load(row, b.add(o, ir.Constant(I64, 4 + 4 * k)), I32) for k in range(3))
+    u0, u1, u2 = (e.load(row, e.plus(o, 4 + 4 * k), I32) for k in range(3))
     u3 = b.or_(b.and_(b.lshr(u2, c(4)), c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u1, c(6)), c(0x03030303)), c(4)))
     aux = b.and_(u1, c(0x3F3F3F3F))
     u1 = b.or_(b.and_(u2, c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u0, c(6)), c(0x03030303)), c(4)))
     u0 = b.and_(u0, c(0x3F3F3F3F))
-    v = ir.Constant(_vec(I32, 4), None)
-    for k, u in enumerate((u0, u1, aux, u3)):
-        v = b.insert_element(v, u, c(k))
-    return b.zext(b.bitcast(v, _vec(I8, 16)), _vec(I16, 16))
+    return b.zext(_bytes16(e, (u0, u1, aux, u3)), _vec(I16, 16))
 
 
-def _dot_q4_k(e, p):
-    """ggml_vec_dot_q4_K_q8_K: lanes of sum over sub-blocks of scale * (nibbles . y), times
-    d = d_x * d_w; mins in 4 lanes (pairs of sub-blocks) times -d_x * dmin_w."""
+def _q3_k_scales(e, row, o):
+    """Q3_K's 12 packed bytes at o + 96 -> <16 x i16>: the 16 signed scales (ggml's aux words,
+    each byte - 32)."""
+    b = e.b
+    c = lambda v: ir.Constant(I32, v)  # noqa: E731
+    a0, a1, a2 = (e.load(row, e.plus(o, 96 + 4 * k), I32) for k in range(3))
+    low = lambda a: b.and_(a, c(0x0F0F0F0F))  # noqa: E731
+    high = lambda shift: b.shl(b.and_(b.lshr(a2, c(shift)), c(0x03030303)), c(4))  # noqa: E731
+    words = (b.or_(low(a0), high(0)), b.or_(low(a1), high(2)),
+             b.or_(low(b.lshr(a0, c(4))), high(4)), b.or_(low(b.lshr(a1, c(4))), high(6)))
+    return b.sext(b.sub(_bytes16(e, words), _splat(I8, 16, 32)), _vec(I16, 16))
+
+
+def _k4_min_products(e, sm, bsums, i):
+    """Q4_K/Q5_K's mins: <4 x i32>, lane k = m_2k * (group sum of sub-block 2k) + m_2k+1 * (...)."""
+    group = e.b.trunc(e.pair_sum(_group_sums(e, bsums, i), 16, I32), _vec(I16, 8))  # per 32-value sub-block
+    mins = e.shuffle(sm, None, range(8, 16))
+    prod = e.madd(e.shuffle(mins, _splat(I16, 8, 0), range(16)), e.shuffle(group, _splat(I16, 8, 0), range(16)))
+    return e.shuffle(prod, None, range(4))
+
+
+def _k4_sumi(e, x8, i, sm, values):
+    """Q4_K/Q5_K: <8 x i32> lanes of the sum over the 8 sub-blocks s of scale_s * (values(s) . y),
+    values(s) the 32 unsigned values of sub-block s (get_scale_shuffle_k4)."""
+    b = e.b
+    sumi = ir.Constant(_vec(I32, 8), [0] * 8)
+    for j in range(QK_K // 64):
+        p0, p1 = (e.madd(e.shuffle(sm, None, [s] * 16),
+                         e.maddubs(values(s), e.load(x8, e.index(i, QK_K, 32 * s), I8, 32)))
+                  for s in (2 * j, 2 * j + 1))
+        sumi = b.add(sumi, b.add(p0, p1))
+    return sumi
+
+
+def _k4_nibbles(e, row, qs, s):
+    """Q4_K/Q5_K sub-block s's 4 low bits: the low (s even) or high nibbles of the 32 bytes at
+    qs + 32 * (s // 2)."""
+    bits = e.load(row, e.plus(qs, 32 * (s // 2)), I8, 32)
+    return e.b.lshr(bits, _splat(I8, 32, 4)) if s % 2 else e.b.and_(bits, _splat(I8, 32, 15))
+
+
+def _k16_sumi(e, x8, i, scales, pairs):
+    """Q2_K/Q3_K/Q6_K: <8 x i32> lanes of the sum over the 32-value quarters (j, l) (values
+    128j + 32l ...) of scale * pairs(j, l, y), pairs the quarter's <16 x i16> pair products,
+    its first 16 values taking scale 8j + 2l, the others 8j + 2l + 1 (get_scale_shuffle_q3k)."""
+    b = e.b
+    sumi = ir.Constant(_vec(I32, 8), [0] * 8)
+    for j in range(QK_K // 128):
+        parts = []
+        for k in range(4):
+            s = 8 * j + 2 * k
+            y = e.load(x8, e.index(i, QK_K, 128 * j + 32 * k), I8, 32)
+            parts.append(e.madd(e.shuffle(scales, None, [s] * 8 + [s + 1] * 8), pairs(j, k, y)))
+        sumi = b.add(sumi, b.add(parts[0], parts[1]))
+        sumi = b.add(sumi, b.add(parts[2], parts[3]))
+    return sumi
+
+
+def _crumbs(e, bits, k):
+    """Bits 2k, 2k+1 of each byte (Q2_K/Q3_K's low 2 bits of quarter k)."""
+    return e.b.and_(e.b.lshr(bits, _splat(I8, 32, 2 * k)), _splat(I8, 32, 3))
+
+
+def _k_scale(e, xd, tab, row, i, at, negate=False):
+    """Super-block i's d_x times the fp16 at byte offset `at` of the row: d = d_x * d_w, or
+    with negate, dmin = -d_x * dmin_w (as ggml writes it)."""
+    dx = e.b.load(e.b.gep(xd, [i]))
+    return e.b.fmul(e.b.fneg(dx) if negate else dx, e.f16(tab, row, at))
+
+
+def _dot_q2_k(e, p):
+    """ggml_vec_dot_q2_K_q8_K: per super-block, first the mins into the same 8 lanes (lane k:
+    groups 2k, 2k+1 of mins . bsums) times -d_x * dmin_w, then lanes of scale * (2-bit values . y)
+    times d = d_x * d_w."""
     row, x8, xd, bsums, tab, nb = p
     b = e.b
 
     def block(i, accs):
+        o = e.index(i, _Q2_K)
+        d = _k_scale(e, xd, tab, row, i, e.plus(o, 80))
+        dmin = _k_scale(e, xd, tab, row, i, e.plus(o, 82), negate=True)
+        packed = e.load(row, o, I8, 16)
+        scales = b.zext(b.and_(packed, _splat(I8, 16, 15)), _vec(I16, 16))
+        mins = b.zext(b.lshr(packed, _splat(I8, 16, 4)), _vec(I16, 16))
+        acc = e.fma_lanes(dmin, e.madd(mins, b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))), accs[0])
+
+        def pairs(j, k, y):
+            return e.maddubs(_crumbs(e, e.load(row, e.plus(o, 16 + 32 * j), I8, 32), k), y)
+        return [e.fma_lanes(d, _k16_sumi(e, x8, i, scales, pairs), acc)]
+    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+
+
+def _dot_q3_k(e, p):
+    """ggml_vec_dot_q3_K_q8_K: lanes of scale * (3-bit values . y), times d = d_x * d_w; a value
+    is its 2 low bits, less 4 where its hmask bit is clear (ggml subtracts those products in i16)."""
+    row, x8, xd, _, tab, nb = p
+    b = e.b
+
+    def block(i, accs):
+        o = e.index(i, _Q3_K)
+        d = _k_scale(e, xd, tab, row, i, e.plus(o, 108))
+        hmask = e.load(row, o, I8, 32)
+
+        def pairs(j, k, y):
+            low = _crumbs(e, e.load(row, e.plus(o, 32 + 32 * j), I8, 32), k)
+            return e.mul_i8_pairs(b.or_(low, e.either(e.bit_set(hmask, 4 * j + k), 0, 0xFC)), y)
+        return [e.fma_lanes(d, _k16_sumi(e, x8, i, _q3_k_scales(e, row, o), pairs), accs[0])]
+    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+
+
+def _k4_row(e, p, block_bytes, values, mins):
+    """The Q4_K/Q5_K loop: lanes of the sum over sub-blocks s of scale_s * (values(o, s) . y),
+    times d = d_x * d_w. The mins' products (<4 x i32>, see _k4_min_products) times
+    dmin = -d_x * dmin_w go to an accumulator of their own, as ggml keeps it:
+    mins = (its initial value, add(dmin, products, acc) -> acc, the float it adds in the end)."""
+    row, x8, xd, bsums, tab, nb = p
+    init, add, final = mins
+
+    def block(i, accs):
         acc, acc_m = accs
-        o = e.index(i, _Q4_K)
-        dx = b.load(b.gep(xd, [i]))
-        d = b.fmul(dx, e.f16(tab, row, o))
-        dmin = b.fmul(b.fneg(dx), e.f16(tab, row, b.add(o, ir.Constant(I64, 2))))
+        o = e.index(i, block_bytes)
+        d = _k_scale(e, xd, tab, row, i, o)
+        dmin = _k_scale(e, xd, tab, row, i, e.plus(o, 2), negate=True)
         sm = _k4_scales_mins(e, row, o)
-        group = b.trunc(e.pair_sum(_group_sums(e, bsums, i), 16, I32), _vec(I16, 8))  # per 32-value sub-block
-        mins = e.shuffle(sm, None, range(8, 16))
-        prod = e.madd(e.shuffle(mins, _splat(I16, 8, 0), range(16)), e.shuffle(group, _splat(I16, 8, 0), range(16)))
-        acc_m = e.fma_lanes(dmin, e.shuffle(prod, None, range(4)), acc_m)
-        sumi = ir.Constant(_vec(I32, 8), [0] * 8)
-        for j in range(QK_K // 64):
-            bits = e.load(row, b.add(o, ir.Constant(I64, 16 + 32 * j)), I8, 32)
-            low, high = b.and_(bits, _splat(I8, 32, 15)), b.lshr(bits, _splat(I8, 32, 4))
-            y0 = e.load(x8, e.index(i, QK_K, 64 * j), I8, 32)
-            y1 = e.load(x8, e.index(i, QK_K, 64 * j + 32), I8, 32)
-            p0 = e.madd(e.shuffle(sm, None, [2 * j] * 16), e.maddubs(low, y0))
-            p1 = e.madd(e.shuffle(sm, None, [2 * j + 1] * 16), e.maddubs(high, y1))
-            sumi = b.add(sumi, b.add(p0, p1))
-        return [e.fma_lanes(d, sumi, acc), acc_m]
-    acc, acc_m = e.block_loop(nb, [_zeros(8), _zeros(4)], block)
-    return b.fadd(e.hsum8(acc), e.hsum4(acc_m))
+        acc_m = add(dmin, _k4_min_products(e, sm, bsums, i), acc_m)
+        return [e.fma_lanes(d, _k4_sumi(e, x8, i, sm, lambda s: values(o, s)), acc), acc_m]
+    acc, acc_m = e.block_loop(nb, [_zeros(8), init], block)
+    return e.b.fadd(e.hsum8(acc), final(acc_m))
+
+
+def _dot_q4_k(e, p):
+    """ggml_vec_dot_q4_K_q8_K: nibbles; the mins in 4 float lanes (pairs of sub-blocks)."""
+    return _k4_row(e, p, _Q4_K, lambda o, s: _k4_nibbles(e, p[0], e.plus(o, 16), s),
+                   (_zeros(4), e.fma_lanes, e.hsum4))
+
+
+def _dot_q5_k(e, p):
+    """ggml_vec_dot_q5_K_q8_K: nibbles | 0x10 where bit s of qh is set; the mins' integer total
+    (hadd_epi32) into a float scalar."""
+    row = p[0]
+
+    def values(o, s):
+        qh = e.load(row, e.plus(o, 16), I8, 32)
+        return e.b.or_(_k4_nibbles(e, row, e.plus(o, 48), s), e.either(e.bit_set(qh, s), 0x10, 0))
+
+    def add(dmin, prod, summs):
+        return e.fmuladd(dmin, e.b.sitofp(e.hsum_i32(prod), F32), summs)
+    return _k4_row(e, p, _Q5_K, values, (_zeros(0), add, lambda summs: summs))
+
+
+def _q6_k_quarter(e, row, o, j, k):
+    """Q6_K's 6-bit values of quarter k of half j (ql's nibbles, qh's 2-bit pairs)."""
+    b = e.b
+    m = lambda v: _splat(I8, 32, v)  # noqa: E731
+    ql = e.load(row, e.plus(o, 64 * j + 32 * (k % 2)), I8, 32)
+    qh = e.load(row, e.plus(o, 128 + 32 * j), I8, 32)
+    return (b.or_(b.and_(ql, m(15)), b.shl(b.and_(qh, m(3)), m(4))),
+            b.or_(b.and_(ql, m(15)), b.shl(b.and_(qh, m(12)), m(2))),
+            b.or_(b.lshr(ql, m(4)), b.and_(qh, m(48))),
+            b.or_(b.lshr(ql, m(4)), b.lshr(b.and_(qh, m(0xC0)), m(2))))[k]
 
 
 def _dot_q6_k(e, p):
@@ -339,33 +515,18 @@ def _dot_q6_k(e, p):
 
     def block(i, accs):
         o = e.index(i, _Q6_K)
-        d = b.fmul(b.load(b.gep(xd, [i])), e.f16(tab, row, b.add(o, ir.Constant(I64, 208))))
-        scales = b.sext(e.load(row, b.add(o, ir.Constant(I64, 192)), I8, 16), _vec(I16, 16))
+        d = _k_scale(e, xd, tab, row, i, e.plus(o, 208))
+        scales = b.sext(e.load(row, e.plus(o, 192), I8, 16), _vec(I16, 16))
         sums = b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))
         offset = b.shl(e.madd(sums, scales), _splat(I32, 8, 5))
-        sumi = ir.Constant(_vec(I32, 8), [0] * 8)
-        for j in range(QK_K // 128):
-            ql0 = e.load(row, b.add(o, ir.Constant(I64, 64 * j)), I8, 32)
-            ql1 = e.load(row, b.add(o, ir.Constant(I64, 64 * j + 32)), I8, 32)
-            qh = e.load(row, b.add(o, ir.Constant(I64, 128 + 32 * j)), I8, 32)
-            m = lambda v: _splat(I8, 32, v)  # noqa: E731
-            values = (
-                b.or_(b.and_(ql0, m(15)), b.shl(b.and_(qh, m(3)), m(4))),
-                b.or_(b.and_(ql1, m(15)), b.shl(b.and_(qh, m(12)), m(2))),
-                b.or_(b.lshr(ql0, m(4)), b.and_(qh, m(48))),
-                b.or_(b.lshr(ql1, m(4)), b.lshr(b.and_(qh, m(0xC0)), m(2))),
-            )
-            parts = []
-            for k, q in enumerate(values):
-                y = e.load(x8, e.index(i, QK_K, 128 * j + 32 * k), I8, 32)
-                s = 8 * j + 2 * k
-                parts.append(e.madd(e.shuffle(scales, None, [s] * 8 + [s + 1] * 8), e.maddubs(q, y)))
-            sumi = b.add(sumi, b.add(parts[0], parts[1]))
-            sumi = b.add(sumi, b.add(parts[2], parts[3]))
+        sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(_q6_k_quarter(e, row, o, j, k), y))
         return [e.fma_lanes(d, b.sub(sumi, offset), accs[0])]
     return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
 
 
-_BODIES = {int(GGMLType.Q4_0): _dot_q4_0, int(GGMLType.Q4_1): _dot_q4_1, int(GGMLType.Q5_0): _dot_q5_0,
-           int(GGMLType.Q8_0): _dot_q8_0, int(GGMLType.Q4_K): _dot_q4_k, int(GGMLType.Q6_K): _dot_q6_k}
+_BODIES = {int(t): body for t, body in (
+    (GGMLType.Q4_0, _dot_q4_0), (GGMLType.Q4_1, _dot_q4_1), (GGMLType.Q5_0, _dot_q5_0),
+    (GGMLType.Q5_1, _dot_q5_1), (GGMLType.Q8_0, _dot_q8_0), (GGMLType.Q2_K, _dot_q2_k),
+    (GGMLType.Q3_K, _dot_q3_k), (GGMLType.Q4_K, _dot_q4_k), (GGMLType.Q5_K, _dot_q5_k),
+    (GGMLType.Q6_K, _dot_q6_k))}
 LANE_TYPES = frozenset(GGMLType(t) for t in _BODIES)

@@ -31,7 +31,8 @@ from ggufile.runtime.kernels import lanes_source as lanes
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
 FASTMATH = frozenset({"reassoc", "nsz"})
-# Decode dot products are float sums in any order anyway: FMAs there are free speed (1.25x on Q8_0).
+# The float decode dot products (mv_f32, mv_f16) are sums in any order anyway: FMAs there are
+# free speed (1.25x on the former float Q8_0 kernel).
 DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
@@ -96,34 +97,17 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
-# By far the most decode time is spent in these kernels. The common types (Q4_0, Q4_1, Q5_0,
-# Q8_0, Q4_K, Q6_K) call lanes_source: llama.cpp's own AVX2 integer dot products, emitted as
-# LLVM vector IR, so their results are llama.cpp's bit for bit and 2-3x faster than float
-# loops. The rarer ones (Q5_1, Q2_K, Q3_K, Q5_K) are float loops shaped for LLVM's vectorizer:
-# - each block's elements are one short inner loop whose trip count is a run-time value capped
-#   by a constant (`min(half, 16)`): LLVM then emits exactly one 16-lane vector iteration (no
-#   interleaving a 16-trip loop never reaches, no scalar tail), whereas a constant trip count is
-#   unrolled and vectorized across blocks with gathers instead;
-# - four rows are walked together (`_rows4`): four independent accumulator chains, where one
-#   row's block-after-block accumulation is a latency-bound chain of dependent adds; the four
-#   rows are a quarter of the rows apart, so each is a sequential stream for the prefetchers;
-# - no slicing inside the row loop: every array view costs a reference-count increment and
-#   decrement (atomic calls). Offsets are uint64, so indexing skips negative-index wraparound;
-# - fp16 block scales are read through a uint16 view of the row (every scale is 2-byte aligned).
-# - Q5_1: one reduction per row, not per block: each row keeps a vector of per-lane sums
-#   (`acc`, a 4 x 16 scratch array allocated once per call) and each block adds its lane
-#   products times its scale product d_w * d_x; the 16->1 horizontal sum per block was a third
-#   of the work (measured on Q4_1's former float kernel: 6.0 -> 8.1-8.9 GB/s).
-
-
-# Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K: llama.cpp's AVX2 dot products lane for lane (lanes_source),
-# one row at a time; the rows of a thread's slice are one sequential stream.
+# By far the most decode time is spent in these kernels. Every quantized type calls lanes_source:
+# llama.cpp's own AVX2 integer dot products, emitted as LLVM vector IR, so the results are
+# llama.cpp's bit for bit and 2-18x faster than the float loops they replaced. One row at a
+# time: the rows of a thread's slice are one sequential stream.
 
 
 # The lane kernels' types, as plain ints: Numba sees module globals as constants, so each
 # kernel's call below compiles its own dot_row IR.
-_Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K = (int(t) for t in (
-    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 
 
 @njit(inline="always")
@@ -150,180 +134,32 @@ def mv_q5_0(w, xq, xd, out, r0, r1, tab, qk):
     _mv_lanes(_Q5_0, w, xq, xd, xd, out, r0, r1, tab, qk)
 
 
+def mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk):
+    _mv_lanes(_Q5_1, w, xq, xd, xs, out, r0, r1, tab, qk)
+
+
 def mv_q8_0(w, xq, xd, out, r0, r1, tab, qk):
     _mv_lanes(_Q8_0, w, xq, xd, xd, out, r0, r1, tab, qk)
+
+
+def mv_q2_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    _mv_lanes(_Q2_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
+
+
+def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    _mv_lanes(_Q3_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
 
 
 def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     _mv_lanes(_Q4_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
 
 
+def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    _mv_lanes(_Q5_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
+
+
 def mv_q6_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     _mv_lanes(_Q6_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
-
-
-@njit(inline="always")
-def _mv_q5(w, xq, xd, xs, out, r0, r1, tab, qk, at, offset):
-    """Q5_0 (high bits at byte 2, values - 16, xs unused) and Q5_1 (at byte 4, offset 0, + min * xs)."""
-    nb = xq.shape[1] // qk
-    ts = w.shape[1] // nb
-    h = w.view(np.uint16)
-    half = qk // 2
-    off = np.float32(offset)
-    acc = np.zeros((4, 16), np.float32)
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        quarter = (r1 - r0 + 3) // 4
-        for r in range(r0, r0 + quarter):
-            i0, i1, i2, i3 = _rows4(r, quarter, r1)
-            w0, w1, w2, w3 = w[i0], w[i1], w[i2], w[i3]
-            h0, h1, h2, h3 = h[i0], h[i1], h[i2], h[i3]
-            acc[:] = 0
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(nb):
-                o = np.uint64(b * ts)
-                p = (o + np.uint64(at)) >> np.uint64(1)
-                q = o + np.uint64(at + 4)
-                xo = np.uint64(b * qk)
-                xh = xo + np.uint64(half)
-                dx = xd[t, b]
-                c0 = _f16(tab, h0, o, 0) * dx
-                c1 = _f16(tab, h1, o, 0) * dx
-                c2 = _f16(tab, h2, o, 0) * dx
-                c3 = _f16(tab, h3, o, 0) * dx
-                g0 = _qh(h0, p)
-                g1 = _qh(h1, p)
-                g2 = _qh(h2, p)
-                g3 = _qh(h3, p)
-                for j in range(min(half, 16)):
-                    u = np.uint64(j)
-                    xa = x[xo + u]
-                    xb = x[xh + u]
-                    m0 = _BIT[j]
-                    m1 = _BIT[j + half]
-                    acc[0, j] += c0 * _lane_q5(w0[q + u], g0, m0, m1, xa, xb, off)
-                    acc[1, j] += c1 * _lane_q5(w1[q + u], g1, m0, m1, xa, xb, off)
-                    acc[2, j] += c2 * _lane_q5(w2[q + u], g2, m0, m1, xa, xb, off)
-                    acc[3, j] += c3 * _lane_q5(w3[q + u], g3, m0, m1, xa, xb, off)
-                if offset == 0:
-                    sx = xs[t, b]
-                    a0 += _f16(tab, h0, o, 2) * sx
-                    a1 += _f16(tab, h1, o, 2) * sx
-                    a2 += _f16(tab, h2, o, 2) * sx
-                    a3 += _f16(tab, h3, o, 2) * sx
-            _store4(out, t, i0, i1, i2, i3, a0 + acc[0].sum(), a1 + acc[1].sum(), a2 + acc[2].sum(),
-                    a3 + acc[3].sum())
-
-
-def mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk):
-    _mv_q5(w, xq, xd, xs, out, r0, r1, tab, qk, 4, 0)
-
-
-def mv_q2_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    n_tok = xq.shape[0]
-    nb = xq.shape[1] // qk_k
-    ts = w.shape[1] // nb
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * ts
-                sc = row[o:o + 16]
-                qs = row[o + 16:o + 80]
-                dw = tab[np.int64(row[o + 80]) | (np.int64(row[o + 81]) << 8)]
-                mw = tab[np.int64(row[o + 82]) | (np.int64(row[o + 83]) << 8)]
-                summ = np.float32(0.0)
-                for g in range(16):
-                    summ += np.float32(sc[g] >> np.uint8(4)) * xbs[t, b * 16 + g]
-                sumi = np.float32(0.0)
-                for h in range(2):  # two 128-element halves, 32 bytes of qs each
-                    q = qs[32 * h:32 * h + 32]
-                    for shift in range(4):
-                        x = xq[t, b * qk_k + 128 * h + 32 * shift:b * qk_k + 128 * h + 32 * shift + 32]
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        for j in range(16):
-                            s0 += np.float32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) * x[j]
-                            s1 += np.float32((q[j + 16] >> np.uint8(2 * shift)) & np.uint8(3)) * x[j + 16]
-                        g = 8 * h + 2 * shift
-                        sumi += np.float32(sc[g] & np.uint8(15)) * s0 + np.float32(sc[g + 1] & np.uint8(15)) * s1
-                acc += xd[t, b] * (dw * sumi - mw * summ)
-            out[t, r] = acc
-
-
-def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    n_tok = xq.shape[0]
-    nb = xq.shape[1] // qk_k
-    ts = w.shape[1] // nb
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * ts
-                hm = row[o:o + 32]
-                qs = row[o + 32:o + 96]
-                p = row[o + 96:o + 108]
-                dw = tab[np.int64(row[o + 108]) | (np.int64(row[o + 109]) << 8)]
-                sumi = np.float32(0.0)
-                for h in range(2):
-                    q = qs[32 * h:32 * h + 32]
-                    for shift in range(4):
-                        base = b * qk_k + 128 * h + 32 * shift
-                        x = xq[t, base:base + 32]
-                        bit = np.uint8(4 * h + shift)
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        for j in range(16):
-                            v0 = np.int32((q[j] >> np.uint8(2 * shift)) & np.uint8(3)) - 4 * np.int32(1 - ((hm[j] >> bit) & np.uint8(1)))
-                            v1 = np.int32((q[j + 16] >> np.uint8(2 * shift)) & np.uint8(3)) - 4 * np.int32(1 - ((hm[j + 16] >> bit) & np.uint8(1)))
-                            s0 += np.float32(v0) * x[j]
-                            s1 += np.float32(v1) * x[j + 16]
-                        sumi += np.float32(_q3_scale(p, 8 * h + 2 * shift)) * s0
-                        sumi += np.float32(_q3_scale(p, 8 * h + 2 * shift + 1)) * s1
-                acc += dw * xd[t, b] * sumi
-            out[t, r] = acc
-
-
-def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    n_tok = xq.shape[0]
-    nb = xq.shape[1] // qk_k
-    ts = w.shape[1] // nb
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * ts
-                dw = tab[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-                mw = tab[np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)]
-                p = row[o + 4:o + 16]
-                qh = row[o + 16:o + 48]
-                qs = row[o + 48:o + ts]
-                sumi = np.float32(0.0)
-                summ = np.float32(0.0)
-                for pair in range(4):
-                    q = qs[32 * pair:32 * pair + 32]
-                    base = b * qk_k + 64 * pair
-                    x = xq[t, base:base + 64]
-                    b0 = np.uint8(2 * pair)
-                    b1 = np.uint8(2 * pair + 1)
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    for j in range(32):
-                        v = q[j]
-                        h = qh[j]
-                        s0 += np.float32((v & np.uint8(15)) | (((h >> b0) & np.uint8(1)) << np.uint8(4))) * x[j]
-                        s1 += np.float32((v >> np.uint8(4)) | (((h >> b1) & np.uint8(1)) << np.uint8(4))) * x[j + 32]
-                    j0 = 2 * pair
-                    sc0, m0 = _k_scale_min(p, j0)
-                    sc1, m1 = _k_scale_min(p, j0 + 1)
-                    sumi += np.float32(sc0) * s0 + np.float32(sc1) * s1
-                    g = b * 16 + 4 * pair
-                    summ += np.float32(m0) * (xbs[t, g] + xbs[t, g + 1]) + np.float32(m1) * (xbs[t, g + 2] + xbs[t, g + 3])
-                acc += xd[t, b] * (dw * sumi - mw * summ)
-            out[t, r] = acc
 
 
 def mv_f32(w, x, out, r0, r1):
@@ -605,52 +441,6 @@ def scan_strings(buf, pos, count, starts, ends):
 
 
 # --- helpers (inlined into the kernels) -------------------------------------------------------
-
-
-@njit(inline="always")
-def _rows4(r, quarter, r1):
-    """Row r of each quarter of [r0, r1): four sequential streams far apart, which the hardware
-    prefetchers follow (four adjacent rows, interleaved, ran 1.6x slower from DRAM than from
-    cache). Rows past r1 - 1 become r1 - 1: computed and stored twice, no tail loop."""
-    last = r1 - 1
-    return r, min(r + quarter, last), min(r + 2 * quarter, last), min(r + 3 * quarter, last)
-
-
-@njit(inline="always")
-def _store4(out, t, i0, i1, i2, i3, a0, a1, a2, a3):
-    out[t, i0] = a0
-    out[t, i1] = a1
-    out[t, i2] = a2
-    out[t, i3] = a3
-
-
-@njit(inline="always")
-def _f16(tab, h, o, at):
-    """The fp16 number at byte o + at of a row (h: the row's uint16 view)."""
-    return tab[h[(o + np.uint64(at)) >> np.uint64(1)]]
-
-
-# One byte (Q4/Q5: two values) of a row's block times the 8-bit activations (integer-valued
-# float32): one vector lane of the block loops above.
-
-
-@njit(inline="always")
-def _qh(h, p):
-    """Q5: the 32 high bits at uint16 index p of a row."""
-    return np.uint32(h[p]) | (np.uint32(h[p + np.uint64(1)]) << np.uint32(16))
-
-
-@njit(inline="always")
-def _lane_q5(v, qh, m0, m1, xa, xb, off):
-    hl = np.float32(16.0) if qh & m0 else np.float32(0.0)
-    hh = np.float32(16.0) if qh & m1 else np.float32(0.0)
-    return ((np.float32(np.int32(v & np.uint8(15))) + hl - off) * xa
-            + (np.float32(np.int32(v >> np.uint8(4))) + hh - off) * xb)
-
-
-# Bit j of Q5's 32 high bits is tested with _BIT[j]: a constant vector, where shifting by the
-# lane index (numba types the shift as 64-bit) left LLVM with 64-bit lanes.
-_BIT = np.array([1 << i for i in range(32)], dtype=np.uint32)
 
 
 @njit(inline="always")
