@@ -5,20 +5,35 @@ the shipped executable has no Numba.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numba
 
-from ggufile.runtime.kernels import source, step_source
+from ggufile.runtime.kernels import lanes_source, source, step_source, sync_source
 
 NAME = "jit"
+
+
+def _cache_dir() -> str:
+    """Numba's disk cache checks a kernel's own file only, and the kernels' code also lives in
+    lanes_source (the IR), step_source and sync_source: one cache directory per content of all."""
+    digest = hashlib.sha256()
+    for module in (source, lanes_source, step_source, sync_source):
+        digest.update(Path(module.__file__).read_bytes())
+    return str(Path(source.__file__).parent / "__pycache__" / f"jit-{digest.hexdigest()[:16]}")
 
 
 def load() -> SimpleNamespace:
     """The kernels, each wrapped like its AOT export: no GIL, same fast-math flags."""
     kernels = {name: getattr(source, name) for name in source.KERNEL_NAMES}
     kernels.update({name: getattr(step_source, name) for name in step_source.KERNEL_NAMES})
-    return SimpleNamespace(**{
-        name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(kernel)
-        for name, kernel in kernels.items()
-    })
+    saved, numba.config.CACHE_DIR = numba.config.CACHE_DIR, _cache_dir()  # read as each is wrapped
+    try:
+        return SimpleNamespace(**{
+            name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(kernel)
+            for name, kernel in kernels.items()
+        })
+    finally:
+        numba.config.CACHE_DIR = saved
