@@ -263,16 +263,14 @@ def dequantize_activations(q: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
-    """x @ W.T with x quantized like llama.cpp does for W's type, summed exactly (float64).
+    """x @ W.T with x as llama.cpp's dot product for W's type sees it (dot_activations: 8-bit
+    blocks, or fp16-rounded for F16 weights), summed exactly (float64).
 
     For Q4_1/Q5_1 the block minimum multiplies Q8_1's stored fp16 d*sum, as in ggml.
-    Other types (float weights) use x as is.
     """
     qtype = GGMLType(qtype)
     k = x.shape[1]
     wf = dequantize_matrix(w, qtype, k).astype(np.float64)
-    if qtype not in Q8_0_FAMILY | Q8_K_FAMILY:
-        return x.astype(np.float64) @ wf.T
     y = dot_activations(x, qtype).astype(np.float64) @ wf.T
     if qtype in (GGMLType.Q4_1, GGMLType.Q5_1):
         q, d, s = quantize_q8_0(x)

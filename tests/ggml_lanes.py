@@ -8,6 +8,9 @@ converted to float and FMA-added with the block scale; hsum_float_8 adds them as
 scalar `summs` added after the lanes, Q4_K into 4 lanes of their own (acc_m), Q2_K into the
 same 8 lanes (lane k: groups 2k, 2k+1), FMA-added before the block's values. The FMA is
 emulated in float64 (the float32 product is exact there) and rounded once to float32.
+
+F16 weights: ggml_vec_dot_f16 (ggml-cpu/vec.cpp) with simd-mappings.h's __AVX__ + __F16C__ +
+__FMA__ macros, on activations converted to fp16 first (see _f16_matvec).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
 
 LANE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
               GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+# Every type whose decode matvec matvec() emulates.
+DECODE_TYPES = LANE_TYPES + (GGMLType.F16,)
 
 
 def _fma(a, b, c):
@@ -189,9 +194,38 @@ def _k_matvec(blocks, qtype, x):
     return out.astype(np.float32)
 
 
+def _f16_matvec(w, x):
+    """ggml_vec_dot_f16 of each row of W (rows, k) fp16 with x (k,), as an AVX2 build runs it.
+
+    x goes through from_float = ggml_cpu_fp32_to_fp16 (_mm256_cvtps_ph, round to nearest even).
+    GGML_F16_STEP 32, GGML_F16_EPR 8: GGML_F16_ARR = 4 accumulators of 8 float lanes, sum[j]
+    taking elements i + 8j .. i + 8j + 7 of each step i by GGML_F32x8_FMA, one _mm256_fmadd_ps
+    (fp16 products are exact in float32, so a float32 add after the product is the same).
+    GGML_F32x8_REDUCE: sum0 += sum2, sum1 += sum3, sum0 += sum1; t0 = low half + high half;
+    _mm_hadd_ps twice gives (t0[0] + t0[1]) + (t0[2] + t0[3]); that float becomes sumf, a
+    ggml_float (double). The n % 32 leftovers: sumf += (double)(float x * float y), in order.
+    *s = sumf stores it as float.
+    """
+    wf = np.ascontiguousarray(w).view(np.float16).astype(np.float32)
+    y = x.astype(np.float16).astype(np.float32)
+    rows, k = wf.shape
+    np_ = k - k % 32
+    acc = np.zeros((rows, 4, 8), np.float32)
+    for i in range(0, np_, 32):
+        acc = acc + wf[:, i:i + 32].reshape(rows, 4, 8) * y[i:i + 32].reshape(4, 8)
+    v = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
+    t0 = v[:, :4] + v[:, 4:]
+    sumf = ((t0[:, 0] + t0[:, 1]) + (t0[:, 2] + t0[:, 3])).astype(np.float64)
+    for i in range(np_, k):
+        sumf = sumf + (wf[:, i] * y[i]).astype(np.float64)
+    return sumf.astype(np.float32)
+
+
 def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     """x (k,) times each row of W (rows, row_bytes) as ggml's AVX2 vec_dot does it: (rows,) float32."""
     qtype = GGMLType(qtype)
+    if qtype == GGMLType.F16:
+        return _f16_matvec(w, x)
     info = QUANT_TABLE[qtype]
     rows, nb = w.shape[0], w.shape[1] // info.type_size
     blocks = np.ascontiguousarray(w).reshape(rows, nb, info.type_size)

@@ -1,9 +1,9 @@
 """Every kernel backend equals the NumPy reference (quants.py) for every weight type.
 
 Backends tested: numpy, jit (when numba is importable) and each AOT variant built here that
-this CPU can run. Decode matmuls (few tokens) quantize activations to 8 bits like llama.cpp,
-so they are compared with quants.reference_matvec (same scheme, exact sums) to float
-rounding, and loosely with the float product.
+this CPU can run. Decode matmuls (few tokens) quantize activations to 8 bits like llama.cpp
+(F16 weights: round them to fp16), so they are compared with quants.reference_matvec (same
+scheme, exact sums) to float rounding, and loosely with the float product.
 """
 from __future__ import annotations
 
@@ -85,9 +85,11 @@ def assert_close(y, ref, rel):
     np.testing.assert_allclose(y, ref, atol=rel * scale, rtol=0)
 
 
-def is_8bit_decode(backend, qtype, n_tok) -> bool:
-    return (backend is not numpy_backend and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY
-            and n_tok <= compiled.MATVEC_MAX_TOKENS)
+def is_lane_decode(backend, qtype, n_tok) -> bool:
+    """Compiled decode on llama.cpp's dot products (lanes_source): the activations as
+    quants.dot_activations rounds them (8-bit blocks; fp16 for F16 weights)."""
+    return (backend is not numpy_backend and n_tok <= compiled.MATVEC_MAX_TOKENS
+            and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16})
 
 
 def is_8bit_via_blas(backend, qtype, n_tok) -> bool:
@@ -121,12 +123,12 @@ def test_matmul_matches_reference(backend, qtype, n_tok):
     out = np.full((n_tok, rows), np.nan, dtype=np.float32)
     y = backend.matmul(w, qtype, x, out)
     assert y is out
-    if is_8bit_decode(backend, qtype, n_tok):
+    if is_lane_decode(backend, qtype, n_tok):
         assert_close(y, quants.reference_matvec(w, qtype, x), 2e-6)
         assert_close(y, float_product(w, qtype, x), 2e-2)
     elif is_8bit_via_blas(backend, qtype, n_tok):
-        # Same activations as decode; only Q8_1's fp16-rounded d*sum term (and f16 x for F16
-        # weights) separates it from the exact reference.
+        # Same activations as decode; only Q8_1's fp16-rounded d*sum term (and BLAS's float
+        # sums) separates it from the exact reference.
         assert_close(y, quants.reference_matvec(w, qtype, x), 2e-3)
         assert_close(y, float_product(w, qtype, x), 2e-2)
     else:
@@ -143,7 +145,7 @@ def test_decode_row_counts_not_multiple_of_four(backend, qtype, rows):
     out = np.full((2, rows), np.nan, dtype=np.float32)
     y = backend.matmul(w, qtype, x, out)
     ref = quants.reference_matvec(w, qtype, x)
-    assert_close(y, ref, 2e-6 if is_8bit_decode(backend, qtype, 2) else 2e-3)
+    assert_close(y, ref, 2e-6 if is_lane_decode(backend, qtype, 2) else 2e-3)
 
 
 def _has_fma(backend_name: str) -> bool:
@@ -154,28 +156,35 @@ def _has_fma(backend_name: str) -> bool:
     return "fma" in cpu.variants_for_machine()[variant][1]
 
 
+# Row lengths: 3 super-blocks, 23 blocks; F16 also n % 32 = 13 leftovers after 23 steps of 32.
+_BIT_FOR_BIT_K = {**{t: 3 * 256 for t in quants.Q8_K_FAMILY}, **{t: 23 * 32 for t in quants.Q8_0_FAMILY},
+                  GGMLType.F16: 23 * 32 + 13}
+
+
 @pytest.mark.parametrize("n_tok", [1, 3])
-@pytest.mark.parametrize("qtype", ggml_lanes.LANE_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ggml_lanes.DECODE_TYPES, ids=lambda t: t.name)
 def test_decode_is_llama_cpp_avx2_bit_for_bit(qtype, n_tok):
     """The lane kernels reproduce ggml's AVX2 vec_dot exactly (an emulation written from its C),
-    on every compiled backend whose target has FMA; without FMA, to float rounding."""
-    k = 2 * 256 + 256 if qtype in quants.Q8_K_FAMILY else 23 * 32
+    on every compiled backend whose target has FMA; without FMA, to float rounding (F16 exactly:
+    its products are exact in float32, so an FMA rounds as the add alone)."""
+    k = _BIT_FOR_BIT_K[qtype]
     w = random_weight(qtype, 37, k, seed=11)
     x = np.random.default_rng(5).standard_normal((n_tok, k)).astype(np.float32)
     ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])
     for name in _backend_ids()[1:]:
         y = load_backend(name).matmul(w, qtype, x, np.empty((n_tok, 37), np.float32))
-        if _has_fma(name):
+        if _has_fma(name) or qtype == GGMLType.F16:
             np.testing.assert_array_equal(y, ref, err_msg=name)
         else:
             assert_close(y, ref, 1e-6)
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
-@pytest.mark.parametrize("qtype", ggml_lanes.LANE_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ggml_lanes.DECODE_TYPES, ids=lambda t: t.name)
 def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
     """Targets without AVX2 (the generic variant, aarch64) get portable vector IR: the same integer
-    lanes, so on one machine the same bits as the x86 intrinsics."""
+    lanes, so on one machine the same bits as the x86 intrinsics. (F16 on x86 without AVX2 reads
+    fp16 through the table instead of vcvtph2ps: the same floats.)"""
     import numba
 
     from ggufile.runtime.kernels import lanes_source, source
@@ -183,17 +192,16 @@ def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
     name = f"mv_{qtype.name.lower()}"
     monkeypatch.setattr(lanes_source, "_target_has_avx2", lambda context: False)
     portable = numba.njit(getattr(source, name))  # compiled now, with the patch in place
-    k = 512 if qtype in quants.Q8_K_FAMILY else 640
+    k = {GGMLType.F16: 640 + 13}.get(qtype, 512 if qtype in quants.Q8_K_FAMILY else 640)
     w = random_weight(qtype, 29, k, seed=2)
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
-    family = compiled.ACTIVATION[qtype]
-    xq, xd, xs = load_backend("jit")._quantize_activations(family, x)
-    block = QUANT_TABLE[qtype].block_size
     out = np.empty((1, 29), np.float32)
-    if qtype in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0):
-        portable(w, xq, xd, out, 0, 29, compiled.F16_TABLE, block)
+    if qtype == GGMLType.F16:
+        portable(w.view(np.uint16), x, out, 0, 29, compiled.F16_TABLE)
     else:
-        portable(w, xq, xd, xs, out, 0, 29, compiled.F16_TABLE, block)
+        xq, xd, xs = load_backend("jit")._quantize_activations(compiled.ACTIVATION[qtype], x)
+        sums = () if qtype in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0) else (xs,)
+        portable(w, xq, xd, *sums, out, 0, 29, compiled.F16_TABLE, QUANT_TABLE[qtype].block_size)
     np.testing.assert_array_equal(out, load_backend("jit").matmul(w, qtype, x, np.empty_like(out)))
 
 

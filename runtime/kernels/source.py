@@ -15,6 +15,7 @@ Conventions shared by all kernels:
 - Decode kernels (`mv_*`) follow llama.cpp's CPU backend: the activation rows are quantized to
   8 bits per block first (`quantize_q8_*`), kept as integer-valued float32, and each block dot
   product is a sum of integer products (exact in float32), scaled by the two block scales.
+  F16 weights take the activations rounded to fp16 instead, as ggml's vec_dot_type F16.
 - Dequantization kernels (`dq_*`) repeat quants.py's operation order, so they are bit-exact
   with it (compiled without FMA contraction for that reason).
 """
@@ -31,8 +32,8 @@ from ggufile.runtime.kernels import lanes_source as lanes
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
 FASTMATH = frozenset({"reassoc", "nsz"})
-# The float decode dot products (mv_f32, mv_f16) are sums in any order anyway: FMAs there are
-# free speed (1.25x on the former float Q8_0 kernel).
+# The float decode dot product (mv_f32) is a sum in any order anyway: FMAs there are free speed
+# (1.25x on the former float Q8_0 kernel).
 DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
@@ -97,8 +98,8 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
-# By far the most decode time is spent in these kernels. Every quantized type calls lanes_source:
-# llama.cpp's own AVX2 integer dot products, emitted as LLVM vector IR, so the results are
+# By far the most decode time is spent in these kernels. Every quantized type (and F16) calls
+# lanes_source: llama.cpp's own AVX2 dot products, emitted as LLVM vector IR, so the results are
 # llama.cpp's bit for bit and 2-18x faster than the float loops they replaced. One row at a
 # time: the rows of a thread's slice are one sequential stream.
 
@@ -174,15 +175,16 @@ def mv_f32(w, x, out, r0, r1):
 
 
 def mv_f16(w, x, out, r0, r1, tab):
-    """w: (rows, k) uint16 bit patterns of fp16."""
+    """w: (rows, k) uint16 bit patterns of fp16. Each token's x is rounded to fp16 first, as
+    ggml converts the activations to F16 weights' vec_dot_type (ties to even, as F16C's
+    vcvtps2ph), then every row is one lanes_source.dot_f16."""
     n_tok, k = x.shape
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            s = np.float32(0.0)
-            for j in range(k):
-                s += tab[np.int64(row[j])] * x[t, j]
-            out[t, r] = s
+    x16 = np.empty(k, np.uint16)
+    for t in range(n_tok):
+        for j in range(k):
+            x16[j] = np.uint16(_f16_bits(x[t, j]))
+        for r in range(r0, r1):
+            out[t, r] = lanes.dot_f16(w[r], x16, tab, k)
 
 
 # --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with quants.py ----------------------
