@@ -19,8 +19,8 @@ from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.quants import Q8_0_FAMILY, Q8_K_FAMILY, row_elements
 
-# Weight types the step's matvec dispatch covers: those of the decode kernels, but BF16.
-STEP_WEIGHT_TYPES = Q8_0_FAMILY | Q8_K_FAMILY | {GGMLType.F32, GGMLType.F16}
+# Weight types the step's matvec dispatch covers: those of the decode kernels.
+STEP_WEIGHT_TYPES = Q8_0_FAMILY | Q8_K_FAMILY | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
 
 
 def _root(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
-from ggufile.runtime.quants import k_scale_min, q3_k_scales
+from ggufile.runtime.quants import f32_to_bf16, k_scale_min, q3_k_scales
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -393,14 +393,6 @@ _BLOCK_QUANT = {
 }
 
 QUANTIZABLE_TYPES = frozenset(_BLOCK_QUANT) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """ggml_compute_fp32_to_bf16: round to nearest even, NaNs forced quiet -> uint16."""
-    bits = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (bits.astype(np.uint64) + (np.uint64(0x7FFF) + ((bits >> 16) & 1))) >> np.uint64(16)
-    return np.where(nan, (bits >> 16) | np.uint32(64), rounded).astype(np.uint16)
 
 
 def quantize_blocks(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:

@@ -170,6 +170,14 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16: round to nearest even, NaNs forced quiet -> uint16."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = (bits.astype(np.uint64) + (np.uint64(0x7FFF) + ((bits >> 16) & 1))) >> np.uint64(16)
+    return np.where(nan, (bits >> 16) | np.uint32(64), rounded).astype(np.uint16)
+
+
 def dequantize(raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
     """The first n_elements of a tensor's bytes (any shape/dtype, C-contiguous) -> float32 (n_elements,)."""
     qtype = GGMLType(qtype)
@@ -242,7 +250,7 @@ def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def dot_activations(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """x (n_tok, k) as llama.cpp's CPU dot product for weights of `qtype` sees it (ggml's
     vec_dot_type): 8-bit blocks, dequantized, for the quantized types; f16-rounded for F16
-    weights; unchanged otherwise. dequant(W) @ dot_activations(x).T is llama.cpp's product
+    weights, bf16-rounded (GGML_FP32_TO_BF16) for BF16; unchanged otherwise. dequant(W) @ dot_activations(x).T is llama.cpp's product
     up to float rounding (and Q8_1's fp16-rounded d*sum term)."""
     qtype = GGMLType(qtype)
     if qtype in Q8_K_FAMILY:
@@ -253,6 +261,8 @@ def dot_activations(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
         return dequantize_activations(q, d)
     if qtype == GGMLType.F16:
         return x.astype(np.float16).astype(np.float32)
+    if qtype == GGMLType.BF16:
+        return bf16_to_f32(f32_to_bf16(x)).reshape(x.shape)
     return x
 
 
@@ -264,7 +274,7 @@ def dequantize_activations(q: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 def reference_matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     """x @ W.T with x as llama.cpp's dot product for W's type sees it (dot_activations: 8-bit
-    blocks, or fp16-rounded for F16 weights), summed exactly (float64).
+    blocks, or fp16 / bf16-rounded for F16 / BF16 weights), summed exactly (float64).
 
     For Q4_1/Q5_1 the block minimum multiplies Q8_1's stored fp16 d*sum, as in ggml.
     """

@@ -10,7 +10,8 @@ same 8 lanes (lane k: groups 2k, 2k+1), FMA-added before the block's values. The
 emulated in float64 (the float32 product is exact there) and rounded once to float32.
 
 F16 weights: ggml_vec_dot_f16 (ggml-cpu/vec.cpp) with simd-mappings.h's __AVX__ + __F16C__ +
-__FMA__ macros, on activations converted to fp16 first (see _f16_matvec).
+__FMA__ macros, on activations converted to fp16 first (see _f16_matvec). BF16 weights:
+ggml_vec_dot_bf16's __AVX2__ branch, activations converted to bf16 (see _bf16_matvec).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
 LANE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
               GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 # Every type whose decode matvec matvec() emulates.
-DECODE_TYPES = LANE_TYPES + (GGMLType.F16,)
+DECODE_TYPES = LANE_TYPES + (GGMLType.F16, GGMLType.BF16)
 
 
 def _fma(a, b, c):
@@ -194,31 +195,61 @@ def _k_matvec(blocks, qtype, x):
     return out.astype(np.float32)
 
 
-def _f16_matvec(w, x):
-    """ggml_vec_dot_f16 of each row of W (rows, k) fp16 with x (k,), as an AVX2 build runs it.
-
-    x goes through from_float = ggml_cpu_fp32_to_fp16 (_mm256_cvtps_ph, round to nearest even).
-    GGML_F16_STEP 32, GGML_F16_EPR 8: GGML_F16_ARR = 4 accumulators of 8 float lanes, sum[j]
-    taking elements i + 8j .. i + 8j + 7 of each step i by GGML_F32x8_FMA, one _mm256_fmadd_ps
-    (fp16 products are exact in float32, so a float32 add after the product is the same).
-    GGML_F32x8_REDUCE: sum0 += sum2, sum1 += sum3, sum0 += sum1; t0 = low half + high half;
-    _mm_hadd_ps twice gives (t0[0] + t0[1]) + (t0[2] + t0[3]); that float becomes sumf, a
-    ggml_float (double). The n % 32 leftovers: sumf += (double)(float x * float y), in order.
-    *s = sumf stores it as float.
-    """
-    wf = np.ascontiguousarray(w).view(np.float16).astype(np.float32)
-    y = x.astype(np.float16).astype(np.float32)
+def _half_matvec(wf, y, pairs):
+    """The loop ggml_vec_dot_f16 and _bf16 share on AVX2, for float32 weights wf (rows, k) and
+    activations y (k,), both already 16-bit values: 4 accumulators of 8 float lanes, acc[j]
+    taking elements i + 8j .. i + 8j + 7 of each 32-step i by an FMA (the product is exact in
+    float64; float32 would round it only below FLT_MIN); acc0 + acc2 and acc1 + acc3,
+    those two added; the low 4 lanes plus the high 4 (t); pairs[0] of t added, pairs[1]
+    added, and those two sums added: that float becomes sumf, a ggml_float (double). The n % 32
+    leftovers: sumf += (double)(float x * float y), in order. *s = sumf stores it as float."""
     rows, k = wf.shape
     np_ = k - k % 32
     acc = np.zeros((rows, 4, 8), np.float32)
     for i in range(0, np_, 32):
-        acc = acc + wf[:, i:i + 32].reshape(rows, 4, 8) * y[i:i + 32].reshape(4, 8)
+        acc = _fma(wf[:, i:i + 32].reshape(rows, 4, 8), y[i:i + 32].reshape(4, 8), acc)
     v = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
-    t0 = v[:, :4] + v[:, 4:]
-    sumf = ((t0[:, 0] + t0[:, 1]) + (t0[:, 2] + t0[:, 3])).astype(np.float64)
+    t = v[:, :4] + v[:, 4:]
+    (a, b), (c, d) = pairs
+    sumf = ((t[:, a] + t[:, b]) + (t[:, c] + t[:, d])).astype(np.float64)
     for i in range(np_, k):
         sumf = sumf + (wf[:, i] * y[i]).astype(np.float64)
     return sumf.astype(np.float32)
+
+
+def _f16_matvec(w, x):
+    """ggml_vec_dot_f16 of each row of W (rows, k) fp16 with x (k,), as an AVX2 build runs it.
+
+    x goes through from_float = ggml_cpu_fp32_to_fp16 (_mm256_cvtps_ph, round to nearest even).
+    GGML_F16_STEP 32, GGML_F16_EPR 8, GGML_F32x8_FMA steps; GGML_F32x8_REDUCE: sum0 += sum2,
+    sum1 += sum3, sum0 += sum1; t0 = low half + high half; _mm_hadd_ps twice gives
+    (t0[0] + t0[1]) + (t0[2] + t0[3]).
+    """
+    wf = np.ascontiguousarray(w).view(np.float16).astype(np.float32)
+    return _half_matvec(wf, x.astype(np.float16).astype(np.float32), ((0, 1), (2, 3)))
+
+
+def _fp32_to_bf16(x):
+    """ggml_compute_fp32_to_bf16 (ggml-impl.h): NaN -> (u >> 16) | 64; else
+    (u + (0x7fff + ((u >> 16) & 1))) >> 16, as uint32 arithmetic."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    h = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFFFFFF) >> 16)
+    return h.astype(np.uint16)
+
+
+def _bf16_to_fp32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_matvec(w, x):
+    """ggml_vec_dot_bf16 (vec.cpp), its __AVX2__ branch, of each row of W (rows, k) bf16 bits
+    with x (k,): x through from_float = ggml_cpu_fp32_to_bf16 (GGML_FP32_TO_BF16). c1..c4 =
+    _mm256_add_ps(_mm256_mul_ps(LOAD(x + i + 8j), LOAD(y + i + 8j)), cj), which GCC's
+    -march=haswell build emits as one vfmadd231ps (it contracts in GNU mode); c1 = (c1 + c3) +
+    (c2 + c4); g = high half + low half; g += movehl(g, g) gives g0 + g2, g1 + g3;
+    add_ss(g, movehdup(g)) adds those two; sumf += (ggml_float) g; then the leftover loop."""
+    wf = _bf16_to_fp32(np.ascontiguousarray(w))
+    return _half_matvec(wf, _bf16_to_fp32(_fp32_to_bf16(x)), ((0, 2), (1, 3)))
 
 
 def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
@@ -226,6 +257,8 @@ def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     qtype = GGMLType(qtype)
     if qtype == GGMLType.F16:
         return _f16_matvec(w, x)
+    if qtype == GGMLType.BF16:
+        return _bf16_matvec(w, x)
     info = QUANT_TABLE[qtype]
     rows, nb = w.shape[0], w.shape[1] // info.type_size
     blocks = np.ascontiguousarray(w).reshape(rows, nb, info.type_size)

@@ -15,6 +15,7 @@ import pytest
 
 from ggufile.runtime import kernels
 from ggufile.runtime.compiled_step import CompiledStep
+from ggufile.runtime.constants import GGMLType
 from ggufile.runtime.gguf_reader import GGUFReader
 from ggufile.runtime.kernels import compiled
 from ggufile.runtime.model import load_model
@@ -67,6 +68,22 @@ def test_step_matches_the_python_pass(tiny, backend):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
     np.testing.assert_allclose(got_cache.k[:, :, :n], want_cache.k[:, :, :n], rtol=0, atol=2e-3)
     np.testing.assert_allclose(got_cache.v[:, :, :n], want_cache.v[:, :, :n], rtol=0, atol=2e-3)
+
+
+def test_step_takes_bf16_weights(backend, tmp_path):
+    """A BF16 model (every matrix, the token embedding too) decodes in the step: the same
+    mv_bf16 dot products (bf16-rounded activations) as the Python pass, the same embedding rows."""
+    from ggufile.builder.quantize_model import quantize_file
+
+    f32 = write_tiny_gguf(tmp_path / "f32.gguf", **TINY["llama"])
+    quantize_file(f32, tmp_path / "bf16.gguf", "BF16")
+    model = load_model(GGUFReader(tmp_path / "bf16.gguf"))
+    assert {model.weights.tok_embd.qtype, model.weights.layers[0].wq.qtype} == {GGMLType.BF16}
+    step = CompiledStep.for_model(model, backend)
+    assert step is not None
+    want, _ = _decode(model, None, CONTINUATION)
+    got, _ = _decode(model, step, CONTINUATION)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
 
 
 def test_step_results_do_not_depend_on_the_thread_count(tiny, backend):

@@ -85,18 +85,22 @@ def assert_close(y, ref, rel):
     np.testing.assert_allclose(y, ref, atol=rel * scale, rtol=0)
 
 
+# Weight types whose dot products see rounded activations (quants.dot_activations).
+_ROUNDED_ACTIVATIONS = quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16, GGMLType.BF16}
+
+
 def is_lane_decode(backend, qtype, n_tok) -> bool:
     """Compiled decode on llama.cpp's dot products (lanes_source): the activations as
-    quants.dot_activations rounds them (8-bit blocks; fp16 for F16 weights)."""
+    quants.dot_activations rounds them (8-bit blocks; fp16 / bf16 for F16 / BF16 weights)."""
     return (backend is not numpy_backend and n_tok <= compiled.MATVEC_MAX_TOKENS
-            and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16})
+            and qtype in _ROUNDED_ACTIVATIONS)
 
 
 def is_8bit_via_blas(backend, qtype, n_tok) -> bool:
     """Compiled prefill and the numpy backend feed BLAS the dequantized 8-bit activations
-    (F16 weights: f16-rounded x), as quants.dot_activations makes them."""
+    (F16 / BF16 weights: f16 / bf16-rounded x), as quants.dot_activations makes them."""
     return ((backend is numpy_backend or n_tok > compiled.MATVEC_MAX_TOKENS)
-            and qtype in quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16})
+            and qtype in _ROUNDED_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -156,24 +160,26 @@ def _has_fma(backend_name: str) -> bool:
     return "fma" in cpu.variants_for_machine()[variant][1]
 
 
-# Row lengths: 3 super-blocks, 23 blocks; F16 also n % 32 = 13 leftovers after 23 steps of 32.
+# Row lengths: 3 super-blocks, 23 blocks; F16/BF16 also n % 32 = 13 leftovers after 23 steps of 32.
 _BIT_FOR_BIT_K = {**{t: 3 * 256 for t in quants.Q8_K_FAMILY}, **{t: 23 * 32 for t in quants.Q8_0_FAMILY},
-                  GGMLType.F16: 23 * 32 + 13}
+                  GGMLType.F16: 23 * 32 + 13, GGMLType.BF16: 23 * 32 + 13}
+# Exact products (16-bit floats): an FMA rounds as the add alone, so FMA-less targets match too.
+_EXACT_PRODUCTS = (GGMLType.F16, GGMLType.BF16)
 
 
 @pytest.mark.parametrize("n_tok", [1, 3])
 @pytest.mark.parametrize("qtype", ggml_lanes.DECODE_TYPES, ids=lambda t: t.name)
 def test_decode_is_llama_cpp_avx2_bit_for_bit(qtype, n_tok):
     """The lane kernels reproduce ggml's AVX2 vec_dot exactly (an emulation written from its C),
-    on every compiled backend whose target has FMA; without FMA, to float rounding (F16 exactly:
-    its products are exact in float32, so an FMA rounds as the add alone)."""
+    on every compiled backend whose target has FMA; without FMA, to float rounding (F16/BF16
+    exactly: their products are exact in float32, so an FMA rounds as the add alone)."""
     k = _BIT_FOR_BIT_K[qtype]
     w = random_weight(qtype, 37, k, seed=11)
     x = np.random.default_rng(5).standard_normal((n_tok, k)).astype(np.float32)
     ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])
     for name in _backend_ids()[1:]:
         y = load_backend(name).matmul(w, qtype, x, np.empty((n_tok, 37), np.float32))
-        if _has_fma(name) or qtype == GGMLType.F16:
+        if _has_fma(name) or qtype in _EXACT_PRODUCTS:
             np.testing.assert_array_equal(y, ref, err_msg=name)
         else:
             assert_close(y, ref, 1e-6)
@@ -192,11 +198,11 @@ def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
     name = f"mv_{qtype.name.lower()}"
     monkeypatch.setattr(lanes_source, "_target_has_avx2", lambda context: False)
     portable = numba.njit(getattr(source, name))  # compiled now, with the patch in place
-    k = {GGMLType.F16: 640 + 13}.get(qtype, 512 if qtype in quants.Q8_K_FAMILY else 640)
+    k = 640 + 13 if qtype in _EXACT_PRODUCTS else 512 if qtype in quants.Q8_K_FAMILY else 640
     w = random_weight(qtype, 29, k, seed=2)
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     out = np.empty((1, 29), np.float32)
-    if qtype == GGMLType.F16:
+    if qtype in _EXACT_PRODUCTS:  # (BF16 widening is the same portable IR on every target)
         portable(w.view(np.uint16), x, out, 0, 29, compiled.F16_TABLE)
     else:
         xq, xd, xs = load_backend("jit")._quantize_activations(compiled.ACTIVATION[qtype], x)

@@ -17,7 +17,7 @@ from ggufile.runtime.constants import QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels import compiled
 
 TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
-         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.F32]
+         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16, GGMLType.F32]
 
 
 def weight(qtype: GGMLType, rows: int, k: int) -> np.ndarray:
@@ -26,6 +26,8 @@ def weight(qtype: GGMLType, rows: int, k: int) -> np.ndarray:
         return rng.standard_normal((rows, k)).astype(np.float32)
     if qtype == GGMLType.F16:
         return rng.standard_normal((rows, k)).astype(np.float16)
+    if qtype == GGMLType.BF16:  # the top halves of float32s (the reader gives BF16 as uint16)
+        return (rng.standard_normal((rows, k)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     info = QUANT_TABLE[qtype]
     w = rng.integers(0, 256, (rows * k // info.block_size, info.type_size), dtype=np.uint8)
     # Keep every fp16 scale finite: zero the top byte's exponent bits at each 2-byte field.

@@ -11,7 +11,8 @@ signatures as source.SIGNATURES):
   activations BLAS sees are the 8-bit ones the decode path uses, dequantized: llama.cpp
   quantizes activations in batched matmuls too, and dequant(W) . dequant(q8(x)) is its integer
   dot product up to float rounding, so prompt and decode logits agree with each other and
-  with llama.cpp.
+  with llama.cpp. F16 and BF16 weights see activations rounded to fp16 / bf16 (their
+  vec_dot_type), in decode (`mv_f16`, `mv_bf16`) and prefill alike.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class CompiledBackend:
         self._mv = {t: getattr(ns, f"mv_{t.name.lower()}") for t in ACTIVATION}
         self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
+        self._mv_bf16, self._dq_bf16 = ns.mv_bf16, ns.dq_bf16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
         # prefill's fused element-wise passes
         self._roundtrip = {_Q8_0: ns.q8_0_roundtrip, _Q8_K: ns.q8_k_roundtrip}
@@ -113,10 +115,8 @@ class CompiledBackend:
         check_weight(w, qtype, k)
         if len(ids) and (ids.min() < 0 or ids.max() >= w.shape[0]):
             raise IndexError(f"row ids must be in [0, {w.shape[0]})")
-        if qtype == T.F16:
-            out = np.empty((len(ids), k), dtype=np.float32)
-            self._dq_f16(_u16(w), ids, out, F16_TABLE)
-            return out
+        if qtype in (T.F16, T.BF16):
+            return self._dq_16bit(w, qtype, ids, np.empty((len(ids), k), dtype=np.float32))
         if qtype not in self._dq:
             return quants.dequantize_matrix(np.ascontiguousarray(w[ids]), qtype, k)
         out = np.empty((len(ids), k), dtype=np.float32)
@@ -137,7 +137,7 @@ class CompiledBackend:
             check_weight(w, qtype, k)
             if out.shape != (n_tok, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_tok, w.shape[0])}")
-            if qtype == T.BF16 or (n_tok > MATVEC_MAX_TOKENS and qtype != T.F32):
+            if n_tok > MATVEC_MAX_TOKENS and qtype != T.F32:
                 x_seen = self._prefill_activations(qtype, x, activations)
                 tasks.append((self._prefill_task(w, qtype, x_seen, out), w.shape[0], w.nbytes, _tile_rows(k)))
             else:
@@ -152,8 +152,8 @@ class CompiledBackend:
         if qtype == T.F32:
             kernel = self._mv_f32
             return lambda r0, r1: kernel(w, x, out, r0, r1)
-        if qtype == T.F16:
-            kernel, w16 = self._mv_f16, _u16(w)
+        if qtype in (T.F16, T.BF16):
+            kernel, w16 = (self._mv_f16 if qtype == T.F16 else self._mv_bf16), _u16(w)
             return lambda r0, r1: kernel(w16, x, out, r0, r1, F16_TABLE)
         family = ACTIVATION.get(qtype)
         if family is None:
@@ -169,8 +169,8 @@ class CompiledBackend:
 
     def _prefill_activations(self, qtype: GGMLType, x: np.ndarray, activations: dict) -> np.ndarray:
         """x as llama.cpp's dot product for W's type sees it (ggml's vec_dot_type)."""
-        if qtype == T.F16:  # F16 weights are multiplied with F16-rounded activations
-            key = "f16"
+        if qtype in (T.F16, T.BF16):  # multiplied with F16- / BF16-rounded activations
+            key = qtype.name
             if key not in activations:
                 activations[key] = quants.dot_activations(x, qtype)
             return activations[key]
@@ -209,15 +209,20 @@ class CompiledBackend:
 
         return run
 
+    def _dq_16bit(self, w, qtype, ids, out):
+        """Rows `ids` of an F16 or BF16 weight as float32, into out."""
+        if qtype == T.BF16:
+            self._dq_bf16(w, ids, out)
+        else:
+            self._dq_f16(_u16(w), ids, out, F16_TABLE)
+        return out
+
     def _dequant_tile(self, w, qtype, r0, r1, tile):
         if qtype == T.F32:
             return w[r0:r1]
-        if qtype == T.BF16:
-            tile[...] = quants.bf16_to_f32(w[r0:r1]).reshape(tile.shape)
-            return tile
         ids = np.arange(r0, r1, dtype=np.int64)
-        if qtype == T.F16:
-            self._dq_f16(_u16(w), ids, tile, F16_TABLE)
+        if qtype in (T.F16, T.BF16):
+            self._dq_16bit(w, qtype, ids, tile)
         elif qtype in self._dq:
             self._dq[qtype](w, ids, tile, F16_TABLE, QUANT_TABLE[qtype].block_size)
         else:

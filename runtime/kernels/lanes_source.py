@@ -33,6 +33,15 @@ mapping, GGML_F16_STEP 32 and GGML_F16_EPR 8: four <8 x float> accumulators, one
 quarter of each 32; GGML_F32x8_REDUCE; the n % 32 leftovers added one by one in double. The
 bench's F16 matvec, one thread (AOT x86-64-v4 on a Zen 4): 5.1 -> 51 GB/s, as the float loop
 it replaced read every weight through the table.
+
+`dot_bf16(row, x16, n)` is ggml_vec_dot_bf16 (BF16 weights, vec_dot_type BF16: the activations
+come as bf16 bit patterns, rounded by GGML_FP32_TO_BF16), its __AVX2__ branch: four <8 x float>
+accumulators, one per 8-element quarter of each 32, each step _mm256_add_ps(_mm256_mul_ps(..)),
+which GCC's AVX2 build contracts into one vfmadd231ps (GNU mode's -ffp-contract=fast): so an
+FMA here too (bf16 products are exact in float32, so only products below FLT_MIN round
+differently unfused); (c1+c3) + (c2+c4), then extract/movehl/movehdup, which is hsum8's order;
+the n % 32 leftovers one by one in double.
+bf16 -> float is a 16-bit left shift of the integer: the same IR on every target.
 """
 from __future__ import annotations
 
@@ -115,6 +124,14 @@ class _Emit:
         for k in range(8):
             v = self.b.insert_element(v, self.f16(tab, base, self.plus(offset, 2 * k)), ir.Constant(I32, k))
         return v
+
+    def bf16(self, base, offset, n=0):
+        """The bf16 number (or <n x float> of n of them) at byte offset of base, as float32:
+        its bits are a float32's upper half (GGML_BF16_TO_FP32, or AVX2's cvtepu16 + slli)."""
+        i32 = _vec(I32, n) if n else I32
+        bits = self.b.zext(self.load(base, offset, I16, n), i32)
+        shifted = self.b.shl(bits, _splat(I32, n, 16) if n else ir.Constant(I32, 16))
+        return self.b.bitcast(shifted, _vec(F32, n) if n else F32)
 
     def plus(self, o, k):
         """Byte offset value o + k (k: a constant)."""
@@ -289,6 +306,15 @@ def dot_f16(typingctx, row, x16, tab, n):
     def codegen(context, builder, sig, args):
         return _dot_f16(_Emit(context, builder), _pointers(context, builder, sig, args))
     return types.float32(row, x16, tab, types.int64), codegen
+
+
+@intrinsic
+def dot_bf16(typingctx, row, x16, n):
+    """ggml_vec_dot_bf16 of one row: (row, x16, n) -> float32, row and x16 the n bf16 bit
+    patterns (uint16) of the weights and the activations."""
+    def codegen(context, builder, sig, args):
+        return _dot_bf16(_Emit(context, builder), _pointers(context, builder, sig, args))
+    return types.float32(row, x16, types.int64), codegen
 
 
 _BITS = [1 << (j % 8) for j in range(32)]
@@ -566,33 +592,49 @@ def _dot_q6_k(e, p):
     return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
 
 
-# GGML_F16_STEP elements a step, GGML_F16_EPR per accumulator (the 256-bit AVX mapping).
+# GGML_F16_STEP elements a step, GGML_F16_EPR per accumulator (the 256-bit AVX mapping; ggml's
+# AVX2 vec_dot_bf16 spells out the same 32 and 8).
 _F16_STEP, _F16_EPR = 32, 8
 
 
-def _dot_f16(e, p):
-    """ggml_vec_dot_f16: sum[j] = fma(x, y, sum[j]) over elements 8j..8j+7 of each 32, reduced as
-    (sum0 + sum2) + (sum1 + sum3) and reduce8; then in double, the float products of the n % 32
-    leftovers, in order; stored as float. (fp16 products are exact in float32, so FMA or a
-    multiply then an add round alike: targets without FMA give the same bits.)"""
-    row, x16, tab, n = p
+def _half_row(e, row, x16, n, load8, load1, reduce):
+    """ggml's 16-bit float dot products (vec_dot_f16/bf16 on AVX2): four <8 x float> sums,
+    sum[j] = fma(x, y, sum[j]) over elements 8j..8j+7 of each 32 (load8 widens 8 values at a
+    byte offset), reduce((sum0 + sum2) + (sum1 + sum3)) widened to double, then the n % 32
+    leftovers' float products added in double, in order (load1: one value); stored as float."""
     b = e.b
     row, x16 = (b.bitcast(v, I8.as_pointer()) for v in (row, x16))
     steps = b.sdiv(n, ir.Constant(I64, _F16_STEP))
 
     def step(i, accs):
         o = e.index(i, 2 * _F16_STEP)
-        return [e.fmuladd(e.f16x8(tab, row, e.plus(o, 2 * _F16_EPR * j)),
-                          e.f16x8(tab, x16, e.plus(o, 2 * _F16_EPR * j)), acc) for j, acc in enumerate(accs)]
+        return [e.fmuladd(load8(row, e.plus(o, 2 * _F16_EPR * j)), load8(x16, e.plus(o, 2 * _F16_EPR * j)), acc)
+                for j, acc in enumerate(accs)]
     sums = e.block_loop(steps, [_zeros(8)] * (_F16_STEP // _F16_EPR), step)
-    total = b.fpext(e.reduce8(b.fadd(b.fadd(sums[0], sums[2]), b.fadd(sums[1], sums[3]))), F64)
+    total = b.fpext(reduce(b.fadd(b.fadd(sums[0], sums[2]), b.fadd(sums[1], sums[3]))), F64)
     done = e.index(steps, _F16_STEP)
 
     def leftover(i, accs):
         o = e.index(b.add(done, i), 2)
-        return [b.fadd(accs[0], b.fpext(b.fmul(e.f16(tab, row, o), e.f16(tab, x16, o)), F64))]
+        return [b.fadd(accs[0], b.fpext(b.fmul(load1(row, o), load1(x16, o)), F64))]
     total, = e.block_loop(b.sub(n, done), [total], leftover)
     return b.fptrunc(total, F32)
+
+
+def _dot_f16(e, p):
+    """ggml_vec_dot_f16: GGML_F32x8_FMA steps, GGML_F32x8_REDUCE (reduce8). (fp16 products are
+    exact in float32, so FMA or a multiply then an add round alike: targets without FMA give
+    the same bits.)"""
+    row, x16, tab, n = p
+    return _half_row(e, row, x16, n, lambda base, o: e.f16x8(tab, base, o),
+                     lambda base, o: e.f16(tab, base, o), e.reduce8)
+
+
+def _dot_bf16(e, p):
+    """ggml_vec_dot_bf16's __AVX2__ branch: _mm256_add_ps(_mm256_mul_ps(x, y), c) steps, fused
+    as GCC compiles them, then extract + movehl + movehdup, hsum8's order."""
+    row, x16, n = p
+    return _half_row(e, row, x16, n, lambda base, o: e.bf16(base, o, 8), e.bf16, e.hsum8)
 
 
 _BODIES = {int(t): body for t, body in (
@@ -600,5 +642,5 @@ _BODIES = {int(t): body for t, body in (
     (GGMLType.Q5_1, _dot_q5_1), (GGMLType.Q8_0, _dot_q8_0), (GGMLType.Q2_K, _dot_q2_k),
     (GGMLType.Q3_K, _dot_q3_k), (GGMLType.Q4_K, _dot_q4_k), (GGMLType.Q5_K, _dot_q5_k),
     (GGMLType.Q6_K, _dot_q6_k))}
-# The types whose decode kernels are built here (dot_row's, and dot_f16's F16).
-LANE_TYPES = frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16}
+# The types whose decode kernels are built here (dot_row's, dot_f16's F16, dot_bf16's BF16).
+LANE_TYPES = frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16}

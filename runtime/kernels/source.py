@@ -15,7 +15,7 @@ Conventions shared by all kernels:
 - Decode kernels (`mv_*`) follow llama.cpp's CPU backend: the activation rows are quantized to
   8 bits per block first (`quantize_q8_*`), kept as integer-valued float32, and each block dot
   product is a sum of integer products (exact in float32), scaled by the two block scales.
-  F16 weights take the activations rounded to fp16 instead, as ggml's vec_dot_type F16.
+  F16 (BF16) weights take the activations rounded to fp16 (bf16) instead, as ggml's vec_dot_type.
 - Dequantization kernels (`dq_*`) repeat quants.py's operation order, so they are bit-exact
   with it (compiled without FMA contraction for that reason).
 """
@@ -174,17 +174,37 @@ def mv_f32(w, x, out, r0, r1):
             out[t, r] = s
 
 
-def mv_f16(w, x, out, r0, r1, tab):
-    """w: (rows, k) uint16 bit patterns of fp16. Each token's x is rounded to fp16 first, as
-    ggml converts the activations to F16 weights' vec_dot_type (ties to even, as F16C's
-    vcvtps2ph), then every row is one lanes_source.dot_f16."""
+@njit(inline="always")
+def _mv_16bit(bf16, w, x, out, r0, r1, tab):
+    """Rows r0..r1-1 of W (rows, k) of 16-bit float bit patterns times each token's x, rounded
+    first to the weights' vec_dot_type as ggml converts it: bf16 (GGML_FP32_TO_BF16) or fp16
+    (ties to even, as F16C's vcvtps2ph). bf16 is a constant: each kernel below compiles one dot."""
     n_tok, k = x.shape
     x16 = np.empty(k, np.uint16)
     for t in range(n_tok):
         for j in range(k):
-            x16[j] = np.uint16(_f16_bits(x[t, j]))
+            x16[j] = np.uint16(_bf16_bits(x[t, j]) if bf16 else _f16_bits(x[t, j]))
         for r in range(r0, r1):
-            out[t, r] = lanes.dot_f16(w[r], x16, tab, k)
+            out[t, r] = lanes.dot_bf16(w[r], x16, k) if bf16 else lanes.dot_f16(w[r], x16, tab, k)
+
+
+def mv_f16(w, x, out, r0, r1, tab):
+    """w: (rows, k) uint16 bit patterns of fp16; every row one lanes_source.dot_f16."""
+    _mv_16bit(False, w, x, out, r0, r1, tab)
+
+
+def mv_bf16(w, x, out, r0, r1, tab):
+    """w: (rows, k) uint16 bit patterns of bf16; every row one lanes_source.dot_bf16 (tab unused:
+    the F16 kernel's signature, so both are called alike)."""
+    _mv_16bit(True, w, x, out, r0, r1, tab)
+
+
+def dq_bf16(w, ids, out):
+    """w: (rows, k) uint16 bit patterns of bf16 (each the upper half of a float32)."""
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for j in range(out.shape[1]):
+            out[i, j] = _bits_f32(np.uint32(row[j]) << np.uint32(16))
 
 
 # --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with quants.py ----------------------
@@ -528,6 +548,16 @@ def _f16_bits(v):
     return sign | h
 
 
+@njit(inline="always")
+def _bf16_bits(v):
+    """ggml_compute_fp32_to_bf16: the upper half of float32 v rounded to nearest even, NaNs
+    kept NaN (forced quiet). Integer operations, immune to fast-math."""
+    u = _f32_bits(v)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return (u >> np.uint32(16)) | np.uint32(64)
+    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
 def round_f16(x, out, r0, r1):
     """out[r] = x[r] rounded to fp16 precision (as float32), rows r0 <= r < r1."""
     n = x.shape[1]
@@ -639,6 +669,8 @@ def _signatures() -> dict:
         "mv_f32": nt.void(w_f32, f32_2d, f32_2d, i64, i64),
         "mv_f16": nt.void(w_u16, f32_2d, f32_2d, i64, i64, tab),
         "dq_f16": nt.void(w_u16, ids, f32_2d, tab),
+        "mv_bf16": nt.void(w_u16, f32_2d, f32_2d, i64, i64, tab),
+        "dq_bf16": nt.void(w_u16, ids, f32_2d),
         # buf may be a read-only mmap of the file
         "scan_strings": i64(nt.Array(nt.uint8, 1, "C", readonly=True), i64, i64, ids, ids),
     }

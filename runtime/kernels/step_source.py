@@ -28,7 +28,7 @@ from ggufile.runtime.kernels.step_layout import (
     T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE)
 from ggufile.runtime.kernels.sync_source import barrier
 
-_F32, _F16 = int(GGMLType.F32), int(GGMLType.F16)
+_F32, _F16, _BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q5_0),
                                      int(GGMLType.Q5_1), int(GGMLType.Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
@@ -40,12 +40,12 @@ def _kernel(name):
     return njit(fastmath=set(source.fastmath_for(name)))(getattr(source, name))
 
 
-_mv_f32, _mv_f16 = _kernel("mv_f32"), _kernel("mv_f16")
+_mv_f32, _mv_f16, _mv_bf16 = _kernel("mv_f32"), _kernel("mv_f16"), _kernel("mv_bf16")
 _mv_q4_0, _mv_q4_1, _mv_q5_0, _mv_q5_1, _mv_q8_0 = (
     _kernel("mv_q4_0"), _kernel("mv_q4_1"), _kernel("mv_q5_0"), _kernel("mv_q5_1"), _kernel("mv_q8_0"))
 _mv_q2_k, _mv_q3_k, _mv_q4_k, _mv_q5_k, _mv_q6_k = (
     _kernel("mv_q2_k"), _kernel("mv_q3_k"), _kernel("mv_q4_k"), _kernel("mv_q5_k"), _kernel("mv_q6_k"))
-_dq_f16 = _kernel("dq_f16")
+_dq_f16, _dq_bf16 = _kernel("dq_f16"), _kernel("dq_bf16")
 _dq_q4_0, _dq_q4_1, _dq_q5_0, _dq_q5_1, _dq_q8_0 = (
     _kernel("dq_q4_0"), _kernel("dq_q4_1"), _kernel("dq_q5_0"), _kernel("dq_q5_1"), _kernel("dq_q8_0"))
 _dq_q2_k, _dq_q3_k, _dq_q4_k, _dq_q5_k, _dq_q6_k = (
@@ -78,6 +78,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
     w = _bytes(blob, tensors, t)
     if qt == _F16:
         _mv_f16(w.view(np.uint16), x, out, r0, r1, tab)
+    elif qt == _BF16:
+        _mv_bf16(w.view(np.uint16), x, out, r0, r1, tab)
     elif qt == _F32:
         _mv_f32(w.view(np.float32), x, out, r0, r1)
     elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K:
@@ -135,6 +137,8 @@ def _get_row(blob, tensors, t, token, out, tab, qk, qk_k):
         _dq_q6_k(w, ids, out, tab, qk_k)
     elif qt == _F16:
         _dq_f16(w.view(np.uint16), ids, out, tab)
+    elif qt == _BF16:
+        _dq_bf16(w.view(np.uint16), ids, out)
     else:  # F32
         row = w.view(np.float32)[token]
         for j in range(out.shape[1]):
