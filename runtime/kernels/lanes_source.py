@@ -183,6 +183,11 @@ class _Emit:
         products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
         return self.pair_sum(self.pair_sum(products, 32, I32), 16, I32)
 
+    def dot_u8(self, q, y):
+        """dot_i8 for q known non-negative (Q4_1/Q5_1's values, ggml's mul_sum_us8_pairs_float):
+        maddubs straight away, without dot_i8's abs/sign steps."""
+        return self.madd(self.maddubs(q, y), _splat(I16, 16, 1))
+
     def mul_i8_pairs(self, q, y):
         """<32 x i8> signed q, y -> <16 x i16> pair sums of q*y: maddubs(|q|, sign(y, q)), the
         same integers as ggml's maddubs of two unsigned parts subtracted (no saturation reached)."""
@@ -369,7 +374,7 @@ def _min_row(e, p, block_bytes, values):
         o = e.index(i, block_bytes)
         summs = e.fmuladd(e.f16(tab, row, e.plus(o, 2)), e.b.load(e.b.gep(xs, [i])), summs)
         d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
-        return [e.fma_lanes(d, e.dot_i8(values(o), e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
+        return [e.fma_lanes(d, e.dot_u8(values(o), e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
     acc, summs = e.block_loop(nb, [_zeros(8), _zeros(0)], block)
     return e.b.fadd(e.hsum8(acc), summs)
 
