@@ -250,8 +250,9 @@ def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def dot_activations(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """x (n_tok, k) as llama.cpp's CPU dot product for weights of `qtype` sees it (ggml's
     vec_dot_type): 8-bit blocks, dequantized, for the quantized types; f16-rounded for F16
-    weights, bf16-rounded (GGML_FP32_TO_BF16) for BF16; unchanged otherwise. dequant(W) @ dot_activations(x).T is llama.cpp's product
-    up to float rounding (and Q8_1's fp16-rounded d*sum term)."""
+    weights, bf16-rounded (GGML_FP32_TO_BF16) for BF16; unchanged otherwise.
+    dequant(W) @ dot_activations(x).T is llama.cpp's product up to float rounding (and Q8_1's
+    fp16-rounded d*sum term)."""
     qtype = GGMLType(qtype)
     if qtype in Q8_K_FAMILY:
         q, d, _ = quantize_q8_k(x)

@@ -66,30 +66,6 @@ def _simple_values(blocks, qtype):
     return v
 
 
-def _q4_k_scales_mins(p):
-    """(rows, 12) packed bytes -> scales, mins (rows, 8) (get_scale_min_k4)."""
-    p = p.astype(np.int64)
-    sc, m = np.empty((len(p), 8), np.int64), np.empty((len(p), 8), np.int64)
-    for j in range(8):
-        if j < 4:
-            sc[:, j], m[:, j] = p[:, j] & 63, p[:, j + 4] & 63
-        else:
-            sc[:, j] = (p[:, j + 4] & 15) | ((p[:, j - 4] >> 6) << 4)
-            m[:, j] = (p[:, j + 4] >> 4) | ((p[:, j] >> 6) << 4)
-    return sc, m
-
-
-def _q3_k_scales(p):
-    """(rows, 12) packed bytes -> (rows, 16) signed scales: ggml's aux words, bytes - 32."""
-    aux = [a.astype(np.uint32) for a in p.copy().view("<u4").T]
-    k1, k2 = np.uint32(0x03030303), np.uint32(0x0F0F0F0F)
-    words = np.stack([(aux[0] & k2) | (((aux[2] >> 0) & k1) << 4),
-                      (aux[1] & k2) | (((aux[2] >> 2) & k1) << 4),
-                      ((aux[0] >> 4) & k2) | (((aux[2] >> 4) & k1) << 4),
-                      ((aux[1] >> 4) & k2) | (((aux[2] >> 6) & k1) << 4)], axis=1).astype("<u4")
-    return words.view(np.uint8).astype(np.int64) - 32
-
-
 def _crumbs(qs):
     """(rows, 64) Q2_K/Q3_K low bits -> (rows, 256): value 128j + 32l + e is bits 2l..2l+1 of byte 32j + e."""
     qs = qs.astype(np.int64)
@@ -142,14 +118,14 @@ def _step_q2_k(blk, y, bs, dx, acc, extra):
 
 def _step_q3_k(blk, y, bs, dx, acc, extra):
     d = (dx * _f16(blk[:, 108:110])).astype(np.float32)
-    lanes = _lanes(np.repeat(_q3_k_scales(blk[:, 96:108]), 16, axis=1) * _q3_k_values(blk) * y)
+    lanes = _lanes(np.repeat(quants.q3_k_scales(blk[:, 96:108]).astype(np.int64), 16, axis=1) * _q3_k_values(blk) * y)
     return _fma(d[:, None], lanes.astype(np.float32), acc), extra
 
 
 def _step_q4_k(blk, y, bs, dx, acc, acc_m):
     d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
     dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
-    sc, m = _q4_k_scales_mins(blk[:, 4:16])
+    sc, m = (v.astype(np.int64) for v in quants.k_scale_min(blk[:, 4:16]))
     prod = (m * bs.reshape(8, 2).sum(axis=1)).reshape(len(blk), 4, 2).sum(axis=2)
     acc_m = _fma(dmin[:, None], prod.astype(np.float32), acc_m)
     lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 16:144]) * y)
@@ -159,7 +135,7 @@ def _step_q4_k(blk, y, bs, dx, acc, acc_m):
 def _step_q5_k(blk, y, bs, dx, acc, summs):
     d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
     dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
-    sc, m = _q4_k_scales_mins(blk[:, 4:16])
+    sc, m = (v.astype(np.int64) for v in quants.k_scale_min(blk[:, 4:16]))
     total = (m * bs.reshape(8, 2).sum(axis=1)).sum(axis=1)  # hadd_epi16, madd, hadd_epi32 twice
     summs = _fma(dmin, total.astype(np.float32), summs)
     lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 48:176], blk[:, 16:48]) * y)

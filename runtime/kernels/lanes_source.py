@@ -178,10 +178,7 @@ class _Emit:
     def dot_i8(self, q, y):
         """<32 x i8> q, y -> <8 x i32>, lane j = sum of q*y over elements 4j..4j+3
         (mul_sum_i8_pairs_float before its conversion; q may be signed)."""
-        if self.avx2:
-            return self.madd(self.mul_i8_pairs(q, y), _splat(I16, 16, 1))
-        products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
-        return self.pair_sum(self.pair_sum(products, 32, I32), 16, I32)
+        return self.madd(self.mul_i8_pairs(q, y), _splat(I16, 16, 1))
 
     def dot_u8(self, q, y):
         """dot_i8 for q known non-negative (Q4_1/Q5_1's values, ggml's mul_sum_us8_pairs_float):

@@ -98,7 +98,7 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
-# By far the most decode time is spent in these kernels. Every quantized type (and F16) calls
+# By far the most decode time is spent in these kernels. Every quantized type, F16 and BF16 call
 # lanes_source: llama.cpp's own AVX2 dot products, emitted as LLVM vector IR, so the results are
 # llama.cpp's bit for bit and 2-18x faster than the float loops they replaced. One row at a
 # time: the rows of a thread's slice are one sequential stream.
@@ -197,14 +197,6 @@ def mv_bf16(w, x, out, r0, r1, tab):
     """w: (rows, k) uint16 bit patterns of bf16; every row one lanes_source.dot_bf16 (tab unused:
     the F16 kernel's signature, so both are called alike)."""
     _mv_16bit(True, w, x, out, r0, r1, tab)
-
-
-def dq_bf16(w, ids, out):
-    """w: (rows, k) uint16 bit patterns of bf16 (each the upper half of a float32)."""
-    for i in range(ids.shape[0]):
-        row = w[ids[i]]
-        for j in range(out.shape[1]):
-            out[i, j] = _bits_f32(np.uint32(row[j]) << np.uint32(16))
 
 
 # --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with quants.py ----------------------
@@ -432,6 +424,14 @@ def dq_f16(w, ids, out, tab):
         row = w[ids[i]]
         for j in range(out.shape[1]):
             out[i, j] = tab[np.int64(row[j])]
+
+
+def dq_bf16(w, ids, out):
+    """w: (rows, k) uint16 bit patterns of bf16 (each the upper half of a float32)."""
+    for i in range(ids.shape[0]):
+        row = w[ids[i]]
+        for j in range(out.shape[1]):
+            out[i, j] = _bits_f32(np.uint32(row[j]) << np.uint32(16))
 
 
 # --- GGUF metadata ---------------------------------------------------------------------------
