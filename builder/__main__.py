@@ -1,6 +1,6 @@
 """`python -m ggufile.builder …` is the `ggufile` command."""
 import sys
 
-from .cli import main
+from ggufile.builder.cli import main
 
 sys.exit(main())

@@ -38,11 +38,11 @@ from ggufile.runtime.container import (
     read_exe,
 )
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.model_info import describe_gguf
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.gguf.info import describe_gguf
 
-from . import elf
-from .stub import GZIP_MAGIC, RUNTIME_NAME, stub_info, stub_kind
+from ggufile.builder import elf
+from ggufile.builder.stub import GZIP_MAGIC, RUNTIME_NAME, stub_info, stub_kind
 
 Progress = Callable[[int], None] | None
 CHUNK = 4 << 20
@@ -52,7 +52,7 @@ def validate_model(path: Path) -> dict:
     """Open the GGUF the way the runtime will, so a broken or unsupported model fails here,
     before anything is written. Returns describe_gguf() facts."""
     with GGUFReader(path) as reader:
-        from ggufile.runtime.model import load_model  # weights stay mmap views: cheap
+        from ggufile.runtime.model.transformer import load_model  # weights stay mmap views: cheap
 
         load_model(reader)
         return describe_gguf(reader)

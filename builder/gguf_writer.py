@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ggufile.runtime.constants import (
+from ggufile.runtime.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     QUANT_TABLE,
@@ -35,7 +35,7 @@ from ggufile.runtime.constants import (
     tensor_nbytes,
 )
 from ggufile.runtime.errors import GGUFileError
-from ggufile.runtime.gguf_reader import GGUFReader, StringArray
+from ggufile.runtime.gguf.reader import GGUFReader, StringArray
 
 GGUF_WRITE_VERSION = 3
 

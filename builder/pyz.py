@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import ggufile.runtime
-from ggufile.stubs import BUILD_ONLY_MODULES
+from ggufile.stubs import BUILD_ONLY_PACKAGE
 from ggufile.runtime import __version__
 from ggufile.runtime.container import (
     ALIGNMENT,
@@ -35,7 +35,7 @@ from ggufile.runtime.container import (
 )
 from ggufile.runtime.errors import GGUFileError
 
-from .build import Progress, atomic_output, copy_window, default_name, validate_model
+from ggufile.builder.build import Progress, atomic_output, copy_window, default_name, validate_model
 
 SHEBANG = b"#!/usr/bin/env python3\n"
 VENDORED = ["click", "jinja2", "markupsafe", "starlette", "anyio", "sniffio", "idna", "h11",
@@ -44,7 +44,7 @@ MAIN = '''"""ggufile zipapp: run the model stored in this file (python3 THIS.pyz
 import os
 import sys
 
-from ggufile.runtime.container import launch
+from ggufile.runtime.launch import launch
 
 sys.exit(launch(container=os.path.dirname(os.path.abspath(__file__))))
 '''
@@ -53,11 +53,11 @@ SKIP_SUFFIXES = {".pyc", ".so", ".pyd", ".dylib", ".c", ".pyi"}
 
 
 def _package_files(root: Path, arc_prefix: str):
-    skip = {m.replace(".", "/") + ".py" for m in BUILD_ONLY_MODULES}
+    skip = BUILD_ONLY_PACKAGE.replace(".", "/") + "/"
     for p in sorted(root.rglob("*")):
         arcname = f"{arc_prefix}/{p.relative_to(root).as_posix()}"
         if p.is_file() and "__pycache__" not in p.parts and p.suffix not in SKIP_SUFFIXES \
-                and arcname not in skip:
+                and not arcname.startswith(skip):
             yield p, arcname
 
 

@@ -28,10 +28,10 @@ import numpy as np
 
 from ggufile.builder.gguf_writer import Typed, TensorSpec, metadata_with_types, write_gguf
 from ggufile.runtime import kernels
-from ggufile.runtime.constants import QUANT_TABLE, GGMLType, GGUFValueType, Keys
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType, GGUFValueType, Keys
 from ggufile.runtime.errors import GGUFileError
-from ggufile.runtime.gguf_reader import GGUFReader, TensorInfo
-from ggufile.runtime.quantize import quantize as quantize_rows
+from ggufile.runtime.gguf.reader import GGUFReader, TensorInfo
+from ggufile.builder.quantizers import quantize as quantize_rows
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the current block layouts
 

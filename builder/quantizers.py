@@ -1,7 +1,7 @@
 """Quantize float32 rows into GGML blocks: llama.cpp's reference (`quantize_row_*_ref`) algorithms.
 
 Pure compute, NumPy vectorized over blocks. `quantize(rows, qtype)` takes (n_rows, k) float32
-and returns (n_rows, row_bytes) uint8 in exactly the layout `quants.dequantize` reads.
+and returns (n_rows, row_bytes) uint8 in exactly the layout `kernels.reference.dequantize` reads.
 
 Fidelity to ggml-quants.c:
 - Legacy types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) reproduce the reference bit for bit: same float32
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
-from ggufile.runtime.quants import f32_to_bf16, k_scale_min, q3_k_scales
+from ggufile.runtime.kernels.reference import f32_to_bf16, k_scale_min, q3_k_scales
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -49,7 +49,7 @@ def _safe_inv(d: np.ndarray) -> np.ndarray:
 
 
 def _pack_nibbles(q: np.ndarray, group: int) -> np.ndarray:
-    """Inverse of quants._nibbles: each run of 2*group values -> group bytes (low, then high)."""
+    """Inverse of reference._nibbles: each run of 2*group values -> group bytes (low, then high)."""
     n = q.shape[0]
     q = q.reshape(n, -1, 2, group).astype(np.uint8)
     return (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(n, -1)
@@ -330,7 +330,7 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
 
 
 def _pack_q3_scales(l6: np.ndarray) -> np.ndarray:
-    """Sixteen 6-bit values -> 12 bytes (inverse of quants.q3_k_scales)."""
+    """Sixteen 6-bit values -> 12 bytes (inverse of reference.q3_k_scales)."""
     n = l6.shape[0]
     s = np.zeros((n, 12), dtype=np.uint8)
     s[:, :8] = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)

@@ -6,7 +6,7 @@
     python examples/compare_llama_cpp.py greedy --model PATH.gguf   # e.g. a file from `ggufile quantize`
 
 quant:  random weights through ggml_quantize_chunk (libggml-base, ctypes) and through
-        ggufile.runtime.quantize; reports the fraction of identical blocks per type.
+        ggufile.builder.quantizers; reports the fraction of identical blocks per type.
 file:   `quantize_file` and llama_model_quantize on the same F16 GGUF, per mix: whole files compared.
 ppl:    perplexity.cpp's method run on llama.cpp's logits (logits_all) and on ours, same
         tokens, same chunks; reports both and their relative difference.
@@ -25,12 +25,12 @@ import numpy as np
 
 from ggufile.builder.corpus import corpus_text
 from ggufile.builder.fetch import fetch_model
-from ggufile.runtime.constants import QUANT_TABLE, GGMLType
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.model import load_model
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.model.transformer import load_model
 from ggufile.runtime.perplexity import NLLStats, chunk_input, n_chunks_for, scored_targets, token_nll
-from ggufile.runtime.quantize import quantize
-from ggufile.runtime.tokenizer import Tokenizer
+from ggufile.builder.quantizers import quantize
+from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little", "def fibonacci(n):"]
 

@@ -35,9 +35,9 @@ _CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from ggufile.runtime.engine import Engine
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.model import load_model
-from ggufile.runtime.tokenizer import Tokenizer
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.model.transformer import load_model
+from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 t1 = time.perf_counter()
 reader = GGUFReader(sys.argv[1])
 t2 = time.perf_counter()
@@ -72,7 +72,7 @@ def time_open(path: Path, runs: int, env: dict | None = None) -> dict[str, float
     return best
 
 
-def import_highlights(top: int = 16, module: str = "ggufile.runtime.engine, ggufile.runtime.model, ggufile.runtime.tokenizer") -> list[tuple[float, str]]:
+def import_highlights(top: int = 16, module: str = "ggufile.runtime.engine, ggufile.runtime.model.transformer, ggufile.runtime.tokenizer.tokenizer") -> list[tuple[float, str]]:
     """The slowest imports (cumulative microseconds -> seconds) of `import module`."""
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
                          check=True, capture_output=True, text=True).stderr

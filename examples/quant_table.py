@@ -24,10 +24,10 @@ import numpy as np
 from ggufile.builder.corpus import corpus_text
 from ggufile.builder.fetch import fetch_model
 from ggufile.builder.quantize_model import quantize_file
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.model import load_model
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.model.transformer import load_model
 from ggufile.runtime.perplexity import evaluate
-from ggufile.runtime.tokenizer import Tokenizer
+from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_TYPES = ("F16,Q8_0,Q6_K,Q5_K_M,Q5_K,Q5_1,Q5_0,Q4_K_M,Q4_K_S,Q4_K,Q4_1,Q4_0,Q3_K_M,Q3_K,Q2_K")
 

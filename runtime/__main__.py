@@ -1,6 +1,6 @@
 """`python -m ggufile.runtime -m MODEL.gguf -p "..."`: the runtime CLI without the builder."""
 import sys
 
-from .cli import main
+from ggufile.runtime.cli import main
 
 sys.exit(main())

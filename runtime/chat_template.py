@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import GGUFileError
+from ggufile.runtime.errors import GGUFileError
 
 # ChatML, the fallback for models whose metadata carries no template but whose vocab has its markup.
 CHATML_TEMPLATE = (

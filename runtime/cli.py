@@ -12,8 +12,8 @@ import time
 
 import click
 
-from .errors import DEBUG_ENV, GGUFileError, unexpected_error_line
-from .sampling import SamplingParams
+from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
+from ggufile.runtime.sampling import SamplingParams
 
 
 def sampling_options(f):
@@ -93,7 +93,7 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
     engine = _open_engine(embedded, model_path, ctx_size)
     params = SamplingParams(**sampling)
     if server:
-        from .server import serve
+        from ggufile.runtime.server.app import serve
 
         serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser,
               allowed_origins=tuple(cors_origins))
@@ -104,7 +104,7 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
 
 
 def _perplexity(embedded, model_path, text, ctx_size) -> None:
-    from .perplexity import report_perplexity
+    from ggufile.runtime.perplexity import report_perplexity
 
     if text is None:
         raise GGUFileError("--perplexity needs a text: -f FILE")
@@ -114,7 +114,7 @@ def _perplexity(embedded, model_path, text, ctx_size) -> None:
 
 
 def _open_engine(embedded, model_path, ctx_size):
-    from .engine import Engine
+    from ggufile.runtime.engine import Engine
 
     n_ctx = ctx_size
     if ctx_size == 0:
@@ -208,8 +208,8 @@ def _fit_history(engine, messages: list[dict]) -> list[int]:
 
 
 def _print_info(embedded, model_path) -> None:
-    from .gguf_reader import GGUFReader
-    from .model_info import describe_gguf
+    from ggufile.runtime.gguf.reader import GGUFReader
+    from ggufile.runtime.gguf.info import describe_gguf
 
     if embedded is not None and model_path is None:
         info = embedded.describe()
@@ -244,10 +244,12 @@ def _short_help(embedded, model_path, ctx) -> str:
 @click.argument("text")
 def tokenize_command(model_path, no_bos, special, text):
     """Print the token ids of TEXT as a JSON list (like llama.cpp's llama-tokenize)."""
-    from .gguf_reader import GGUFReader
-    from .tokenizer import Tokenizer
+    from ggufile.runtime.gguf.reader import GGUFReader
+    from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_metadata(GGUFReader(model_path).metadata)
+    from ggufile.runtime import kernels
+
+    tok = Tokenizer.from_metadata(GGUFReader(model_path, scan_strings=kernels.string_scanner()).metadata)
     click.echo(json.dumps(tok.encode(text, add_special=not no_bos, parse_special=special)))
 
 

@@ -34,12 +34,11 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GGUFileError, GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, os_errors_as
 
 FORMAT_VERSION = 1
 ALIGNMENT = 64 * 1024  # GGUF start: page aligned for every page size in use (4K..64K)
@@ -87,9 +86,10 @@ class EmbeddedModel:
     # -- use -------------------------------------------------------------------------------
     def open(self):
         """A GGUFReader on the window (one mmap of the whole file, zero copy)."""
-        from .gguf_reader import GGUFReader
+        from ggufile.runtime import kernels
+        from ggufile.runtime.gguf.reader import GGUFReader
 
-        return GGUFReader(self.path, self.offset, self.size)
+        return GGUFReader(self.path, self.offset, self.size, scan_strings=kernels.string_scanner())
 
     def compute_sha256(self, progress=None) -> str:
         """sha256 of the GGUF bytes; `progress(n)` is called with each chunk's length."""
@@ -126,7 +126,7 @@ class EmbeddedModel:
             "model offset": self.offset,
             "model size": self.size,
         }
-        from .model_info import describe_gguf
+        from ggufile.runtime.gguf.info import describe_gguf
 
         with self.open() as reader:
             info.update(describe_gguf(reader))
@@ -257,38 +257,3 @@ def read_container(path: str | os.PathLike) -> EmbeddedModel:
     except OSError:
         is_zip = False
     return read_pyz(path) if is_zip else read_exe(path)
-
-
-# -- at run time -------------------------------------------------------------------------------
-def frozen_executable() -> Path | None:
-    """The ggufile executable we run from if we are a frozen ggufile runtime (the ONE place that
-    asks): sys.executable for a onefile stub; for the cached launcher's unpacked one-dir runtime,
-    the executable its prologue names in CONTAINER_ENV."""
-    if getattr(sys, "frozen", False) and hasattr(sys, "_MEIPASS"):
-        container = os.environ.get(CONTAINER_ENV, "")
-        return Path(container) if container else Path(sys.executable)
-    return None
-
-
-def bundle_dir() -> Path | None:
-    """Where a frozen stub unpacked its files (sys._MEIPASS), else None."""
-    return Path(sys._MEIPASS) if frozen_executable() else None  # type: ignore[attr-defined]
-
-
-def launch(argv: list[str] | None = None, container: Path | None = None) -> int:
-    """Entry point of an executable / .pyz: find the model in ourselves and run the runtime CLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        path = container or frozen_executable()
-        os.environ.pop(CONTAINER_ENV, None)  # children (e.g. server workers) must not inherit it
-        if path is None:
-            raise GGUFileError("not running from a ggufile executable; use `ggufile run -m MODEL`")
-        embedded = read_container(path)
-        from .cli import main  # lazily: the model is located (and errors reported) first
-
-        return main(argv, embedded=embedded)
-    except GGUFileError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chat_template import ChatTemplate, choose_template
-from .constants import Keys
-from .errors import GGUFileError
-from .gguf_reader import GGUFReader
-from .sampling import Sampler, SamplingParams
+from ggufile.runtime.chat_template import ChatTemplate, choose_template
+from ggufile.runtime.gguf.constants import Keys
+from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.sampling import Sampler, SamplingParams
 
 DEFAULT_CTX = 4096
 
@@ -39,8 +39,8 @@ class Chunk:
 
 class Engine:
     def __init__(self, reader: GGUFReader, n_ctx: int | None = None, name: str | None = None):
-        from .model import load_model
-        from .tokenizer import Tokenizer
+        from ggufile.runtime.model.transformer import load_model
+        from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
         self.reader = reader
         self.tokenizer = Tokenizer.from_metadata(reader.metadata)
@@ -58,7 +58,10 @@ class Engine:
     @classmethod
     def open(cls, path: str | os.PathLike, offset: int = 0, size: int | None = None,
              n_ctx: int | None = None, name: str | None = None) -> "Engine":
-        return cls(GGUFReader(path, offset, size), n_ctx=n_ctx, name=name)
+        from ggufile.runtime import kernels
+
+        reader = GGUFReader(path, offset, size, scan_strings=kernels.string_scanner())
+        return cls(reader, n_ctx=n_ctx, name=name)
 
     @property
     def chat_template(self) -> ChatTemplate:
@@ -112,7 +115,7 @@ class Engine:
         return self._decode_loop(logits, list(prompt_ids), params, max_tokens, list(stop))
 
     def _decode_loop(self, logits, history, params, max_tokens, stop) -> Iterator[Chunk]:
-        from .tokenizer import StreamDecoder
+        from ggufile.runtime.tokenizer.tokenizer import StreamDecoder
 
         sampler = Sampler(params)
         decoder = StreamDecoder(self.tokenizer)

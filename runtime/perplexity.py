@@ -133,11 +133,12 @@ def evaluate(model, tokens: Sequence[int], n_ctx: int, bos_id: int | None, max_c
 
 def load_for_perplexity(model_path: str | Path):
     """(model, tokenizer) for a GGUF path."""
-    from ggufile.runtime.gguf_reader import GGUFReader
-    from ggufile.runtime.model import load_model
-    from ggufile.runtime.tokenizer import Tokenizer
+    from ggufile.runtime import kernels
+    from ggufile.runtime.gguf.reader import GGUFReader
+    from ggufile.runtime.model.transformer import load_model
+    from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
-    reader = GGUFReader(model_path)
+    reader = GGUFReader(model_path, scan_strings=kernels.string_scanner())
     return load_model(reader), Tokenizer.from_metadata(reader.metadata)
 
 

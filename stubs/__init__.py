@@ -4,14 +4,7 @@ Built stubs are cached in stubs/cache/ (or $GGUFILE_CACHE/stubs); see ggufile.bu
 The spec reads this file by path (runpy), so keep it free of imports.
 """
 
-# Runtime modules that exist only to build or benchmark the kernels: they import numba, which
-# neither the stub nor the .pyz ships. Without them the kernels load the AOT modules, or NumPy.
-BUILD_ONLY_MODULES = [
-    "ggufile.runtime.kernels.aot_build",
-    "ggufile.runtime.kernels.jit_backend",
-    "ggufile.runtime.kernels.source",
-    "ggufile.runtime.kernels.lanes_source",
-    "ggufile.runtime.kernels.step_source",
-    "ggufile.runtime.kernels.sync_source",
-    "ggufile.runtime.kernels.bench",
-]
+# The package that exists only to build or benchmark the kernels (Numba source, the AOT build,
+# the JIT backend): it imports numba, which neither the stub nor the .pyz ships. Without it the
+# kernels load the AOT modules, or NumPy.
+BUILD_ONLY_PACKAGE = "ggufile.runtime.kernels.src"

@@ -101,7 +101,7 @@ class FakeEngine:
 @contextlib.contextmanager
 def running_server(app, timeout: float = 15.0) -> Iterator[str]:
     """Serve `app` on 127.0.0.1:<free port>; yields the base URL; always stops the server."""
-    from ggufile.runtime.server import bind_socket, make_server
+    from ggufile.runtime.server.app import bind_socket, make_server
 
     sock = bind_socket("127.0.0.1", 0)
     server = make_server(app, sock)

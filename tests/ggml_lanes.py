@@ -1,5 +1,5 @@
-"""NumPy emulation of llama.cpp's AVX2 row dot products (ggml-cpu/arch/x86/quants.c), the
-oracle for runtime/kernels/lanes_source.py: written from ggml's C, not from our IR.
+"""NumPy emulation of llama.cpp's AVX2 row dot products (ggml-cpu/arch/x86/reference.c), the
+oracle for runtime/kernels/src/lanes.py: written from ggml's C, not from our IR.
 
 Per block, int32 lane j sums the products of elements 4j..4j+3 of each 32-value group (K-quants:
 times the group's scale; Q6_K: less 32 * its two 16-value groups' bsums . scales); lanes are
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufile.runtime import quants
-from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 
 LANE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
               GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
@@ -118,14 +118,14 @@ def _step_q2_k(blk, y, bs, dx, acc, extra):
 
 def _step_q3_k(blk, y, bs, dx, acc, extra):
     d = (dx * _f16(blk[:, 108:110])).astype(np.float32)
-    lanes = _lanes(np.repeat(quants.q3_k_scales(blk[:, 96:108]).astype(np.int64), 16, axis=1) * _q3_k_values(blk) * y)
+    lanes = _lanes(np.repeat(reference.q3_k_scales(blk[:, 96:108]).astype(np.int64), 16, axis=1) * _q3_k_values(blk) * y)
     return _fma(d[:, None], lanes.astype(np.float32), acc), extra
 
 
 def _step_q4_k(blk, y, bs, dx, acc, acc_m):
     d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
     dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
-    sc, m = (v.astype(np.int64) for v in quants.k_scale_min(blk[:, 4:16]))
+    sc, m = (v.astype(np.int64) for v in reference.k_scale_min(blk[:, 4:16]))
     prod = (m * bs.reshape(8, 2).sum(axis=1)).reshape(len(blk), 4, 2).sum(axis=2)
     acc_m = _fma(dmin[:, None], prod.astype(np.float32), acc_m)
     lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 16:144]) * y)
@@ -135,7 +135,7 @@ def _step_q4_k(blk, y, bs, dx, acc, acc_m):
 def _step_q5_k(blk, y, bs, dx, acc, summs):
     d = (dx * _f16(blk[:, 0:2])).astype(np.float32)
     dmin = (-dx * _f16(blk[:, 2:4])).astype(np.float32)
-    sc, m = (v.astype(np.int64) for v in quants.k_scale_min(blk[:, 4:16]))
+    sc, m = (v.astype(np.int64) for v in reference.k_scale_min(blk[:, 4:16]))
     total = (m * bs.reshape(8, 2).sum(axis=1)).sum(axis=1)  # hadd_epi16, madd, hadd_epi32 twice
     summs = _fma(dmin, total.astype(np.float32), summs)
     lanes = _lanes(np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 48:176], blk[:, 16:48]) * y)
@@ -156,7 +156,7 @@ _K_STEPS = {GGMLType.Q2_K: _step_q2_k, GGMLType.Q3_K: _step_q3_k, GGMLType.Q4_K:
 
 def _k_matvec(blocks, qtype, x):
     rows, nb = blocks.shape[:2]
-    q, xd, bsums = quants.quantize_q8_k(x[None, :].astype(np.float32))
+    q, xd, bsums = reference.quantize_q8_k(x[None, :].astype(np.float32))
     y, bsums = q[0].astype(np.int64), bsums[0].astype(np.int64)
     acc = np.zeros((rows, 8), np.float32)
     extra = np.zeros((rows, 4) if qtype == GGMLType.Q4_K else rows, np.float32)
@@ -240,7 +240,7 @@ def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     blocks = np.ascontiguousarray(w).reshape(rows, nb, info.type_size)
     if qtype in _K_STEPS:
         return _k_matvec(blocks, qtype, x)
-    q, xd, xs = quants.quantize_q8_0(x[None, :].astype(np.float32))
+    q, xd, xs = reference.quantize_q8_0(x[None, :].astype(np.float32))
     y = q[0].astype(np.int64)
     acc = np.zeros((rows, 8), np.float32)
     summs = np.zeros(rows, np.float32)

@@ -283,7 +283,7 @@ def test_build_quantizes_on_the_way_in(tmp_path, fake_stub, smollm2_path):
     result = run_cli("build", str(smollm2_path), "-o", str(out), "--stub", str(fake_stub), "--quantize", "Q8_0")
     assert result.exit_code == 0, result.output
     from ggufile.runtime.container import read_container
-    from ggufile.runtime.gguf_reader import GGUFReader
+    from ggufile.runtime.gguf.reader import GGUFReader
 
     embedded = read_container(out)
     reader = GGUFReader(out, embedded.offset, embedded.size)

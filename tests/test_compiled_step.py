@@ -1,4 +1,4 @@
-"""The compiled one-token step (runtime/compiled_step.py, kernels/step_source.py) against the
+"""The compiled one-token step (runtime/model/step.py, kernels/src/step.py) against the
 Python forward pass it replaces for decoding, on every backend that has it.
 
 The real models' decode steps go through it in test_model.py / test_generation.py (llama.cpp's
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from ggufile.runtime import kernels
-from ggufile.runtime.compiled_step import CompiledStep
-from ggufile.runtime.constants import GGMLType
-from ggufile.runtime.gguf_reader import GGUFReader
+from ggufile.runtime.model.step import CompiledStep
+from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.kernels import compiled
-from ggufile.runtime.model import load_model
+from ggufile.runtime.model.transformer import load_model
 from test_kernels import _backend_ids, load_backend
 from test_model import TINY, write_tiny_gguf
 
@@ -181,10 +181,10 @@ def test_a_thread_that_never_comes_aborts_the_step(tiny, backend):
 def test_float16_rounding_helpers_match_numpy():
     from numba import njit
 
-    from ggufile.runtime.kernels import source
+    from ggufile.runtime.kernels.src import exports
 
-    round_all = njit(lambda xs: np.array([source._round_f16(v) for v in xs], dtype=np.float32))
-    bits_all = njit(lambda xs: np.array([np.int64(source._f16_bits(v)) for v in xs]))
+    round_all = njit(lambda xs: np.array([exports._round_f16(v) for v in xs], dtype=np.float32))
+    bits_all = njit(lambda xs: np.array([np.int64(exports._f16_bits(v)) for v in xs]))
     rng = np.random.default_rng(0)
     xs = np.concatenate([
         rng.standard_normal(20000).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 5, 20000),

@@ -7,9 +7,9 @@ import gguf
 import numpy as np
 import pytest
 
-from ggufile.runtime.constants import GGMLType
+from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.errors import GGUFFormatError
-from ggufile.runtime.gguf_reader import GGUFReader
+from ggufile.runtime.gguf.reader import GGUFReader
 
 
 def write_tiny_gguf(path, extra_kv=None):
@@ -208,7 +208,7 @@ def test_window_outside_file(tiny):
 
 # -- big string arrays: compiled scan (when the AOT kernels have it) == the Python loop ------
 
-from ggufile.runtime import gguf_reader  # noqa: E402
+from ggufile.runtime import kernels  # noqa: E402
 
 
 def _write_string_array_gguf(path, texts):
@@ -229,8 +229,7 @@ def _big_texts(n=2000):
 def test_big_string_array_same_with_and_without_the_scanner(tmp_path, monkeypatch):
     texts = _big_texts()
     path = _write_string_array_gguf(tmp_path / "s.gguf", texts)
-    scanned = GGUFReader(path).metadata["t.big"]
-    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+    scanned = GGUFReader(path, scan_strings=kernels.string_scanner()).metadata["t.big"]
     looped = GGUFReader(path).metadata["t.big"]
     assert isinstance(looped._starts, list)
     assert list(np.asarray(scanned._starts)) == looped._starts and list(np.asarray(scanned._ends)) == looped._ends
@@ -246,8 +245,7 @@ def test_truncated_big_string_array_same_error_both_ways(tmp_path, monkeypatch, 
     end_of_array = start + sum(8 + len(t.encode()) for t in _big_texts())
     path.write_bytes(data[:end_of_array - cut])
     with pytest.raises(GGUFFormatError) as scanned:
-        GGUFReader(path)
-    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+        GGUFReader(path, scan_strings=kernels.string_scanner())
     with pytest.raises(GGUFFormatError) as looped:
         GGUFReader(path)
     assert str(scanned.value) == str(looped.value)
@@ -261,8 +259,7 @@ def test_big_string_array_huge_length_same_error_both_ways(tmp_path, monkeypatch
     data[at:at + 8] = struct.pack("<Q", 2**63)
     path.write_bytes(bytes(data))
     with pytest.raises(GGUFFormatError, match=r"t.big\[1000\] claims") as scanned:
-        GGUFReader(path)
-    monkeypatch.setattr(gguf_reader, "_scanner", [None])
+        GGUFReader(path, scan_strings=kernels.string_scanner())
     with pytest.raises(GGUFFormatError) as looped:
         GGUFReader(path)
     assert str(scanned.value) == str(looped.value)

@@ -1,8 +1,8 @@
-"""Every kernel backend equals the NumPy reference (quants.py) for every weight type.
+"""Every kernel backend equals the NumPy reference (reference.py) for every weight type.
 
 Backends tested: numpy, jit (when numba is importable) and each AOT variant built here that
 this CPU can run. Decode matmuls (few tokens) quantize activations to 8 bits like llama.cpp
-(F16 weights: round them to fp16), so they are compared with quants.reference_matvec (same
+(F16 weights: round them to fp16), so they are compared with reference.reference_matvec (same
 scheme, exact sums) to float rounding, and loosely with the float product.
 """
 from __future__ import annotations
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from test_quants import random_blocks
 
-from ggufile.runtime import kernels, quants
-from ggufile.runtime.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
+from ggufile.runtime import kernels
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
 from ggufile.runtime.kernels import compiled, cpu, numpy_backend
 
 ALL_TYPES = sorted(SUPPORTED_WEIGHT_TYPES)
-QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - quants.FLOAT_TYPES)
+QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - reference.FLOAT_TYPES)
 
 
 def _aot_variants() -> list[str]:
@@ -46,7 +47,7 @@ def load_backend(name: str):
         if name == "numpy":
             _BACKENDS[name] = numpy_backend
         elif name == "jit":
-            from ggufile.runtime.kernels import jit_backend
+            from ggufile.runtime.kernels.src import jit as jit_backend
 
             _BACKENDS[name] = compiled.CompiledBackend(name, jit_backend.load())
         else:
@@ -76,7 +77,7 @@ def random_weight(qtype: GGMLType, rows: int, k: int, seed: int = 0) -> np.ndarr
 
 
 def float_product(w, qtype, x):
-    return x.astype(np.float64) @ quants.dequantize_matrix(w, qtype, x.shape[1]).astype(np.float64).T
+    return x.astype(np.float64) @ reference.dequantize_matrix(w, qtype, x.shape[1]).astype(np.float64).T
 
 
 def assert_close(y, ref, rel):
@@ -85,20 +86,20 @@ def assert_close(y, ref, rel):
     np.testing.assert_allclose(y, ref, atol=rel * scale, rtol=0)
 
 
-# Weight types whose dot products see rounded activations (quants.dot_activations).
-_ROUNDED_ACTIVATIONS = quants.Q8_0_FAMILY | quants.Q8_K_FAMILY | {GGMLType.F16, GGMLType.BF16}
+# Weight types whose dot products see rounded activations (reference.dot_activations).
+_ROUNDED_ACTIVATIONS = reference.Q8_0_FAMILY | reference.Q8_K_FAMILY | {GGMLType.F16, GGMLType.BF16}
 
 
 def is_lane_decode(backend, qtype, n_tok) -> bool:
-    """Compiled decode on llama.cpp's dot products (lanes_source): the activations as
-    quants.dot_activations rounds them (8-bit blocks; fp16 / bf16 for F16 / BF16 weights)."""
+    """Compiled decode on llama.cpp's dot products (kernels/src/lanes.py): the activations as
+    reference.dot_activations rounds them (8-bit blocks; fp16 / bf16 for F16 / BF16 weights)."""
     return (backend is not numpy_backend and n_tok <= compiled.MATVEC_MAX_TOKENS
             and qtype in _ROUNDED_ACTIVATIONS)
 
 
 def is_8bit_via_blas(backend, qtype, n_tok) -> bool:
     """Compiled prefill and the numpy backend feed BLAS the dequantized 8-bit activations
-    (F16 / BF16 weights: f16 / bf16-rounded x), as quants.dot_activations makes them."""
+    (F16 / BF16 weights: f16 / bf16-rounded x), as reference.dot_activations makes them."""
     return ((backend is numpy_backend or n_tok > compiled.MATVEC_MAX_TOKENS)
             and qtype in _ROUNDED_ACTIVATIONS)
 
@@ -107,14 +108,14 @@ def is_8bit_via_blas(backend, qtype, n_tok) -> bool:
 def test_dequantize_bit_exact(backend, qtype):
     w = random_weight(qtype, 4, 512, seed=3)
     got = backend.dequantize(w, qtype, 4 * 512)
-    np.testing.assert_array_equal(got, quants.dequantize(w, qtype, 4 * 512))
+    np.testing.assert_array_equal(got, reference.dequantize(w, qtype, 4 * 512))
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_get_rows_bit_exact(backend, qtype):
     w = random_weight(qtype, 20, 512, seed=9)
     ids = np.array([3, 0, 19, 3], dtype=np.int64)
-    full = quants.dequantize_matrix(w, qtype, 512)
+    full = reference.dequantize_matrix(w, qtype, 512)
     np.testing.assert_array_equal(backend.get_rows(w, qtype, ids, 512), full[ids])
 
 
@@ -128,12 +129,12 @@ def test_matmul_matches_reference(backend, qtype, n_tok):
     y = backend.matmul(w, qtype, x, out)
     assert y is out
     if is_lane_decode(backend, qtype, n_tok):
-        assert_close(y, quants.reference_matvec(w, qtype, x), 2e-6)
+        assert_close(y, reference.reference_matvec(w, qtype, x), 2e-6)
         assert_close(y, float_product(w, qtype, x), 2e-2)
     elif is_8bit_via_blas(backend, qtype, n_tok):
         # Same activations as decode; only Q8_1's fp16-rounded d*sum term (and BLAS's float
         # sums) separates it from the exact reference.
-        assert_close(y, quants.reference_matvec(w, qtype, x), 2e-3)
+        assert_close(y, reference.reference_matvec(w, qtype, x), 2e-3)
         assert_close(y, float_product(w, qtype, x), 2e-2)
     else:
         assert_close(y, float_product(w, qtype, x), 2e-6)
@@ -148,7 +149,7 @@ def test_decode_row_counts_not_multiple_of_four(backend, qtype, rows):
     x = np.random.default_rng(rows).standard_normal((2, k)).astype(np.float32)
     out = np.full((2, rows), np.nan, dtype=np.float32)
     y = backend.matmul(w, qtype, x, out)
-    ref = quants.reference_matvec(w, qtype, x)
+    ref = reference.reference_matvec(w, qtype, x)
     assert_close(y, ref, 2e-6 if is_lane_decode(backend, qtype, 2) else 2e-3)
 
 
@@ -161,7 +162,7 @@ def _has_fma(backend_name: str) -> bool:
 
 
 # Row lengths: 3 super-blocks, 23 blocks; F16/BF16 also n % 32 = 13 leftovers after 23 steps of 32.
-_BIT_FOR_BIT_K = {**{t: 3 * 256 for t in quants.Q8_K_FAMILY}, **{t: 23 * 32 for t in quants.Q8_0_FAMILY},
+_BIT_FOR_BIT_K = {**{t: 3 * 256 for t in reference.Q8_K_FAMILY}, **{t: 23 * 32 for t in reference.Q8_0_FAMILY},
                   GGMLType.F16: 23 * 32 + 13, GGMLType.BF16: 23 * 32 + 13}
 # Exact products (16-bit floats): an FMA rounds as the add alone, so FMA-less targets match too.
 _EXACT_PRODUCTS = (GGMLType.F16, GGMLType.BF16)
@@ -193,12 +194,12 @@ def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
     fp16 through the table instead of vcvtph2ps: the same floats.)"""
     import numba
 
-    from ggufile.runtime.kernels import lanes_source, source
+    from ggufile.runtime.kernels.src import exports, lanes
 
     name = f"mv_{qtype.name.lower()}"
-    monkeypatch.setattr(lanes_source, "_target_has_avx2", lambda context: False)
-    portable = numba.njit(getattr(source, name))  # compiled now, with the patch in place
-    k = 640 + 13 if qtype in _EXACT_PRODUCTS else 512 if qtype in quants.Q8_K_FAMILY else 640
+    monkeypatch.setattr(lanes, "_target_has_avx2", lambda context: False)
+    portable = numba.njit(getattr(exports, name))  # compiled now, with the patch in place
+    k = 640 + 13 if qtype in _EXACT_PRODUCTS else 512 if qtype in reference.Q8_K_FAMILY else 640
     w = random_weight(qtype, 29, k, seed=2)
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     out = np.empty((1, 29), np.float32)
@@ -281,12 +282,12 @@ def test_cpu_flag_parsing_and_variant_choice():
 
 AOT_VARIANTS = _aot_variants()
 needs_aot = pytest.mark.skipif(not AOT_VARIANTS, reason="no AOT kernels built for this CPU "
-                               "(python -m ggufile.runtime.kernels.aot_build)")
+                               "(python -m ggufile.runtime.kernels.src.aot_build)")
 
 
 def test_aot_build_flags_release_the_gil():
     pytest.importorskip("numba")
-    from ggufile.runtime.kernels import aot_build
+    from ggufile.runtime.kernels.src import aot_build
 
     flags = aot_build.kernel_flags()
     assert flags.release_gil and flags.fastmath
@@ -342,8 +343,9 @@ class BlockNumba(importlib.abc.MetaPathFinder):
             raise ImportError("numba is blocked in this test")
 sys.meta_path.insert(0, BlockNumba())
 import numpy as np
-from ggufile.runtime import kernels, quants
-from ggufile.runtime.constants import GGMLType
+from ggufile.runtime import kernels
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import GGMLType
 assert kernels.backend.startswith("aot:"), kernels.backend
 assert "numba" not in sys.modules and "llvmlite" not in sys.modules
 rng = np.random.default_rng(0)
@@ -351,7 +353,7 @@ w = rng.integers(0, 256, (64, 8 * 34), dtype=np.uint8)
 w.reshape(-1, 34)[:, 1] &= 0x3B  # finite fp16 scales
 x = rng.standard_normal((1, 256)).astype(np.float32)
 y = kernels.matmul(w, GGMLType.Q8_0, x)
-ref = quants.reference_matvec(w, GGMLType.Q8_0, x)
+ref = reference.reference_matvec(w, GGMLType.Q8_0, x)
 assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(y - ref).max()
 print("OK", kernels.backend)
 """

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from ggufile.runtime.errors import GGUFileError, UnsupportedModelError
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.model import KVCache, Model, ModelConfig, load_model
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.model.transformer import KVCache, Model, ModelConfig, load_model
 
 LOGIT_TOL = 1.0
 # A greedy mismatch is acceptable only where the two candidates are this close in our logits.
@@ -225,7 +225,7 @@ def test_sliding_window_changes_only_long_contexts():
 
 
 def test_long_prompts_are_split_into_batches(tiny, monkeypatch):
-    from ggufile.runtime import model as model_mod
+    from ggufile.runtime.model import transformer as model_mod
 
     ids = np.random.default_rng(3).integers(0, 64, size=11).astype(np.int32)
     whole = tiny.forward(ids, tiny.new_cache(16), all_logits=True)
@@ -295,7 +295,7 @@ def test_unsupported_rope_scaling_is_reported():
 
 def test_yarn_frequencies():
     """Fast pairs keep their speed, slow pairs are slowed by the factor, cos/sin grow by 1 + 0.1 ln(factor)."""
-    from ggufile.runtime import ops
+    from ggufile.runtime.model import ops
 
     f_plain = ops.rope_freqs(128, 10000.0, 1.0, None)
     f_yarn = ops.rope_freqs(128, 10000.0, 0.25, None, (4096, 32.0, 1.0))

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from ggufile.builder.gguf_writer import TensorSpec, Typed, write_gguf
 from ggufile.builder.quantize_model import get_mix, plan_types, quantize_command, quantize_file
 from ggufile.runtime import kernels
-from ggufile.runtime.constants import QUANT_TABLE, GGMLType, GGUFValueType
-from ggufile.runtime.gguf_reader import GGUFReader
-from ggufile.runtime.quantize import quantize
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType, GGUFValueType
+from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.builder.quantizers import quantize
 
 gguf = pytest.importorskip("gguf")  # test oracle only
 F32 = np.float32

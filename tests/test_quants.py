@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggufile.runtime import quants
-from ggufile.runtime.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
 
 gguf_quants = pytest.importorskip("gguf.quants")
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
-QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - quants.FLOAT_TYPES)
+QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - reference.FLOAT_TYPES)
 
 # Byte offsets of the fp16 scales inside each block type (they must be finite in test data).
 F16_OFFSETS = {
@@ -40,13 +40,13 @@ def test_dequantize_bit_exact_with_gguf(qtype):
     n_blocks = 37
     blocks = random_blocks(qtype, n_blocks, seed=int(qtype))
     n = n_blocks * QUANT_TABLE[qtype].block_size
-    ours = quants.dequantize(blocks, qtype, n)
+    ours = reference.dequantize(blocks, qtype, n)
     theirs = gguf_quants.dequantize(blocks, GGMLQuantizationType(int(qtype))).reshape(-1)
     assert ours.dtype == np.float32 and ours.shape == (n,)
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", sorted(quants.FLOAT_TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(reference.FLOAT_TYPES), ids=lambda t: t.name)
 def test_dequantize_float_types(qtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(100).astype(np.float32)
@@ -57,20 +57,20 @@ def test_dequantize_float_types(qtype):
     else:
         raw = (x.view(np.uint32) >> 16).astype(np.uint16)
         x = (raw.astype(np.uint32) << 16).view(np.float32)
-    out = quants.dequantize(raw, qtype, 100)
+    out = reference.dequantize(raw, qtype, 100)
     np.testing.assert_array_equal(out, x)
 
 
 def test_dequantize_accepts_matrix_shape():
     blocks = random_blocks(GGMLType.Q4_K, 6)
     matrix = blocks.reshape(3, -1)  # 3 rows of 2 super-blocks
-    flat = quants.dequantize(blocks, GGMLType.Q4_K, 6 * 256)
-    np.testing.assert_array_equal(quants.dequantize_matrix(matrix, GGMLType.Q4_K, 512), flat.reshape(3, 512))
-    assert quants.row_elements(matrix, GGMLType.Q4_K) == 512
+    flat = reference.dequantize(blocks, GGMLType.Q4_K, 6 * 256)
+    np.testing.assert_array_equal(reference.dequantize_matrix(matrix, GGMLType.Q4_K, 512), flat.reshape(3, 512))
+    assert reference.row_elements(matrix, GGMLType.Q4_K) == 512
 
 
 def test_unsupported_type_is_a_clear_error():
     from ggufile.runtime.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError):
-        quants.dequantize(np.zeros(34, np.uint8), GGMLType.Q8_1, 32)
+        reference.dequantize(np.zeros(34, np.uint8), GGMLType.Q8_1, 32)

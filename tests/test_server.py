@@ -14,8 +14,8 @@ import pytest
 httpx = pytest.importorskip("httpx2")  # openai's HTTP client (the `httpx` API)
 
 from fake_engine import FakeEngine, running_server  # noqa: E402
-from ggufile.runtime.openai_schema import ApiError, parse_chat_request, parse_completion_request  # noqa: E402
-from ggufile.runtime.server import create_app  # noqa: E402
+from ggufile.runtime.server.schema import ApiError, parse_chat_request, parse_completion_request  # noqa: E402
+from ggufile.runtime.server.app import create_app  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
@@ -324,7 +324,7 @@ def test_dns_rebinding_host_refused(client):
 
 
 def test_exposure_warning():
-    from ggufile.runtime.server import exposure_warning
+    from ggufile.runtime.server.app import exposure_warning
 
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
     assert "every network interface" in exposure_warning("0.0.0.0", None)
@@ -335,7 +335,7 @@ def test_exposure_warning():
 def test_announce_prints_url_and_opens_browser(monkeypatch):
     from types import SimpleNamespace
 
-    from ggufile.runtime import server as server_mod
+    from ggufile.runtime.server import app as server_mod
 
     opened, said = [], []
     monkeypatch.setattr(server_mod.webbrowser, "open", opened.append)

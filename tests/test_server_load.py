@@ -27,7 +27,7 @@ FAKE_SERVER = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
 from fake_engine import FakeEngine
-from ggufile.runtime.server import serve
+from ggufile.runtime.server.app import serve
 # max_waiting=4: a round of 8 both queues work and refuses some (503), exercising both answers.
 serve(FakeEngine(reply="streaming " * 8, n_ctx=512, token_delay=0.002), port=0, open_browser=False,
       max_waiting=4,
@@ -37,7 +37,7 @@ serve(FakeEngine(reply="streaming " * 8, n_ctx=512, token_delay=0.002), port=0, 
 REAL_SERVER = """
 import sys
 from ggufile.runtime.engine import Engine
-from ggufile.runtime.server import serve
+from ggufile.runtime.server.app import serve
 serve(Engine.open(sys.argv[1], n_ctx=512), port=0, open_browser=False, log=lambda m: print(m, flush=True))
 """
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import load_reference
 
-from ggufile.runtime.constants import Keys, TokenType
+from ggufile.runtime.gguf.constants import Keys, TokenType
 from ggufile.runtime.errors import UnsupportedModelError
-from ggufile.runtime.pretokenize import BYTE_TO_CHAR, PRE_TOKENIZERS, byte_level_encode, split_words
-from ggufile.runtime.tokenizer import StreamDecoder, Tokenizer
+from ggufile.runtime.tokenizer.pretokenize import BYTE_TO_CHAR, PRE_TOKENIZERS, byte_level_encode, split_words
+from ggufile.runtime.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 MODELS = ("smollm2", "gemma3")
 REFERENCES = {name: load_reference(name) for name in MODELS}
@@ -24,7 +24,7 @@ def _reference_cases(kind: str):
 
 @pytest.fixture(scope="session")
 def real_tokenizers(smollm2_path, gemma3_path) -> dict[str, Tokenizer]:
-    from ggufile.runtime.gguf_reader import GGUFReader
+    from ggufile.runtime.gguf.reader import GGUFReader
 
     return {name: Tokenizer.from_metadata(GGUFReader(path).metadata)
             for name, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path))}
@@ -310,7 +310,7 @@ def test_opening_imports_and_compiles_no_regex_or_jinja2():
     import subprocess
     import sys
 
-    code = ("import sys; import ggufile.runtime.engine, ggufile.runtime.tokenizer, ggufile.runtime.model; "
+    code = ("import sys; import ggufile.runtime.engine, ggufile.runtime.tokenizer.tokenizer, ggufile.runtime.model.transformer; "
             "print(sorted(m for m in ('regex', 'jinja2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

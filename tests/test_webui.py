@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fake_engine import FakeEngine, running_server
-from ggufile.runtime.server import create_app, index_html
+from ggufile.runtime.server.app import create_app, index_html
 
 CHROMIUM = os.environ.get("GGUFILE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"

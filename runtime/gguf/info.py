@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .constants import Keys
-from .gguf_reader import GGUFReader
+from ggufile.runtime.gguf.constants import Keys
+from ggufile.runtime.gguf.reader import GGUFReader
 
 
 def describe_gguf(reader: GGUFReader) -> dict[str, str]:

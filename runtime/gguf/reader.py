@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .constants import (
+from ggufile.runtime.gguf.constants import (
     GGML_MAX_DIMS,
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
@@ -36,34 +36,13 @@ from .constants import (
     GGUFValueType,
     Keys,
 )
-from .errors import GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFFormatError, os_errors_as
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
-# Below this many strings the Python loop is as quick as calling the compiled scanner.
+# Below this many strings the Python loop is as quick as calling a compiled scanner.
 _SCAN_MIN_STRINGS = 256
-_scanner: list = []  # [kernels.scan_strings or None], looked up once
-
-
-def _string_scanner():
-    """The AOT-compiled GGUF string scanner, or None (NumPy / JIT backend, or no kernels).
-
-    Looked up on the first big string array: importing the kernels loads a compiled module
-    (no numba, no compilation), which the model needs anyway. A JIT backend would compile at
-    first call, so it is not used here.
-    """
-    if not _scanner:
-        scan = None
-        try:
-            from . import kernels
-
-            if kernels.backend.startswith("aot:"):
-                scan = getattr(kernels, "scan_strings", None)
-        except Exception:  # a broken or forced-unavailable backend: the Python loop still works
-            scan = None
-        _scanner.append(scan)
-    return _scanner[0]
 
 
 class StringArray(Sequence):
@@ -222,7 +201,11 @@ class _Cursor:
 class GGUFReader:
     """Parse the GGUF at [offset, offset+size) of `path` through a single read-only mmap."""
 
-    def __init__(self, path: str | os.PathLike, offset: int = 0, size: int | None = None):
+    def __init__(self, path: str | os.PathLike, offset: int = 0, size: int | None = None, *,
+                 scan_strings=None):
+        # scan_strings(buf, pos, count, starts, ends) -> end or -1: a compiled scanner of big
+        # string arrays (kernels.string_scanner()), passed in so the format layer needs no kernels.
+        self._scan_strings = scan_strings
         self.path = Path(path)
         self._mmap = _map_file(self.path)
         file_size = len(self._mmap)
@@ -301,7 +284,7 @@ class GGUFReader:
         return arr.astype(bool) if etype == GGUFValueType.BOOL else arr
 
     def _read_string_array(self, cur: _Cursor, count: int, what: str) -> StringArray:
-        if count >= _SCAN_MIN_STRINGS and (scan := _string_scanner()) is not None:
+        if count >= _SCAN_MIN_STRINGS and (scan := self._scan_strings) is not None:
             starts = np.empty(count, dtype=np.int64)
             ends = np.empty(count, dtype=np.int64)
             end = scan(self.buffer, cur.pos, count, starts, ends)

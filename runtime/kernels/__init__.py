@@ -1,7 +1,7 @@
 """Quantized tensor kernels: dequantize, matmul (y = x @ W.T), get_rows, behind one fast backend.
 
 The backend is chosen once at import: ahead-of-time compiled kernels for the best CPU variant
-this machine runs (built by `python -m ggufile.runtime.kernels.aot_build`), else Numba JIT (if
+this machine runs (built by `python -m ggufile.runtime.kernels.src.aot_build`), else Numba JIT (if
 numba is importable), else pure NumPy. GGUFILE_KERNELS forces one:
 generic | x86-64-v3 | x86-64-v4 | aarch64 | jit | numpy. With an AOT build present, importing
 this package neither compiles anything nor imports numba.
@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from ggufile.runtime import quants
-from ggufile.runtime.constants import GGMLType
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.errors import GGUFileError
 from ggufile.runtime.kernels import cpu
 from ggufile.runtime.kernels import numpy_backend as _numpy_backend
@@ -34,7 +34,7 @@ def _load_aot(variant: str):
 
 
 def _load_jit():
-    from ggufile.runtime.kernels import jit_backend
+    from ggufile.runtime.kernels.src import jit as jit_backend
     from ggufile.runtime.kernels.compiled import CompiledBackend
 
     return CompiledBackend(jit_backend.NAME, jit_backend.load())
@@ -64,9 +64,15 @@ def _select():
 _impl = _select()
 backend: str = _impl.NAME if _impl is _numpy_backend else _impl.name
 # scan_strings(buf uint8[::1], pos, count, starts int64[::1], ends int64[::1]) -> end pos or -1:
-# the byte ranges of `count` GGUF strings from `pos` (see source.scan_strings); None on the
+# the byte ranges of `count` GGUF strings from `pos` (see src/exports.scan_strings); None on the
 # numpy backend, where callers use a Python loop.
 scan_strings = _impl.scan_strings
+
+
+def string_scanner():
+    """The compiled GGUF string scanner for GGUFReader(scan_strings=...), or None. Only an AOT
+    build's: a JIT backend would compile at first call, slower than the Python loop it replaces."""
+    return scan_strings if backend.startswith("aot:") else None
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
@@ -101,7 +107,7 @@ def get_rows(w: np.ndarray, qtype: GGMLType, ids: np.ndarray) -> np.ndarray:
     """Embedding lookup: the dequantized rows `ids` of W -> float32 (len(ids), k)."""
     qtype = GGMLType(qtype)
     ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
-    return _impl.get_rows(w, qtype, ids, quants.row_elements(w, qtype))
+    return _impl.get_rows(w, qtype, ids, reference.row_elements(w, qtype))
 
 
 def compiled_backend():
@@ -110,6 +116,6 @@ def compiled_backend():
 
 
 def step_backend():
-    """The backend that runs the compiled one-token step (ggufile.runtime.compiled_step), or
+    """The backend that runs the compiled one-token step (ggufile.runtime.model.step), or
     None: the NumPy backend has none, nor has a kernel build from before the step."""
     return _impl if getattr(_impl, "decode_token", None) is not None else None

@@ -1,7 +1,7 @@
 """The compiled backends (AOT extension modules or Numba JIT) behind the kernels API.
 
 `CompiledBackend(name, ns)` drives the kernels found as attributes of `ns` (same names and
-signatures as source.SIGNATURES):
+signatures as src/exports.SIGNATURES):
 
 - decode (n_tok <= MATVEC_MAX_TOKENS): the activation rows are quantized to 8 bits per block
   once (shared by every weight of a matmul_multi), then each thread runs the `mv_*` kernel on
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufile.runtime import quants
-from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels import reference
+from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
 from ggufile.runtime.kernels.pool import RowPool, split_rows
 from ggufile.runtime.kernels.step_layout import S_ABORT
@@ -54,7 +54,7 @@ F16_TABLE.flags.writeable = False
 T = GGMLType
 # Which activation format each weight type is multiplied with (as in ggml's type traits).
 _Q8_0, _Q8_K = "q8_0", "q8_k"  # Q8_0 and Q8_1 share one quantization (Q8_1 adds d*sum)
-ACTIVATION = {**{t: _Q8_0 for t in quants.Q8_0_FAMILY}, **{t: _Q8_K for t in quants.Q8_K_FAMILY}}
+ACTIVATION = {**{t: _Q8_0 for t in reference.Q8_0_FAMILY}, **{t: _Q8_K for t in reference.Q8_K_FAMILY}}
 # Kernels whose activation arguments include the Q8_1 sums / Q8_K group sums.
 _WITH_SUMS = {T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
@@ -74,7 +74,7 @@ class CompiledBackend:
         self.scan_strings = ns.scan_strings
         self.decode_token = getattr(ns, "decode_token", None)  # absent from builds older than the step
 
-    # --- the compiled one-token step (step_source.decode_token) -------------------------------
+    # --- the compiled one-token step (src/step.decode_token) -------------------------------
 
     def run_step(self, sync: np.ndarray, args: tuple) -> None:
         """decode_token(tid, n, sync, *args) on every pool thread at once. The threads meet at
@@ -100,7 +100,7 @@ class CompiledBackend:
 
     def dequantize(self, raw: np.ndarray, qtype: GGMLType, n_elements: int) -> np.ndarray:
         if qtype not in self._dq:
-            return quants.dequantize(raw, qtype, n_elements)
+            return reference.dequantize(raw, qtype, n_elements)
         info = QUANT_TABLE[qtype]
         n_bytes = n_elements // info.block_size * info.type_size
         row = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)[:n_bytes]
@@ -118,7 +118,7 @@ class CompiledBackend:
         if qtype in (T.F16, T.BF16):
             return self._dq_16bit(w, qtype, ids, np.empty((len(ids), k), dtype=np.float32))
         if qtype not in self._dq:
-            return quants.dequantize_matrix(np.ascontiguousarray(w[ids]), qtype, k)
+            return reference.dequantize_matrix(np.ascontiguousarray(w[ids]), qtype, k)
         out = np.empty((len(ids), k), dtype=np.float32)
         self._dq[qtype](w, ids, out, F16_TABLE, QUANT_TABLE[qtype].block_size)
         return out
@@ -172,7 +172,7 @@ class CompiledBackend:
         if qtype in (T.F16, T.BF16):  # multiplied with F16- / BF16-rounded activations
             key = qtype.name
             if key not in activations:
-                activations[key] = quants.dot_activations(x, qtype)
+                activations[key] = reference.dot_activations(x, qtype)
             return activations[key]
         family = ACTIVATION.get(qtype)
         if family is None:

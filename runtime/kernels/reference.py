@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
 
 _NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The integer tables the compiled one-token step reads (see step_source.decode_token).
+"""The integer tables the compiled one-token step reads (see src/step.decode_token).
 
 The step takes the whole model as a few flat arrays, so one exported signature fits every model:
   tensors  int64 (n_tensors, TENSOR_COLS): where each weight matrix lies in the file's bytes

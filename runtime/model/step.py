@@ -2,7 +2,7 @@
 
 `CompiledStep.for_model(model)` packs a Model once (where each weight lies in the mapped file,
 the norm weights in one float32 array, the dimensions) and `step(token, cache)` then runs one
-token as a single call per pool thread (kernels/step_source.py), instead of ~120 pool rounds
+token as a single call per pool thread (kernels/src/step.py), instead of ~120 pool rounds
 and the Python glue between them. It gives None where it cannot run the model (the NumPy
 backend, a kernel build without the step, a weight type it lacks, a float16 KV cache), and the
 caller keeps the Python forward pass.
@@ -13,11 +13,12 @@ import threading
 
 import numpy as np
 
-from ggufile.runtime import kernels, ops
-from ggufile.runtime.constants import QK, QK_K, GGMLType
+from ggufile.runtime import kernels
+from ggufile.runtime.model import ops
+from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
-from ggufile.runtime.quants import Q8_0_FAMILY, Q8_K_FAMILY, row_elements
+from ggufile.runtime.kernels.reference import Q8_0_FAMILY, Q8_K_FAMILY, row_elements
 
 # Weight types the step's matvec dispatch covers: those of the decode kernels.
 STEP_WEIGHT_TYPES = Q8_0_FAMILY | Q8_K_FAMILY | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
@@ -143,7 +144,7 @@ class CompiledStep:
         """This position's cos/sin rows, exactly as the Python pass builds them (ops.rope_tables)."""
         m, c = self.model, self.model.config
         at = np.array([pos])
-        freqs = ((0, m._rope), (S.ROPE_SWA, m._rope_swa)) if c.sliding_window else ((0, m._rope),)
+        freqs = ((0, m.rope_freqs), (S.ROPE_SWA, m.rope_freqs_swa)) if c.sliding_window else ((0, m.rope_freqs),)
         for base, f in freqs:
             rows = (ops.rope_tables(at, f, c.rope_neox, c.attn_scale) + ops.rope_tables(at, f, c.rope_neox))
             for i, table in enumerate(rows):  # cos q, sin q, cos k, sin k

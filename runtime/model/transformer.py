@@ -18,8 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ggufile.runtime import kernels, ops
-from ggufile.runtime.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
+from ggufile.runtime import kernels
+from ggufile.runtime.model import ops
+from ggufile.runtime.gguf.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "gemma3")
@@ -252,8 +253,8 @@ class Model:
         self.weights = weights
         c = config
         yarn = (c.rope_yarn_orig_ctx, 32.0, 1.0) if c.rope_scaling == "yarn" else None
-        self._rope = ops.rope_freqs(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
-        self._rope_swa = ops.rope_freqs(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
+        self.rope_freqs = ops.rope_freqs(c.n_rot, c.rope_base, c.rope_scale, weights.rope_freqs, yarn)
+        self.rope_freqs_swa = ops.rope_freqs(c.n_rot, c.rope_base_swa, c.rope_scale_swa, None)
         self._swa_layers = [c.is_swa(il) for il in range(c.n_layer)]
         self._step = None  # the compiled one-token step, packed on the first decode
         self._step_packed = False
@@ -288,7 +289,7 @@ class Model:
 
     def _compiled_step(self):
         if not self._step_packed:
-            from ggufile.runtime.compiled_step import CompiledStep
+            from ggufile.runtime.model.step import CompiledStep
 
             self._step, self._step_packed = CompiledStep.for_model(self), True
         return self._step
@@ -302,11 +303,11 @@ class Model:
         # positions this step writes, their rotations and the masks (shared by all layers of a kind)
         pos = np.arange(p0, T)
         # rotations for k, and for q with the attention scale folded in: 2 x (n, 1, pairs..)
-        rope_k = ops.rope_tables(pos, self._rope, c.rope_neox)
-        rope_q = ops.rope_tables(pos, self._rope, c.rope_neox, c.attn_scale)
+        rope_k = ops.rope_tables(pos, self.rope_freqs, c.rope_neox)
+        rope_q = ops.rope_tables(pos, self.rope_freqs, c.rope_neox, c.attn_scale)
         if c.sliding_window:
-            rope_k_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox)
-            rope_q_swa = ops.rope_tables(pos, self._rope_swa, c.rope_neox, c.attn_scale)
+            rope_k_swa = ops.rope_tables(pos, self.rope_freqs_swa, c.rope_neox)
+            rope_q_swa = ops.rope_tables(pos, self.rope_freqs_swa, c.rope_neox, c.attn_scale)
 
         x = kernels.get_rows(w.tok_embd.data, w.tok_embd.qtype, ids)  # (n, n_embd)
         if c.embd_scale != 1.0:

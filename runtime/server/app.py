@@ -10,7 +10,7 @@ The `model` field is lenient but not blind: it may be absent, the served model's
 stem, or one of the generic aliases "default", "local", "ggufile" (compared case-insensitively);
 anything else is 404 `model_not_found`, so a client pointed at the wrong server finds out.
 
-Generation runs on one worker thread, one request at a time in arrival order (server_queue);
+Generation runs on one worker thread, one request at a time in arrival order (server/queue.py);
 this module is the HTTP side: validate, tokenize, queue, stream back, and stop the generation
 when the client goes away. Errors always have OpenAI's shape and never carry a traceback.
 """
@@ -35,12 +35,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import GGUFileError
-from .openai_schema import (ApiError, GenerationRequest, parse_chat_request, parse_completion_request,
+from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.server.schema import (ApiError, GenerationRequest, parse_chat_request, parse_completion_request,
                             parse_detokenize, parse_tokenize)
-from .server_format import DONE_EVENT, Completion, sse, timings
-from .server_guard import LOOPBACK_HOSTS, Guard, is_loopback
-from .server_queue import GenerationQueue, Job, QueueFull
+from ggufile.runtime.server.format import DONE_EVENT, Completion, sse, timings
+from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback
+from ggufile.runtime.server.queue import GenerationQueue, Job, QueueFull
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: far more than any context's worth of text
 DEFAULT_MAX_WAITING = 8

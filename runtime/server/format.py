@@ -11,7 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from .server_queue import Timings
+from ggufile.runtime.server.queue import Timings
 
 
 def sse(obj) -> bytes:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from ggufile.runtime.sampling import SamplingParams
 
 _DONE = object()  # end of a job's output
 

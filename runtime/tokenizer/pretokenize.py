@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import UnsupportedModelError
+from ggufile.runtime.errors import UnsupportedModelError
 
 # -- the regexes, spelled as in llama.cpp's llm_tokenizer_bpe (after C unescaping) ----------
 

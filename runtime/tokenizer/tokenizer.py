@@ -1,7 +1,7 @@
 """Text <-> token ids, rebuilt from GGUF metadata and identical to llama.cpp token for token.
 
 Two tokenizer families (tokenizer.ggml.model): "llama" = SentencePiece-style score merging
-(tokenizer_spm.py) and "gpt2" = byte-level BPE behind a regex pre-tokenizer (tokenizer_bpe.py,
+(spm.py) and "gpt2" = byte-level BPE behind a regex pre-tokenizer (bpe.py,
 pretokenize.py). Both first cut special tokens out of the text the way llama.cpp's
 tokenizer_st_partition does: control/unknown tokens only when parse_special is true, but
 user-defined tokens always (gemma-3 has "\\n\\n", "<html>" ... as user-defined tokens).
@@ -19,10 +19,10 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable, Mapping
 
-from .pretokenize import CHAR_TO_BYTE, byte_level_encode, split_words
-from .tokenizer_bpe import BPE
-from .tokenizer_spm import spm_encode
-from .tokenizer_vocab import Attr, Vocab, load_vocab
+from ggufile.runtime.tokenizer.pretokenize import CHAR_TO_BYTE, byte_level_encode, split_words
+from ggufile.runtime.tokenizer.bpe import BPE
+from ggufile.runtime.tokenizer.spm import spm_encode
+from ggufile.runtime.tokenizer.vocab import Attr, Vocab, load_vocab
 
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(): what llama.cpp's lstrip/rstrip attributes strip
 _RENDERED_ONLY_IF_SPECIAL = Attr.UNKNOWN | Attr.CONTROL

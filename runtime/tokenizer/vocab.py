@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .constants import Keys, TokenType
-from .errors import GGUFFormatError, UnsupportedModelError
-from .pretokenize import PreTokenizer, pre_tokenizer_for
-from .tokenizer_bpe import parse_merges
+from ggufile.runtime.gguf.constants import Keys, TokenType
+from ggufile.runtime.errors import GGUFFormatError, UnsupportedModelError
+from ggufile.runtime.tokenizer.pretokenize import PreTokenizer, pre_tokenizer_for
+from ggufile.runtime.tokenizer.bpe import parse_merges
 
 class Attr:
     """llama.cpp's llama_token_attr bits (a token can gain CONTROL/UNUSED from its text).

@@ -1,19 +1,19 @@
 """Compile the kernels ahead of time with numba.pycc: one extension module per CPU variant.
 
-    python -m ggufile.runtime.kernels.aot_build [--variant x86-64-v3 ...] [--out DIR]
+    python -m ggufile.runtime.kernels.src.aot_build [--variant x86-64-v3 ...] [--out DIR]
 
 Writes `_aot_<variant>` extension modules next to this file (gitignored). The shipped
 executable imports them with no numba/LLVM present. Variants the build machine cannot run
 are compiled too: LLVM cross-targets any CPU of the same architecture. Each variant is built
 in a process of its own, all at once: Numba compiles callee functions (the step's kernels)
-once per process, so the IR lanes_source emits for one variant's ISA must not be reused for
+once per process, so the IR lanes.py emits for one variant's ISA must not be reused for
 another's.
 
 pycc builds its export wrappers from a default numba `Flags()`, which holds the GIL and uses
 no fast-math. `KernelModuleCompiler` builds them from the flags the JIT gets from
 `njit(nogil=True, fastmath=...)`: `release_gil` (the wrapper calls PyEval_SaveThread before
 the kernel and PyEval_RestoreThread after) and the same per-kernel fast-math set
-(source.fastmath_for).
+(exports.fastmath_for).
 """
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ from numba.core.cpu import FastMathOptions
 from numba.core.codegen import AOTCPUCodegen
 from numba.pycc import CC
 
-from ggufile.runtime.kernels import cpu, lanes_source, source, step_source
+from ggufile.runtime.kernels import cpu
+from ggufile.runtime.kernels.src import exports, lanes, step
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the AOT modules ship in kernels/, beside their loader
 
 
-def kernel_flags(fastmath=source.FASTMATH) -> Flags:
+def kernel_flags(fastmath=exports.FASTMATH) -> Flags:
     """What njit(nogil=True, fastmath=...) sets, for pycc's exports."""
     flags = Flags()
     flags.release_gil = True
@@ -50,7 +51,7 @@ def kernel_flags(fastmath=source.FASTMATH) -> Flags:
 def _compile_kernel(typingctx, targetctx, func, args, return_type, flags, **kwargs):
     """pycc compiles every export with one Flags object; give each kernel its own fast-math set."""
     flags = flags.copy()
-    flags.fastmath = FastMathOptions(set(source.fastmath_for(func.__name__)))
+    flags.fastmath = FastMathOptions(set(exports.fastmath_for(func.__name__)))
     return _pycc_compile_extra(typingctx, targetctx, func, args, return_type, flags, **kwargs)
 
 
@@ -107,7 +108,7 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
     # 1.25x faster as 512-bit code (Zen 4: Q4_1 7.6 -> 9.5 GB/s, as JIT-compiled for the host).
     cc.target_features = TUNING.get(variant, "")
     cc.verbose = False
-    for module in (source, step_source):
+    for module in (exports, step):
         for name, signature in module.SIGNATURES.items():
             cc.export(name, signature)(getattr(module, name))
     cc.compile()  # pycc builds in its own temporary directory
@@ -115,13 +116,13 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
 
 
 def lanes_isa(variant: str) -> str:
-    """The integer instructions lanes_source may use in a variant."""
+    """The integer instructions lanes.py may use in a variant."""
     return "avx2" if "avx2" in cpu.variants_for_machine()[variant][1] else "portable"
 
 
 def _build_here(variant: str, out_dir: Path) -> None:
-    if os.environ.get(lanes_source.ISA_ENV) != lanes_isa(variant):
-        raise SystemExit(f"{lanes_source.ISA_ENV} must be {lanes_isa(variant)} to build {variant}")
+    if os.environ.get(lanes.ISA_ENV) != lanes_isa(variant):
+        raise SystemExit(f"{lanes.ISA_ENV} must be {lanes_isa(variant)} to build {variant}")
     start = time.perf_counter()
     path = build_variant(variant, cpu.variants_for_machine()[variant][0], out_dir)
     print(f"{variant:10} -> {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     children = [subprocess.Popen(
         [sys.executable, "-m", __spec__.name, "--in-process", "--variant", variant, "--out", str(args.out)],
-        env={**os.environ, lanes_source.ISA_ENV: lanes_isa(variant)}) for variant in chosen]
+        env={**os.environ, lanes.ISA_ENV: lanes_isa(variant)}) for variant in chosen]
     failed = [v for v, child in zip(chosen, children) if child.wait() != 0]
     if failed:
         print(f"AOT build failed for {', '.join(failed)}", file=sys.stderr)

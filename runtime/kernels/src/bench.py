@@ -1,6 +1,6 @@
 """Throughput of the selected kernels backend (a measurement script, not a test).
 
-    python -m ggufile.runtime.kernels.bench [--rows 2048 --k 2048 --threads N]
+    python -m ggufile.runtime.kernels.src.bench [--rows 2048 --k 2048 --threads N]
 
 Prints decode matvec (n_tok=1) GB/s of weight bytes per type, single- and multi-threaded,
 the per-call overhead on a tiny matrix, and prefill GFLOP/s.
@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ggufile.runtime import kernels
-from ggufile.runtime.constants import QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels import compiled
 
 TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,

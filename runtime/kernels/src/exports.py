@@ -16,7 +16,7 @@ Conventions shared by all kernels:
   8 bits per block first (`quantize_q8_*`), kept as integer-valued float32, and each block dot
   product is a sum of integer products (exact in float32), scaled by the two block scales.
   F16 (BF16) weights take the activations rounded to fp16 (bf16) instead, as ggml's vec_dot_type.
-- Dequantization kernels (`dq_*`) repeat quants.py's operation order, so they are bit-exact
+- Dequantization kernels (`dq_*`) repeat kernels/reference.py's operation order, so they are bit-exact
   with it (compiled without FMA contraction for that reason).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ggufile.runtime.constants import GGMLType
-from ggufile.runtime.kernels import lanes_source as lanes
+from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.kernels.src import lanes
 
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
@@ -37,7 +37,7 @@ FASTMATH = frozenset({"reassoc", "nsz"})
 DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
-# Kernels built on lanes_source: no fast-math at all, which would let LLVM reorder ggml's lane sums.
+# Kernels built on lanes.py: no fast-math at all, which would let LLVM reorder ggml's lane sums.
 LANE_KERNELS = frozenset(f"mv_{t.name.lower()}" for t in lanes.LANE_TYPES)
 
 
@@ -99,7 +99,7 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
 # By far the most decode time is spent in these kernels. Every quantized type, F16 and BF16 call
-# lanes_source: llama.cpp's own AVX2 dot products, emitted as LLVM vector IR, so the results are
+# lanes.py: llama.cpp's own AVX2 dot products, emitted as LLVM vector IR, so the results are
 # llama.cpp's bit for bit and 2-18x faster than the float loops they replaced. One row at a
 # time: the rows of a thread's slice are one sequential stream.
 
@@ -113,7 +113,7 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) f
 
 @njit(inline="always")
 def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
-    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes_source row dot each;
+    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes.py row dot each;
     qtype is a constant (each kernel below passes its own), which picks the dot's IR."""
     x8 = np.empty(xq.shape[1], np.int8)
     for t in range(xq.shape[0]):
@@ -189,17 +189,17 @@ def _mv_16bit(bf16, w, x, out, r0, r1, tab):
 
 
 def mv_f16(w, x, out, r0, r1, tab):
-    """w: (rows, k) uint16 bit patterns of fp16; every row one lanes_source.dot_f16."""
+    """w: (rows, k) uint16 bit patterns of fp16; every row one lanes.py.dot_f16."""
     _mv_16bit(False, w, x, out, r0, r1, tab)
 
 
 def mv_bf16(w, x, out, r0, r1, tab):
-    """w: (rows, k) uint16 bit patterns of bf16; every row one lanes_source.dot_bf16 (tab unused:
+    """w: (rows, k) uint16 bit patterns of bf16; every row one lanes.py.dot_bf16 (tab unused:
     the F16 kernel's signature, so both are called alike)."""
     _mv_16bit(True, w, x, out, r0, r1, tab)
 
 
-# --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with quants.py ----------------------
+# --- dequantization: out[i] = dequant(W[ids[i]]), bit-exact with kernels/reference.py ----------------------
 
 
 def dq_q4_0(w, ids, out, tab, qk):

@@ -11,28 +11,28 @@ from types import SimpleNamespace
 
 import numba
 
-from ggufile.runtime.kernels import lanes_source, source, step_source, sync_source
+from ggufile.runtime.kernels.src import exports, lanes, step, sync
 
 NAME = "jit"
 
 
 def _cache_dir() -> str:
     """Numba's disk cache checks a kernel's own file only, and the kernels' code also lives in
-    lanes_source (the IR), step_source and sync_source: one cache directory per content of all."""
+    lanes (the IR), step and sync: one cache directory per content of all."""
     digest = hashlib.sha256()
-    for module in (source, lanes_source, step_source, sync_source):
+    for module in (exports, lanes, step, sync):
         digest.update(Path(module.__file__).read_bytes())
-    return str(Path(source.__file__).parent / "__pycache__" / f"jit-{digest.hexdigest()[:16]}")
+    return str(Path(exports.__file__).parent / "__pycache__" / f"jit-{digest.hexdigest()[:16]}")
 
 
 def load() -> SimpleNamespace:
     """The kernels, each wrapped like its AOT export: no GIL, same fast-math flags."""
-    kernels = {name: getattr(source, name) for name in source.KERNEL_NAMES}
-    kernels.update({name: getattr(step_source, name) for name in step_source.KERNEL_NAMES})
+    kernels = {name: getattr(exports, name) for name in exports.KERNEL_NAMES}
+    kernels.update({name: getattr(step, name) for name in step.KERNEL_NAMES})
     saved, numba.config.CACHE_DIR = numba.config.CACHE_DIR, _cache_dir()  # read as each is wrapped
     try:
         return SimpleNamespace(**{
-            name: numba.njit(nogil=True, fastmath=set(source.fastmath_for(name)), cache=True)(kernel)
+            name: numba.njit(nogil=True, fastmath=set(exports.fastmath_for(name)), cache=True)(kernel)
             for name, kernel in kernels.items()
         })
     finally:

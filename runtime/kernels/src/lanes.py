@@ -18,7 +18,7 @@ per-element float conversion ran Q5_0 at 5 GB/s a thread), so it is emitted here
 with the x86 AVX2 intrinsics ggml uses when the target has AVX2 (the x86-64-v3/v4 variants,
 or the JIT on such a host), else as portable vector IR (same integers, any target; there
 `llvm.fmuladd` is an unfused multiply-add). Kernels that call these intrinsics are compiled
-without fast-math (source.fastmath_for): a reassociating flag would let LLVM reorder the lane
+without fast-math (exports.fastmath_for): a reassociating flag would let LLVM reorder the lane
 sums. One thread, JIT on a Zen 4: Q5_0 5.0 -> 13.6 GB/s, Q8_0 11.4 -> 28.6 GB/s; AOT
 x86-64-v4: Q2_K 0.63 -> 11.4 GB/s.
 
@@ -52,7 +52,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from ggufile.runtime.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels import cpu
 
 I1, I8, I16, I32, I64, F32, F64, HALF = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),

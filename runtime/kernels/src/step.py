@@ -1,15 +1,15 @@
-"""One token through the whole model in one compiled call per thread (Numba source, like source.py).
+"""One token through the whole model in one compiled call per thread (Numba source, like exports.py).
 
 Decoding one token is ~120 small matvecs with a little glue between them (norms, RoPE,
 attention). Driven from Python, each matvec costs a thread-pool hand-off (15-25 us) plus the
 glue's interpreter time: 8-10 ms a token on SmolLM2, as much as the matvecs themselves. Here
 every pool thread calls `decode_token` once per token; the threads split each matvec's rows
-and each layer's attention heads, and meet at a spinning barrier (sync_source) between stages.
+and each layer's attention heads, and meet at a spinning barrier (sync.py) between stages.
 Thread 0 also does the small serial steps (norms, RoPE, activation quantization).
 
-Numerics are those of the Python forward pass (model.py / ops.py), which follows llama.cpp's:
+Numerics are those of the Python forward pass (model/transformer.py, model/ops.py), which follows llama.cpp's:
 8-bit activations in every quantized matvec (the same `mv_*` kernels), float16-rounded q, K, V
-and attention probabilities, the GELU read from ggml's float16 table (source.gelu_f16),
+and attention probabilities, the GELU read from ggml's float16 table (exports.gelu_f16),
 RMSNorm summed in double as ggml does. The model arrives as flat tables (step_layout); weights stay in the mapped file.
 """
 from __future__ import annotations
@@ -17,16 +17,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ggufile.runtime.constants import GGMLType
-from ggufile.runtime.kernels import source
-from ggufile.runtime.kernels.source import _round_f16, gelu_f16
+from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.kernels.src import exports
+from ggufile.runtime.kernels.src.exports import _round_f16, gelu_f16
 from ggufile.runtime.kernels.step_layout import (
     C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB,
     C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN, C_WINDOW, F_EMBD_SCALE, F_EPS,
     L_ATTN_NORM, L_DOWN, L_FFN_NORM, L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM,
     L_SWA, L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_SWA, T_COLS,
     T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE)
-from ggufile.runtime.kernels.sync_source import barrier
+from ggufile.runtime.kernels.src.sync import barrier
 
 _F32, _F16, _BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q5_0),
@@ -36,8 +36,8 @@ _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int
 
 
 def _kernel(name):
-    """A source.py kernel as a callee of the step, with the flags it is exported with."""
-    return njit(fastmath=set(source.fastmath_for(name)))(getattr(source, name))
+    """A exports.py kernel as a callee of the step, with the flags it is exported with."""
+    return njit(fastmath=set(exports.fastmath_for(name)))(getattr(exports, name))
 
 
 _mv_f32, _mv_f16, _mv_bf16 = _kernel("mv_f32"), _kernel("mv_f16"), _kernel("mv_bf16")

@@ -1,4 +1,4 @@
-"""A spinning barrier for threads inside compiled code (Numba source, like source.py).
+"""A spinning barrier for threads inside compiled code (Numba source, like exports.py).
 
 The compiled one-token step runs on every pool thread at once and meets at a barrier between
 the stages of each layer (about 300 per token). A Python hand-off costs 15-25 us; this barrier

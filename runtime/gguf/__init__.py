@@ -1,0 +1,1 @@
+"""The GGUF format: its constants, the zero-copy reader, a model summary (info)."""
