@@ -1,0 +1,73 @@
+"""Drive a program on a real terminal: tmux runs it in a detached pane, tests type into it and
+read the screen. Each Terminal has its own tmux server (-L), so tests never share state."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+TMUX = shutil.which("tmux")
+
+
+def need_tmux() -> None:
+    if TMUX is None:
+        pytest.skip("tmux is missing (apt-get install tmux)")
+
+
+class Terminal:
+    def __init__(self, argv: list, env: dict | None = None, width: int = 160, height: int = 50):
+        need_tmux()
+        self.socket = f"ggufile-test-{uuid.uuid4().hex[:10]}"
+        command = " ".join(shlex.quote(str(a)) for a in argv)
+        self.tmux("-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
+                  "sh", "-c", f"{command}; echo; echo '[exited with' $?']'; sleep 3600",
+                  env=dict(os.environ if env is None else env, TERM="xterm-256color"))
+        self.tmux("set-option", "-t", "t", "history-limit", "20000")
+
+    def tmux(self, *args, env: dict | None = None) -> str:
+        return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True,
+                              text=True, env=env).stdout
+
+    def type(self, text: str, enter: bool = True) -> None:
+        self.tmux("send-keys", "-t", "t", "-l", text)
+        if enter:
+            self.tmux("send-keys", "-t", "t", "Enter")
+
+    def key(self, *names: str) -> None:
+        self.tmux("send-keys", "-t", "t", *names)
+
+    def paste(self, text: str) -> None:
+        """Paste as a terminal does: bracketed (ESC[200~ ... ESC[201~) when the program asked for it."""
+        self.tmux("set-buffer", "-b", "p", "--", text)
+        self.tmux("paste-buffer", "-p", "-d", "-b", "p", "-t", "t")
+
+    def screen(self) -> str:
+        """Everything the terminal showed, scrollback included, wrapped lines joined."""
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "t")
+
+    def wait_for(self, pattern: str, timeout: float = 180, count: int = 1) -> re.Match:
+        """Wait until `pattern` (a regex) shows `count` times; returns the last match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.screen()
+            found = list(re.finditer(pattern, text, re.M))
+            if len(found) >= count:
+                return found[count - 1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {pattern!r} x{count}; the screen:\n{text}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run([TMUX, "-L", self.socket, "kill-server"], capture_output=True)
+
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
