@@ -83,7 +83,7 @@ def test_help_and_errors_name_the_executable(bare_exe, tmp_path):
     got = run([bare_exe, "--help"], tmp_path)
     assert got.returncode == 0 and got.stdout.startswith(f"Usage: {NAME} ")
     bad = run([bare_exe, "--temp", "nope", "-p", "x"], tmp_path)
-    assert bad.returncode == 2 and f"Try '{NAME} -h' for help" in bad.stderr
+    assert bad.returncode == 2 and f"Try '{NAME} --help' for help" in bad.stderr
     assert "ggufile-runtime" not in got.stdout + bad.stderr and "Traceback" not in bad.stderr
     assert "past the model's training context" in run([bare_exe, "-c", "100000", "-p", "x", "-n", "1"],
                                                       tmp_path).stderr
