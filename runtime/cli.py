@@ -169,13 +169,11 @@ def _open_engine(embedded, model_path, ctx_size):
     if ctx_size == 0:
         n_ctx = 1 << 20  # clipped to the model's training context by the engine
     if embedded is not None and model_path is None:
-        engine = Engine.open(embedded.path, embedded.offset, embedded.size, n_ctx=n_ctx,
-                             name=getattr(embedded, "name", None))
-    elif model_path is None:
+        return Engine.open(embedded.path, embedded.offset, embedded.size, n_ctx=n_ctx,
+                           name=getattr(embedded, "name", None))
+    if model_path is None:
         raise GGUFileError("no model given: use -m MODEL.gguf")
-    else:
-        engine = Engine.open(model_path, n_ctx=n_ctx)
-    return engine
+    return Engine.open(model_path, n_ctx=n_ctx)
 
 
 def complete(engine, prompt: str, params: SamplingParams, n_predict: int, display_prompt: bool,

@@ -60,7 +60,7 @@ def test_bare_start_on_a_terminal_chats_with_the_server_behind(bare_exe, tmp_pat
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
         assert reply["choices"][0]["message"]["content"]
         t.type("/exit")
-        t.wait_for(r"\[exited with 0\]", 60)
+        assert t.wait_exit(60) == 0
         assert "ggufile-runtime" not in t.screen()
 
 

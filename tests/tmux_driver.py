@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -24,11 +25,12 @@ class Terminal:
     def __init__(self, argv: list, env: dict | None = None, width: int = 160, height: int = 50):
         need_tmux()
         self.socket = f"ggufile-test-{uuid.uuid4().hex[:10]}"
-        command = " ".join(shlex.quote(str(a)) for a in argv)
-        self.tmux("-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
-                  "sh", "-c", f"{command}; echo; echo '[exited with' $?']'; sleep 3600",
-                  env=dict(os.environ if env is None else env, TERM="xterm-256color"))
-        self.tmux("set-option", "-t", "t", "history-limit", "20000")
+        # The program runs directly in the pane (no shell around it to catch Ctrl-C), and the pane
+        # stays after it exits so its last screen and exit status can be read.
+        config = Path(tempfile.mkdtemp(prefix="ggufile-tmux-")) / "tmux.conf"
+        config.write_text("set -g remain-on-exit on\nset -g history-limit 20000\n")
+        self.tmux("-f", str(config), "new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
+                  *map(str, argv), env=dict(os.environ if env is None else env, TERM="xterm-256color"))
 
     def tmux(self, *args, env: dict | None = None) -> str:
         return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True,
@@ -62,6 +64,30 @@ class Terminal:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {pattern!r} x{count}; the screen:\n{text}")
             time.sleep(0.1)
+
+    def exit_status(self) -> int | None:
+        """The program's exit status once it has ended, else None."""
+        fields = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split()
+        return int(fields[1]) if fields[:1] == ["1"] and len(fields) > 1 else None
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while (status := self.exit_status()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the program did not exit; the screen:\n{self.screen()}\n{self.threads()}")
+            time.sleep(0.1)
+        return status
+
+    def threads(self) -> str:
+        """Where the program's threads wait (kernel view), to tell a hang's cause."""
+        pid = self.tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip()
+        lines = []
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")) if pid else []:
+            try:
+                lines.append(f"{task.name} {(task / 'wchan').read_text()} {(task / 'stat').read_text().split()[2]}")
+            except OSError:
+                pass
+        return "threads: " + "; ".join(lines)
 
     def close(self) -> None:
         subprocess.run([TMUX, "-L", self.socket, "kill-server"], capture_output=True)
