@@ -67,8 +67,16 @@ class Terminal:
 
     def exit_status(self) -> int | None:
         """The program's exit status once it has ended, else None."""
-        fields = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split()
-        return int(fields[1]) if fields[:1] == ["1"] and len(fields) > 1 else None
+        fields = self.tmux("display-message", "-p", "-t", "t", "#{pane_pid} #{pane_dead} #{pane_dead_status}").split()
+        if fields[1:2] == ["1"] and len(fields) > 2:
+            return int(fields[2])
+        # Under load tmux sometimes leaves an exited pane process unreaped for a long time (seen with
+        # tmux 3.3a: the server idles in poll); the kernel already knows the exit code of the zombie.
+        try:
+            stat = Path(f"/proc/{fields[0]}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(stat[-1]) >> 8 if stat[0] == "Z" else None
 
     def wait_exit(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
@@ -85,8 +93,17 @@ class Terminal:
         for task in sorted(Path(f"/proc/{pid}/task").glob("*")) if pid else []:
             try:
                 lines.append(f"{task.name} {(task / 'wchan').read_text()} {(task / 'stat').read_text().split()[2]}")
-            except OSError:
-                pass
+            except OSError as err:
+                lines.append(f"{task.name} ({err})")
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            lines.append(" ".join(ln for ln in status.splitlines() if ln.startswith(("State", "Threads", "PPid"))))
+            ppid = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid"))
+            parent = Path(f"/proc/{ppid}")
+            lines.append(f"parent {ppid}: {(parent / 'cmdline').read_bytes().replace(bytes(1), b' ').decode()!r} "
+                         f"state {(parent / 'stat').read_text().split()[2]} wchan {(parent / 'wchan').read_text()}")
+        except OSError:
+            pass
         return "threads: " + "; ".join(lines)
 
     def close(self) -> None:
