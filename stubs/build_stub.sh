@@ -7,7 +7,8 @@
 # Steps, each cached under $GGUFILE_CACHE (default ~/.cache/ggufile) and skipped when done:
 #   1. roots/bullseye-ARCH: `debootstrap --variant=minbase` from Debian's mirror (+ a C toolchain);
 #   2. CPython 3.11 built in that root from Debian's own source tarball (bullseye ships 3.9, the
-#      runtime needs >= 3.10), so libpython links against glibc 2.31;
+#      runtime needs >= 3.10), so libpython links against glibc 2.31 (aarch64: cross-compiled in
+#      the amd64 root, so build linux-x86_64 first);
 #   3. the manylinux wheels of NumPy/Numba/PyInstaller and the runtime's dependencies, downloaded
 #      by the host's pip for the target platform and installed in the root with no index;
 #   4. this tree's sources copied in; the AOT kernels compiled there (for aarch64: the lane
@@ -16,6 +17,7 @@
 # finds it by the hash of the sources it froze. Needs root (debootstrap, chroot, mount), and
 # for a foreign architecture Debian's qemu-user-static + binfmt-support.
 set -euo pipefail
+{ # bash reads this block whole before running it: editing the file mid-build is safe
 
 platform=${1:-}
 case $platform in
@@ -76,35 +78,79 @@ cleanup() {
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-for m in proc dev; do
-    if ! mountpoint -q "$root/$m"; then
-        if [ $m = proc ]; then mount -t proc proc "$root/proc"; else mount --bind /dev "$root/dev"; fi
-        mounted+=("$root/$m")
-    fi
-done
-in_root() {
-    chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/python/bin:/usr/bin:/bin \
-        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore nice -n 10 "$@"
+mount_root() {  # /proc and /dev inside a root, unmounted on exit
+    local r=$1 m
+    for m in proc dev; do
+        if ! mountpoint -q "$r/$m"; then
+            if [ $m = proc ]; then mount -t proc proc "$r/proc"; else mount --bind /dev "$r/dev"; fi
+            mounted+=("$r/$m")
+        fi
+    done
 }
+chroot_env() {  # chroot_env ROOT CMD...: a clean environment inside ROOT
+    local r=$1; shift
+    chroot "$r" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/python/bin:/usr/bin:/bin:/usr/sbin:/sbin \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive \
+        nice -n 10 "$@"
+}
+in_root() { chroot_env "$root" "$@"; }
+mount_root "$root"
 
 # -- 2. CPython in the root --------------------------------------------------------------------
-if [ ! -f "$root/opt/python/.ggufile-python-ok" ]; then
+# Natively for x86-64. For aarch64 it is cross-compiled in the amd64 root (Debian's
+# gcc-aarch64-linux-gnu + the arm64 -dev packages through multiarch, against the same bullseye
+# glibc), with the amd64 root's CPython as the build Python: compiling it under qemu takes hours.
+configure_flags="--prefix=/opt/python --enable-shared --without-ensurepip LDFLAGS=-Wl,-rpath,/opt/python/lib"
+fetch_python() {
     mkdir -p "$cache/src"
     if [ ! -f "$cache/src/$py_tarball" ]; then
         say "fetching $py_url"
         curl -fsSL -o "$cache/src/$py_tarball.part" "$py_url" && mv "$cache/src/$py_tarball.part" "$cache/src/$py_tarball"
     fi
     echo "$py_sha256  $cache/src/$py_tarball" | sha256sum -c --quiet - || die "$py_tarball: checksum mismatch"
-    say "building CPython $py_version in the root ($jobs jobs)"
+}
+unpack_python() {  # unpack_python ROOT DIR
+    rm -rf "$1/$2" && mkdir -p "$1/$2"
+    tar -xzf "$cache/src/$py_tarball" -C "$1/$2"
+}
+if [ ! -f "$root/opt/python/.ggufile-python-ok" ]; then
+    fetch_python
     t=$(stamp)
-    rm -rf "$root/tmp/python-build" && mkdir -p "$root/tmp/python-build"
-    tar -xzf "$cache/src/$py_tarball" -C "$root/tmp/python-build"
-    in_root sh -c "cd /tmp/python-build/Python-$py_version && \
-        ./configure --prefix=/opt/python --enable-shared --without-ensurepip \
-            LDFLAGS=-Wl,-rpath,/opt/python/lib >/tmp/python-build/configure.log 2>&1 && \
-        make -j$jobs >/tmp/python-build/make.log 2>&1 && make install >/tmp/python-build/install.log 2>&1" \
-        || die "CPython build failed (logs in $root/tmp/python-build/)"
-    rm -rf "$root/tmp/python-build"
+    if [ "$machine" = "$(uname -m)" ]; then
+        say "building CPython $py_version in the root ($jobs jobs)"
+        unpack_python "$root" tmp/python-build
+        in_root sh -c "cd /tmp/python-build/Python-$py_version && ./configure $configure_flags \
+                >/tmp/python-build/configure.log 2>&1 && \
+            make -j$jobs >/tmp/python-build/make.log 2>&1 && make install >/tmp/python-build/install.log 2>&1" \
+            || die "CPython build failed (logs in $root/tmp/python-build/)"
+        rm -rf "$root/tmp/python-build"
+    else
+        native=$cache/roots/bullseye-amd64
+        [ -f "$native/opt/python/.ggufile-python-ok" ] \
+            || die "cross-building CPython needs the x86-64 root first: $0 linux-x86_64"
+        mount_root "$native"
+        say "cross-compiling CPython $py_version for $machine in the amd64 root ($jobs jobs)"
+        cp /etc/resolv.conf "$native/etc/resolv.conf"
+        cross_pkgs="gcc-$machine-linux-gnu pkg-config"
+        for dev in libffi-dev zlib1g-dev libssl-dev libbz2-dev liblzma-dev uuid-dev; do cross_pkgs="$cross_pkgs $dev:$arch"; done
+        chroot_env "$native" sh -c "dpkg --add-architecture $arch && apt-get update -qq && \
+            apt-get install -y -qq $cross_pkgs" >"$cache/roots/cross-$arch.log" 2>&1 \
+            || die "installing the cross toolchain failed (log: $cache/roots/cross-$arch.log)"
+        unpack_python "$native" "tmp/python-cross-$arch"
+        chroot_env "$native" sh -c "cd /tmp/python-cross-$arch/Python-$py_version && \
+            PKG_CONFIG_LIBDIR=/usr/lib/$machine-linux-gnu/pkgconfig:/usr/share/pkgconfig \
+            ./configure --host=$machine-linux-gnu --build=x86_64-linux-gnu \
+                --with-build-python=/opt/python/bin/python3.11 $configure_flags \
+                ac_cv_file__dev_ptmx=yes ac_cv_file__dev_ptc=no >../configure.log 2>&1 && \
+            make -j$jobs >../make.log 2>&1 && make install DESTDIR=/tmp/python-cross-$arch/dest >../install.log 2>&1" \
+            || die "CPython cross build failed (logs in $native/tmp/python-cross-$arch/)"
+        rm -rf "$root/opt/python"
+        mkdir -p "$root/opt"
+        cp -a "$native/tmp/python-cross-$arch/dest/opt/python" "$root/opt/python"
+        rm -rf "$native/tmp/python-cross-$arch"
+        in_root python3 -c "import ctypes, ssl, lzma, bz2, zlib, uuid; print('CPython', __import__('sys').version)" \
+            || die "the cross-built CPython does not start in the $arch root"
+    fi
     touch "$root/opt/python/.ggufile-python-ok"
     say "CPython ready in $(( $(stamp) - t ))s"
 fi
@@ -141,7 +187,7 @@ for part in runtime builder stubs; do
         --exclude=stubs/cache --exclude=stubs/prebuilt -cf - "$part" | tar -C "$build/src/ggufile" -xf -
 done
 echo '"""ggufile (staged for a stub build)."""' >"$build/src/ggufile/__init__.py"
-in_root env PYTHONPATH=/tmp/ggufile-build/src python3 -m ggufile.runtime.kernels.src.aot_build \
+in_root env CC=gcc PYTHONPATH=/tmp/ggufile-build/src python3 -m ggufile.runtime.kernels.src.aot_build \
     || die "AOT kernel build failed"
 say "AOT kernels in $(( $(stamp) - t ))s; freezing the stub"
 t=$(stamp)
@@ -163,3 +209,5 @@ mkdir -p "$dest/kernels"
 cp "$build"/src/ggufile/runtime/kernels/_aot_*.so "$dest/kernels/"
 rm -rf "$build"
 say "done in $(( $(stamp) - started ))s"
+exit
+}
