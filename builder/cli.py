@@ -274,6 +274,10 @@ def restub(path: Path, stub: Path | None, output: Path | None, launcher: str | N
 
     old = read_exe(path)
     size = old.size
+    held = [rt.get("platform") for rt in (old.meta.get("launcher") or {}).get("runtimes", [])]
+    if len(held) > 1:
+        raise GGUFileError(f"{path} holds runtimes for {', '.join(held)}; restub keeps one: rebuild it "
+                           f"with `ggufile build --platform` (extract the model first if needed)")
     stub_path = resolve_stub(stub, launcher or (old.meta.get("launcher") or {}).get("kind"))
     with progress_bar(f"Re-stubbing {path.name}", size) as progress:
         result = do_restub(path, stub_path, output, progress)

@@ -100,7 +100,7 @@ mount_root "$root"
 # Natively for x86-64. For aarch64 it is cross-compiled in the amd64 root (Debian's
 # gcc-aarch64-linux-gnu + the arm64 -dev packages through multiarch, against the same bullseye
 # glibc), with the amd64 root's CPython as the build Python: compiling it under qemu takes hours.
-configure_flags="--prefix=/opt/python --enable-shared --without-ensurepip LDFLAGS=-Wl,-rpath,/opt/python/lib"
+configure_flags="--prefix=/opt/python --enable-shared --without-ensurepip --disable-test-modules LDFLAGS=-Wl,-rpath,/opt/python/lib"
 fetch_python() {
     mkdir -p "$cache/src"
     if [ ! -f "$cache/src/$py_tarball" ]; then
@@ -178,7 +178,13 @@ if [ ! -f "$root/opt/python/.ggufile-wheels-ok-${wheels[*]// /_}" ]; then
 fi
 
 # -- 4. this tree: AOT kernels, then the stub ---------------------------------------------------
-say "copying the sources, compiling the AOT kernels ($machine)"
+dest=$cache/stubs/$platform
+tree=$(python3 -c 'import runpy, sys; print(runpy.run_path(sys.argv[1])["tree_hash"]())' "$repo/builder/platforms.py")
+if [ -z "${GGUFILE_STUB_FORCE:-}" ] && grep -qs "\"tree\": \"$tree\"" "$dest"/*.json; then
+    say "a stub for these sources (tree $tree) is cached in $dest (GGUFILE_STUB_FORCE=1 rebuilds)"
+    exit 0
+fi
+say "copying the sources (tree $tree), compiling the AOT kernels ($machine)"
 t=$(stamp)
 build=$root/tmp/ggufile-build
 rm -rf "$build" && mkdir -p "$build/src/ggufile" "$build/cache"
@@ -195,7 +201,6 @@ in_root env PYTHONPATH=/tmp/ggufile-build/src GGUFILE_CACHE=/tmp/ggufile-build/c
     python3 -m ggufile.builder stub --launcher cached --force || die "stub build failed"
 say "stub frozen in $(( $(stamp) - t ))s"
 
-dest=$cache/stubs/$platform
 mkdir -p "$dest"
 for f in "$build"/cache/stubs/*.runtime.tar.gz; do
     cp "$f.json" "$dest/$(basename "$f").json.part"

@@ -212,3 +212,9 @@ def test_pyz_without_numpy_says_so_in_one_line(smollm2_path, tmp_path):
                           timeout=60)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "needs NumPy" in proc.stderr, proc.stderr
+
+
+def test_restub_refuses_to_drop_platforms(two_platform_exe, two_stubs, tmp_path):
+    result = run_cli("restub", two_platform_exe, "--stub", two_stubs["linux-x86_64"], "-o", tmp_path / "one")
+    assert result.exit_code == 1 and "linux-x86_64, linux-aarch64" in result.output
+    assert not (tmp_path / "one").exists()
