@@ -141,7 +141,7 @@ if [ ! -f "$root/opt/python/.ggufile-python-ok" ]; then
             PKG_CONFIG_LIBDIR=/usr/lib/$machine-linux-gnu/pkgconfig:/usr/share/pkgconfig \
             ./configure --host=$machine-linux-gnu --build=x86_64-linux-gnu \
                 --with-build-python=/opt/python/bin/python3.11 $configure_flags \
-                ac_cv_file__dev_ptmx=yes ac_cv_file__dev_ptc=no >../configure.log 2>&1 && \
+                ac_cv_file__dev_ptmx=yes ac_cv_file__dev_ptc=no ac_cv_buggy_getaddrinfo=no >../configure.log 2>&1 && \
             make -j$jobs >../make.log 2>&1 && make install DESTDIR=/tmp/python-cross-$arch/dest >../install.log 2>&1" \
             || die "CPython cross build failed (logs in $native/tmp/python-cross-$arch/)"
         rm -rf "$root/opt/python"
