@@ -46,6 +46,10 @@ stamp() { date +%s; }
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and mount)"
 command -v debootstrap >/dev/null || die "needs debootstrap: apt-get install -y debootstrap"
 started=$(stamp)
+# One build at a time: the aarch64 build uses the amd64 root too, and each unmounts what it mounted.
+mkdir -p "$cache/roots"
+exec 9>"$cache/roots/.build_stub.lock"
+flock -n 9 || { say "waiting for another build_stub.sh to finish"; flock 9; }
 
 # -- foreign architecture: run its binaries through qemu-user-static (binfmt_misc) -------------
 if [ "$machine" != "$(uname -m)" ]; then
@@ -157,11 +161,11 @@ fi
 
 # -- 3. the wheels (the host's pip fetches the target's manylinux wheels) -----------------------
 wheel_dir=$cache/wheels-stub/$platform
+plats=()  # every manylinux tag glibc 2.31 runs (pip does not expand a --platform to older ones)
+for v in 31 30 29 28 27 26 25 24 17; do plats+=(--platform "manylinux_2_${v}_$machine"); done
+plats+=(--platform "manylinux2014_$machine")
 if [ ! -f "$wheel_dir/.ok-${wheels[*]// /_}" ]; then
     say "downloading the manylinux wheels for $platform"
-    plats=()
-    for v in 31 30 29 28 27 26 25 24 17; do plats+=(--platform "manylinux_2_${v}_$machine"); done
-    plats+=(--platform "manylinux2014_$machine")
     rm -rf "$wheel_dir" && mkdir -p "$wheel_dir"
     python3 -m pip download -q --only-binary=:all: "${plats[@]}" --python-version 3.11 \
         --implementation cp --abi cp311 -d "$wheel_dir" "${wheels[@]}" || die "pip download failed"
@@ -169,11 +173,18 @@ if [ ! -f "$wheel_dir/.ok-${wheels[*]// /_}" ]; then
 fi
 if [ ! -f "$root/opt/python/.ggufile-wheels-ok-${wheels[*]// /_}" ]; then
     say "installing the wheels in the root"
-    rm -rf "$root/tmp/wheels" && cp -r "$wheel_dir" "$root/tmp/wheels"
-    pip_wheel=$(cd "$root/tmp/wheels" && ls pip-*.whl | head -n 1)
-    in_root python3 "/tmp/wheels/$pip_wheel/pip" install -q --no-index --find-links /tmp/wheels \
-        "${wheels[@]}" || die "installing the wheels in the root failed"
-    rm -rf "$root/tmp/wheels"
+    if [ "$machine" = "$(uname -m)" ]; then
+        rm -rf "$root/tmp/wheels" && cp -r "$wheel_dir" "$root/tmp/wheels"
+        pip_wheel=$(cd "$root/tmp/wheels" && ls pip-*.whl | head -n 1)
+        in_root python3 "/tmp/wheels/$pip_wheel/pip" install -q --no-index --find-links /tmp/wheels \
+            "${wheels[@]}" || die "installing the wheels in the root failed"
+        rm -rf "$root/tmp/wheels"
+    else  # installing is unpacking: the host's pip does it, not pip under qemu
+        python3 -m pip install -q --no-index --find-links "$wheel_dir" --only-binary=:all: "${plats[@]}" \
+            --python-version 3.11 --implementation cp --abi cp311 \
+            --target "$root/opt/python/lib/python3.11/site-packages" "${wheels[@]}" \
+            || die "installing the wheels in the root failed"
+    fi
     touch "$root/opt/python/.ggufile-wheels-ok-${wheels[*]// /_}"
 fi
 
