@@ -42,6 +42,7 @@ from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.gguf.info import describe_gguf
 
 from ggufile.builder import elf
+from ggufile.builder.platforms import select_script
 from ggufile.builder.stub import GZIP_MAGIC, RUNTIME_NAME, stub_info, stub_kind
 
 Progress = Callable[[int], None] | None
@@ -143,7 +144,7 @@ PROLOGUE = r"""#!/bin/sh
 # A ggufile executable (cached launcher): this sh prologue, the runtime (.tar.gz), the model (GGUF).
 # The runtime is unpacked once into $GGUFILE_CACHE/runtime/<hash> (default ~/.cache/ggufile).
 # `ggufile inspect THIS` describes the model; `ggufile extract THIS -o MODEL.gguf` gets it back.
-h=@HASH@ o=@OFFSET@ n=@SIZE@
+@SELECT@
 case $0 in /*) f=$0 ;; *) f=$PWD/$0 ;; esac
 c=${GGUFILE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ggufile}/runtime
 d=$c/$h
@@ -180,12 +181,12 @@ exec "$d/@RUNTIME@" "$@"
 """
 
 
-def cached_prologue(runtime_sha256: str, size: int) -> bytes:
-    """The sh prologue for a runtime archive of `size` bytes, padded to PROLOGUE_SIZE."""
+def cached_prologue(runtimes: list[dict]) -> bytes:
+    """The sh prologue choosing among runtime archives ({platform, sha256, offset, size}, see
+    platforms.select_script), padded to PROLOGUE_SIZE."""
     text = PROLOGUE
-    for key, value in {"@HASH@": runtime_sha256[:16], "@OFFSET@": str(PROLOGUE_SIZE), "@SIZE@": str(size),
-                       "@DEBUG@": LAUNCHER_DEBUG_ENV, "@RUNTIME@": RUNTIME_NAME, "@MARKER@": MARKER,
-                       "@ENV@": CONTAINER_ENV}.items():
+    for key, value in {"@SELECT@": select_script(runtimes), "@DEBUG@": LAUNCHER_DEBUG_ENV,
+                       "@RUNTIME@": RUNTIME_NAME, "@MARKER@": MARKER, "@ENV@": CONTAINER_ENV}.items():
         text = text.replace(key, value)
     data = text.encode()
     if len(data) > PROLOGUE_SIZE:
@@ -202,30 +203,41 @@ def check_runtime_archive(stub: Path) -> None:
             raise GGUFileError(f"{stub} is not a ggufile runtime archive (.tar.gz)")
 
 
-def write_executable(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
-                     progress: Progress = None, expect_sha256: str | None = None) -> str:
+def write_executable(out: Path, stub: Path | list[tuple[str, Path]], src: Path, offset: int, size: int,
+                     meta: dict, progress: Progress = None, expect_sha256: str | None = None) -> str:
     """Write an executable with the model src[offset:offset+size]; returns its sha256.
-    The stub's kind picks the launcher: a runtime .tar.gz (cached) or a one-file stub."""
+    The stub's kind picks the launcher: a runtime .tar.gz (cached) or a one-file stub; a list of
+    (platform, runtime .tar.gz) gives one cached executable for several platforms."""
     meta = {k: v for k, v in meta.items() if k not in ("stub", "format_version", "launcher")}
-    if stub_kind(Path(stub)) == "cached":
+    if isinstance(stub, list):
         return _write_cached(out, stub, src, offset, size, meta, progress, expect_sha256)
+    if stub_kind(Path(stub)) == "cached":
+        return _write_cached(out, [(None, Path(stub))], src, offset, size, meta, progress, expect_sha256)
     return _write_onefile(out, stub, src, offset, size, meta, progress, expect_sha256)
 
 
-def _write_cached(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
-                  progress: Progress, expect_sha256: str | None) -> str:
-    """[sh prologue][runtime .tar.gz][pad][GGUF = src window][trailer] -> out."""
-    check_runtime_archive(stub)
-    archive = Path(stub).read_bytes()
-    runtime_sha = hashlib.sha256(archive).hexdigest()
-    gguf_offset = align_up(PROLOGUE_SIZE + len(archive))
-    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)),
-                launcher={"kind": "cached", "runtime_offset": PROLOGUE_SIZE, "runtime_size": len(archive),
-                          "runtime_sha256": runtime_sha})
+def _write_cached(out: Path, stubs: list[tuple[str | None, Path]], src: Path, offset: int, size: int,
+                  meta: dict, progress: Progress, expect_sha256: str | None) -> str:
+    """[sh prologue][runtime .tar.gz per platform][pad][GGUF = src window][trailer] -> out."""
+    runtimes, archives, at = [], [], PROLOGUE_SIZE
+    for platform, stub in stubs:
+        check_runtime_archive(stub)
+        archive = Path(stub).read_bytes()
+        info = stub_info(Path(stub))
+        runtimes.append({"platform": platform or info.get("platform", "unknown"), "offset": at,
+                         "size": len(archive), "sha256": hashlib.sha256(archive).hexdigest(), "stub": info})
+        archives.append(archive)
+        at += len(archive)
+    gguf_offset = align_up(at)
+    first = runtimes[0]
+    meta = dict(meta, format_version=FORMAT_VERSION, stub=first["stub"],
+                launcher={"kind": "cached", "runtime_offset": first["offset"], "runtime_size": first["size"],
+                          "runtime_sha256": first["sha256"], "runtimes": runtimes})
     with atomic_output(out, executable=True) as f:
-        f.write(cached_prologue(runtime_sha, len(archive)))
-        f.write(archive)
-        f.write(bytes(gguf_offset - PROLOGUE_SIZE - len(archive)))
+        f.write(cached_prologue(runtimes))
+        for archive in archives:
+            f.write(archive)
+        f.write(bytes(gguf_offset - at))
         digest = copy_window(src, offset, size, f, progress)
         if expect_sha256 and digest != expect_sha256:
             raise GGUFileError(f"{src}: the model's checksum does not match its record "
@@ -255,7 +267,7 @@ def _write_onefile(out: Path, stub: Path, src: Path, offset: int, size: int, met
     return digest
 
 
-def build_executable(model: Path, out: Path, stub: Path, name: str | None = None,
+def build_executable(model: Path, out: Path, stub: Path | list[tuple[str, Path]], name: str | None = None,
                      default_args: list[str] | None = None, progress: Progress = None) -> EmbeddedModel:
     facts = validate_model(model)
     check_output(out)

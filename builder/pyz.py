@@ -44,6 +44,15 @@ MAIN = '''"""ggufile zipapp: run the model stored in this file (python3 THIS.pyz
 import os
 import sys
 
+if sys.version_info < (3, 10):
+    sys.exit(f"Error: this ggufile .pyz needs Python 3.10 or newer ({sys.executable} is "
+             f"{sys.version.split()[0]}); or use the native executable (ggufile build --format exe)")
+try:
+    import numpy  # noqa: F401 -- the one dependency not inside the zip
+except ImportError:
+    sys.exit(f"Error: this ggufile .pyz needs NumPy, which {sys.executable} lacks: pip install numpy "
+             f"(Debian/Ubuntu: apt install python3-numpy); or use the native executable")
+
 from ggufile.runtime.launch import launch
 
 sys.exit(launch(container=os.path.dirname(os.path.abspath(__file__))))

@@ -2,11 +2,12 @@
 
 Executable, `cached` launcher (default on Linux/macOS):
 
-    [#!/bin/sh prologue, PROLOGUE_SIZE bytes][runtime .tar.gz][zero pad to 64 KiB][GGUF][trailer]
+    [#!/bin/sh prologue, PROLOGUE_SIZE bytes][runtime .tar.gz, one per platform][zero pad to 64 KiB][GGUF][trailer]
 
-The prologue (written by ggufile.builder.build) unpacks the runtime archive -- a PyInstaller
-one-*dir* build -- once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and
-execs it with CONTAINER_ENV naming this file; the trailer ends the file.
+The prologue (written by ggufile.builder.build) picks the runtime archive -- a PyInstaller
+one-*dir* build -- for `uname -sm` (the trailer's launcher.runtimes lists them), unpacks it
+once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and execs it with
+CONTAINER_ENV naming this file; the trailer ends the file.
 
 Executable, `onefile` launcher (a PyInstaller one-file stub with the model inserted before the
 stub's archive; unpacks the runtime to a fresh temp dir at every start):
@@ -129,11 +130,15 @@ class EmbeddedModel:
         # a .pyz carries the runtime that built it; an executable, the runtime of its stub
         stub = self.meta.get("stub") or {"ggufile_version": self.meta.get("built_by", "unknown"),
                                          "platform": "any (python zipapp)", "python": "python3 + NumPy"}
+        # a cached-launcher executable may hold one runtime per platform
+        stubs = [dict(rt.get("stub") or {}, platform=rt.get("platform", "unknown"))
+                 for rt in (self.meta.get("launcher") or {}).get("runtimes", [])] or [stub]
         info = {
             "file": str(self.path),
             "format": f"ggufile {self.kind} v{self.meta.get('format_version', FORMAT_VERSION)}",
             "runtime version": stub.get("ggufile_version", "unknown"),
-            "stub platform": stub.get("platform", "unknown"),
+            "stub platform": ", ".join(s.get("platform", "unknown") for s in stubs),
+            "stub glibc floor": ", ".join(_glibc_floor(s) for s in stubs),
             "stub python": stub.get("python", "unknown"),
             "launcher": (self.meta.get("launcher") or {}).get("kind", "-"),
             "model name": self.name or "(unnamed)",
@@ -148,6 +153,14 @@ class EmbeddedModel:
         state = "not checked" if not verify else ("ok" if self.verify() else "MISMATCH (corrupted)")
         info["checksum"] = f"sha256 {self.sha256} ({state})"
         return info
+
+
+def _glibc_floor(stub: dict) -> str:
+    """"2.31" (the newest GLIBC_ version the stub's ELF files need, recorded when it was built)."""
+    floor = (stub.get("glibc_floor") or {}).get("glibc")
+    if floor:
+        return floor
+    return "-" if "zipapp" in str(stub.get("platform")) else "unknown"
 
 
 # -- the trailer (executables) -------------------------------------------------------------
