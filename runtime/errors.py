@@ -2,9 +2,26 @@
 
 from contextlib import contextmanager
 
+MAX_ERROR_CHARS = 400  # a message quoting a hostile file's strings stays one readable line
+
+
+def printable_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` as one line a terminal shows literally: control and other non-printable characters
+    escaped (a hostile file cannot move the cursor or clear the screen), at most `limit` chars."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 class GGUFileError(Exception):
-    """Base class: anything the user can fix or should be told about in one line."""
+    """Base class: anything the user can fix or should be told about in one line.
+
+    The message is made printable and bounded here, once, since many quote the model file."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (printable_line(args[0]),)
+        super().__init__(*args)
 
 
 class GGUFFormatError(GGUFileError):
@@ -20,8 +37,8 @@ DEBUG_ENV = "GGUFILE_DEBUG"  # set to 1 to see full tracebacks of unexpected err
 
 def unexpected_error_line(err: BaseException) -> str:
     """One line for a bug we did not foresee (the user still gets no traceback by default)."""
-    return (f"internal error: {type(err).__name__}: {err} "
-            f"(set {DEBUG_ENV}=1 for the traceback and please report it)")
+    return printable_line(f"internal error: {type(err).__name__}: {printable_line(str(err), 200)} "
+                          f"(set {DEBUG_ENV}=1 for the traceback and please report it)")
 
 
 @contextmanager

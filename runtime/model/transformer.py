@@ -361,5 +361,7 @@ class Model:
 
 def load_model(reader) -> Model:
     """Build a Model over an open GGUFReader (weights stay mmap views into the file)."""
-    config = ModelConfig.from_gguf(reader.metadata)
+    from ggufile.runtime.model.validate import checked_config
+
+    config = checked_config(reader.metadata, reader.tensors)
     return Model(config, _load_weights(reader, config))
