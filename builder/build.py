@@ -37,7 +37,7 @@ from ggufile.runtime.container import (
     read_container,
     read_exe,
 )
-from ggufile.runtime.errors import GGUFileError, GGUFFormatError
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, open_regular_file
 from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.gguf.info import describe_gguf
 
@@ -106,7 +106,7 @@ def _unlink(path: str) -> None:
 def copy_window(src: Path, offset: int, size: int, out, progress: Progress = None) -> str:
     """Copy src[offset:offset+size] to `out`, returning the sha256 of the bytes copied."""
     h = hashlib.sha256()
-    with open(src, "rb") as f:
+    with open_regular_file(src) as f:
         f.seek(offset)
         left = size
         while left:

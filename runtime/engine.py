@@ -20,7 +20,7 @@ import numpy as np
 
 from ggufile.runtime.chat_template import ChatTemplate, choose_template
 from ggufile.runtime.gguf.constants import Keys
-from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.errors import GGUFileError, printable_line
 from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.sampling import Sampler, SamplingParams
 
@@ -49,7 +49,7 @@ class Engine:
         self.n_ctx = min(n_ctx or DEFAULT_CTX, n_ctx_train)
         if self.n_ctx < 8:
             raise GGUFileError(f"context size {self.n_ctx} is too small")
-        self.model_name = name or reader.get(Keys.NAME) or reader.path.stem
+        self.model_name = printable_line(name or reader.get_str(Keys.NAME) or reader.path.stem, 200)
         self._chat_template: ChatTemplate | None = None  # compiled on first use (jinja2 is slow to import)
         self.lock = threading.Lock()
         self._cache = None

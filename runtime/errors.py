@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line (the CLIs print str(err) and exit non-zero)."""
 
+import os
+import stat
 from contextlib import contextmanager
 
 MAX_ERROR_CHARS = 400  # a message quoting a hostile file's strings stays one readable line
@@ -54,3 +56,25 @@ def os_errors_as(error_cls: type[GGUFileError], path, action: str = "read"):
         raise error_cls(f"{path}: permission denied") from None
     except OSError as err:
         raise error_cls(f"{path}: cannot {action}: {err.strerror or err}") from None
+
+
+def open_regular_file(path, error_cls: type[GGUFileError] = GGUFileError):
+    """`path` opened for binary reading if it is a regular file; else a one-line `error_cls`.
+
+    Opened non-blocking first, so a FIFO with no writer is refused instead of hanging, and a
+    device (/dev/zero, /dev/stdin) is refused before a byte is read."""
+    with os_errors_as(error_cls, path):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                        else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+                raise error_cls(printable_line(f"{path}: is {kind}, not a regular file"))
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise

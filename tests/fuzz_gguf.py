@@ -344,6 +344,17 @@ def _check_line(message: str) -> str | None:
     return None
 
 
+class Unprintable(Exception):
+    """What --info / inspect would print holds control characters or is huge."""
+
+
+def _check_shown(facts: dict) -> None:
+    for key, value in facts.items():
+        text = str(value)
+        if not text.isprintable() or len(text) > MAX_ERROR_LINE:
+            raise Unprintable(f"{key}: {text[:100]!r}")
+
+
 def _run_stage(stage: str, path: str, container: str):
     from ggufile.runtime import kernels
     from ggufile.runtime.gguf.reader import GGUFReader
@@ -352,7 +363,7 @@ def _run_stage(stage: str, path: str, container: str):
         from ggufile.runtime.gguf.info import describe_gguf
 
         with GGUFReader(path, scan_strings=kernels.string_scanner()) as r:
-            describe_gguf(r)
+            _check_shown(describe_gguf(r))
     elif stage == "tokenizer":
         from ggufile.runtime.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
@@ -381,7 +392,7 @@ def _run_stage(stage: str, path: str, container: str):
     elif stage == "inspect":
         from ggufile.runtime.container import read_container
 
-        read_container(container).describe(verify=True)
+        _check_shown(read_container(container).describe(verify=True))
 
 
 def _wrap_container(gguf: bytes, path: str, corrupt: bool, rng: random.Random) -> None:
@@ -416,7 +427,12 @@ def worker() -> None:
                 results[stage] = ["ok", ""]
             except GGUFileError as err:
                 bad = _check_line(str(err))
-                results[stage] = ["bad-message", f"{bad}: {str(err)[:200]!r}"] if bad else ["error", str(err)]
+                if bad:
+                    results[stage] = ["bad-message", f"{bad}: {str(err)[:200]!r}"]
+                elif "out of memory" in str(err):
+                    results[stage] = ["over-budget", str(err)]
+                else:
+                    results[stage] = ["error", str(err)]
             except MemoryError:
                 results[stage] = ["over-budget", "MemoryError"]
             except Exception as err:  # noqa: BLE001 -- exactly what the fuzzer looks for

@@ -36,7 +36,7 @@ from ggufile.runtime.gguf.constants import (
     GGUFValueType,
     Keys,
 )
-from ggufile.runtime.errors import GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFFormatError, open_regular_file, os_errors_as
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -372,6 +372,11 @@ class GGUFReader:
             key = key.format(arch=self.architecture)
         return self.metadata.get(key, default)
 
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A metadata string; `default` when the key is absent or holds anything else."""
+        value = self.get(key)
+        return value if isinstance(value, str) else default
+
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The tensor's raw bytes: a read-only uint8 view on the mapping."""
         info = self.tensors[name]
@@ -406,7 +411,7 @@ class GGUFReader:
 
 
 def _map_file(path: Path) -> mmap.mmap:
-    with os_errors_as(GGUFFormatError, path, "map"), open(path, "rb") as f:
+    with open_regular_file(path, GGUFFormatError) as f, os_errors_as(GGUFFormatError, path, "map"):
         if os.fstat(f.fileno()).st_size == 0:
             raise GGUFFormatError(f"{path}: empty file, not a GGUF model")
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -61,7 +61,7 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, metadata: dict) -> "ModelConfig":
         arch = metadata.get(Keys.ARCHITECTURE)
-        if arch not in SUPPORTED_ARCHS:
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(
                 f"unsupported model architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
 

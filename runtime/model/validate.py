@@ -22,7 +22,7 @@ import numpy as np
 from ggufile.runtime.errors import GGUFFormatError, UnsupportedModelError
 from ggufile.runtime.gguf.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
 
-INT, FLOAT, STR = "int", "float", "str"
+INT, FLOAT, STR, BOOL = "int", "float", "str", "bool"
 
 # Far beyond any real model, far below what would overflow an int64 product or a 32-bit index.
 MAX_DIM = 1 << 20
@@ -66,7 +66,15 @@ TOKENIZER_ARRAYS = {
     Keys.SCORES: FLOAT,
     Keys.TOKEN_TYPE: INT,
 }
-TOKENIZER_SCALARS = (Keys.TOKENIZER_MODEL, Keys.TOKENIZER_PRE)  # strings when present
+# Tokenizer scalars: key -> kind (special-token ids are not here: like llama.cpp, an id out of
+# range or of the wrong type is ignored and the default is kept, see tokenizer/vocab.py).
+TOKENIZER_SCALARS = {
+    Keys.TOKENIZER_MODEL: STR,
+    Keys.TOKENIZER_PRE: STR,
+    Keys.ADD_BOS: BOOL,
+    Keys.ADD_EOS: BOOL,
+    Keys.ADD_SPACE_PREFIX: BOOL,
+}
 
 # Tensors the forward pass reads: (name, kind, shape in GGML order as a function of the config).
 # MAT: a weight matrix of a supported type; VEC: a float vector (norm weights).
@@ -107,6 +115,7 @@ def checked_config(metadata: Mapping, tensors: Mapping):
     arch = metadata.get(Keys.ARCHITECTURE)
     if isinstance(arch, str) and arch in LAYER_TENSORS:
         check_hparams(metadata, arch)
+        check_tokenizer_metadata(metadata)  # the vocabulary size comes from the token list
     cfg = ModelConfig.from_gguf(metadata)  # refuses unknown architectures and missing keys
     check_consistency(cfg, metadata)
     check_tensors(cfg, tensors)
@@ -127,6 +136,10 @@ def check_value(key: str, value, kind: str, lo=None, hi=None) -> None:
     if kind == STR:
         if not isinstance(value, str):
             raise GGUFFormatError(f"metadata {key} must be a string, not {_kind_of(value)}")
+        return
+    if kind == BOOL:
+        if not isinstance(value, bool):
+            raise GGUFFormatError(f"metadata {key} must be a boolean, not {_kind_of(value)}")
         return
     if isinstance(value, (np.ndarray, list, tuple)):
         raise UnsupportedModelError(f"metadata {key} holds an array (per-layer values are not supported)")
@@ -207,9 +220,9 @@ def check_tensor(tensors: Mapping, name: str, kind: str, shape: tuple[int, ...],
 
 def check_tokenizer_metadata(metadata: Mapping) -> None:
     """Types of the tokenizer's keys: token and merge lists of strings, numeric scores/types."""
-    for key in TOKENIZER_SCALARS:
+    for key, kind in TOKENIZER_SCALARS.items():
         if key in metadata:
-            check_value(key, metadata[key], STR)
+            check_value(key, metadata[key], kind)
     for key, kind in TOKENIZER_ARRAYS.items():
         if key in metadata:
             check_array(key, metadata[key], kind)
