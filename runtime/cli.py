@@ -80,7 +80,12 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
     if threads:
         os.environ["GGUFILE_THREADS"] = str(threads)  # read by the kernels' thread pool at import
     if prompt_file is not None:
-        prompt = prompt_file.read()
+        try:
+            prompt = prompt_file.read()
+        except UnicodeDecodeError as err:
+            raise GGUFileError(f"-f {prompt_file.name}: not UTF-8 text (byte offset {err.start})") from None
+    for name, text in (("-p/--prompt", prompt), ("--system", system)):
+        check_utf8(name, text)
     if info:
         _print_info(embedded, model_path)
         return
@@ -101,6 +106,18 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
         chat_repl(engine, params, system, n_predict)
     else:
         complete(engine, prompt, params, n_predict, display_prompt, verbose)
+
+
+def check_utf8(option: str, text: str | None) -> None:
+    """Arguments that were not UTF-8 reach Python as lone surrogates; say so in one line."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        raise GGUFileError(f"{option} is not valid UTF-8 (byte 0x{bad.hex()} at character {err.start}); "
+                           "use a UTF-8 terminal or -f FILE") from None
 
 
 def _perplexity(embedded, model_path, text, ctx_size) -> None:

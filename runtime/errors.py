@@ -34,6 +34,10 @@ class UnsupportedModelError(GGUFileError):
     """A valid GGUF that uses an architecture, tensor type or tokenizer we do not support."""
 
 
+class Cancelled(Exception):
+    """The caller gave up (a server client hung up) while the prompt was being processed."""
+
+
 DEBUG_ENV = "GGUFILE_DEBUG"  # set to 1 to see full tracebacks of unexpected errors
 
 
