@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from ggufile.runtime import __version__
-from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
+from ggufile.builder.signals import termination_unwinds
+from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, printable_line, unexpected_error_line
 
 from ggufile.builder.fetch import MODELS
 
@@ -44,9 +45,13 @@ class GgufileGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with termination_unwinds():  # SIGTERM/SIGHUP clean up partial files like Ctrl-C
+                return super().invoke(ctx)
         except GGUFileError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # e.g. ENOSPC from a write no module turned into a GGUFileError
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(printable_line(f"{where}{err.strerror or err}")) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as err:  # noqa: BLE001 -- one line, not a traceback (GGUFILE_DEBUG=1 shows it)
@@ -132,7 +137,7 @@ def build(model: Path, output: Path, args: str | None, name: str | None, fmt: st
     from ggufile.builder.build import check_output
 
     default_args = parse_args(args)
-    check_output(output)
+    check_output(output, (model, stub))
     if quant is None:
         return _build(model, output, default_args, name, fmt, stub, launcher)
     from ggufile.builder.quantize_model import get_mix, quantize_file
