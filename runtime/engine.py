@@ -159,6 +159,7 @@ class Engine:
         return logits
 
     def _forward(self, ids: list[int]) -> np.ndarray:
+        self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
         logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
         self._cached_ids += ids
         return logits

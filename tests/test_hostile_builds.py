@@ -101,3 +101,49 @@ def test_quantize_into_a_full_disk_is_one_line(small_tmpfs, fake_stub, smollm2_p
         assert last.startswith("Error: cannot write") and last.endswith("No space left on device"), last
         assert "internal error" not in result.output
         assert files_in(small_tmpfs) == []
+
+
+TRUNCATE_AND_READ = r"""
+import mmap, os, sys
+from pathlib import Path
+from ggufile.runtime.watch import run_watched
+
+path = Path(sys.argv[1])
+
+def main():
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    os.truncate(path, 0)  # what `cp other THIS` does first
+    return m[len(m) - 1]  # the page is gone: SIGBUS
+
+sys.exit(run_watched(main, path))
+"""
+
+
+def test_sigbus_from_a_truncated_mapping_is_one_line(tmp_path):
+    victim = tmp_path / "exe"
+    victim.write_bytes(b"x" * (1 << 20))
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_AND_READ, str(victim)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGBUS
+    assert proc.stderr.strip() == f"Error: {victim} changed while it was running (overwritten or truncated); start it again"
+
+
+def test_executable_overwritten_while_generating_says_so(tmp_path, smollm2_path):
+    from ggufile.builder.pyz import build_pyz
+
+    exe = tmp_path / "smol.pyz"
+    build_pyz(smollm2_path, exe)
+    proc = subprocess.Popen([sys.executable, str(exe), "-p", "Once upon a time", "-n", "2000", "--temp", "0",
+                             "--no-display-prompt"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1)  # generating
+        with open(exe, "r+b") as f:  # cp over it: truncate, then write other bytes
+            f.truncate(0)
+            f.write(b"#!/bin/sh\necho another program\n")
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode != 0
+    assert len(lines) == 1 and "changed while it was running" in lines[0], lines
