@@ -160,7 +160,11 @@ class Engine:
 
     def _forward(self, ids: list[int]) -> np.ndarray:
         self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
-        logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
+        try:
+            logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
+        except ZeroDivisionError:  # the compiled quantizers meet inf/NaN activations
+            raise GGUFileError("the model computed infinite or NaN values: its weights are probably "
+                               "corrupt") from None
         self._cached_ids += ids
         return logits
 

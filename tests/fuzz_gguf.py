@@ -139,6 +139,10 @@ class Seed:
             self.tensors = [(t.name, t.shape, t.ggml_type, t.offset - r.data_offset) for t in r.tensors.values()]
             self.tensor_data = {t.name: bytes(r.tensor_bytes(t.name)) for t in r.tensors.values()}
         self.fields = _header_fields(self.data)
+        self.fields_by_group: dict[str, list] = {}
+        for f in self.fields:
+            self.fields_by_group.setdefault(f[2].split("[")[0].rsplit(" ", 1)[0], []).append(f)
+        self.field_groups = sorted(self.fields_by_group)
 
 
 def _header_fields(data: bytes) -> list[tuple[int, int, str]]:
@@ -213,7 +217,10 @@ def _edge_int(rng: random.Random, size: int) -> int:
 
 
 def mutate_field(seed: Seed, rng: random.Random) -> tuple[bytes, str]:
-    off, size, label = rng.choice(seed.fields)
+    # a field group (a key, a tensor, an array's elements) first, so the vocabulary's thousands
+    # of string lengths do not drown out the few dozen hyperparameters
+    group = rng.choice(seed.field_groups)
+    off, size, label = rng.choice(seed.fields_by_group[group])
     data = bytearray(seed.data)
     if size == 4 and label.endswith(("eps", "base", "factor")) or (size in (4, 8) and rng.random() < 0.15):
         v = rng.choice(EDGE_FLOATS)
