@@ -41,6 +41,7 @@ class Chunk:
 class Engine:
     def __init__(self, reader: GGUFReader, n_ctx: int | None = None, name: str | None = None):
         from ggufile.runtime.model.transformer import load_model
+        from ggufile.runtime.model.validate import check_context_budget
         from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
         self.reader = reader
@@ -50,6 +51,7 @@ class Engine:
         self.n_ctx = min(n_ctx or DEFAULT_CTX, n_ctx_train)
         if self.n_ctx < 8:
             raise GGUFileError(f"context size {self.n_ctx} is too small")
+        check_context_budget(self.model.config, self.n_ctx)
         self.model_name = printable_line(name or reader.get_str(Keys.NAME) or reader.path.stem, 200)
         self._chat_template: ChatTemplate | None = None  # compiled on first use (jinja2 is slow to import)
         self.lock = threading.Lock()

@@ -14,12 +14,13 @@ TOKENIZER_ARRAYS, checked by `check_tokenizer_metadata`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ggufile.runtime.errors import GGUFFormatError, UnsupportedModelError
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
 from ggufile.runtime.gguf.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
 
 INT, FLOAT, STR, BOOL = "int", "float", "str", "bool"
@@ -250,3 +251,20 @@ def check_array(key: str, value, kind: str) -> None:
 
 def kv_cache_bytes(cfg, n_ctx: int, itemsize: int = 4) -> int:
     return 2 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim * itemsize
+
+
+def check_context_budget(cfg, n_ctx: int, itemsize: int = 4) -> None:
+    """The KV cache of `n_ctx` tokens fits in this machine's memory (the weights are justified by
+    the file itself: every dimension was checked against a tensor's shape)."""
+    need = kv_cache_bytes(cfg, n_ctx, itemsize)
+    ram = physical_memory()
+    if ram and need > ram:
+        raise GGUFileError(f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB for its KV cache, more "
+                           f"than this machine's {ram / 2**30:.1f} GiB; choose a smaller --ctx-size")
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
