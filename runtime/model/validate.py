@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
-from ggufile.runtime.gguf.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
+from ggufile.runtime.gguf.constants import Keys
+from ggufile.runtime.kernels.types import FLOAT_TYPES, WEIGHT_TYPES
 
 INT, FLOAT, STR, BOOL = "int", "float", "str", "bool"
 
@@ -80,7 +81,6 @@ TOKENIZER_SCALARS = {
 # Tensors the forward pass reads: (name, kind, shape in GGML order as a function of the config).
 # MAT: a weight matrix of a supported type; VEC: a float vector (norm weights).
 MAT, VEC = "matrix", "vector"
-_FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 LAYER_TENSORS = {
     "llama": (
         ("attn_norm.weight", VEC, lambda c: (c.n_embd,)),
@@ -207,7 +207,7 @@ def check_tensor(tensors: Mapping, name: str, kind: str, shape: tuple[int, ...],
         if required:
             raise GGUFFormatError(f"missing tensor {name!r}")
         return
-    allowed = SUPPORTED_WEIGHT_TYPES if kind == MAT else _FLOAT_TYPES
+    allowed = WEIGHT_TYPES if kind == MAT else FLOAT_TYPES
     if info.ggml_type not in allowed:
         raise UnsupportedModelError(f"tensor {name!r} has unsupported type {info.ggml_type.name} for a {kind}")
     got = tuple(info.shape)
