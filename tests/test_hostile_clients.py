@@ -149,3 +149,37 @@ def test_client_errors_are_not_logged(caplog):
             r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
             assert r.status_code == 400
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+def test_engine_prefill_stops_between_batches_when_cancelled(tmp_path):
+    """The real engine looks at `cancelled` between 512-token batches of a long prompt."""
+    import numpy as np
+
+    import fuzz_gguf
+    from ggufile.runtime import engine as engine_mod
+    from ggufile.runtime.errors import Cancelled
+
+    seed_path = tmp_path / "seed.gguf"
+    fuzz_gguf.write_seed(seed_path, *fuzz_gguf.SEED_SHAPES[0], rng=np.random.default_rng(0))
+    seed = fuzz_gguf.Seed(seed_path)
+    path = tmp_path / "long.gguf"
+    path.write_bytes(fuzz_gguf._rewrite(seed, dict(seed.metadata, **{"llama.context_length": 4096})))
+    engine = engine_mod.Engine.open(path, n_ctx=4096)
+    cancelled = threading.Event()
+    batches = []
+    real_forward = engine._forward
+
+    def forward(ids):
+        batches.append(len(ids))
+        cancelled.set()  # the client hangs up while the first batch runs
+        return real_forward(ids)
+
+    engine._forward = forward
+    prompt = [5 + i % 200 for i in range(3 * engine_mod.PREFILL_BATCH)]
+    with pytest.raises(Cancelled):
+        engine.generate(prompt, max_tokens=1, cancelled=cancelled)
+    assert batches == [engine_mod.PREFILL_BATCH]
+    # the processed prefix stays cached: the next request goes on from there
+    engine._forward = real_forward
+    assert engine._cached_ids == prompt[:engine_mod.PREFILL_BATCH]
+    assert list(engine.generate(prompt, max_tokens=1))
