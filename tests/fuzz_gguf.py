@@ -263,8 +263,6 @@ TEMPLATES = [
 
 
 def mutate_value(seed: Seed, rng: random.Random) -> tuple[bytes, str]:
-    from ggufile.builder.gguf_writer import Typed, TensorSpec, _header  # noqa: F401 (layout)
-
     meta = dict(seed.metadata)
     key = rng.choice(sorted(meta))
     action = rng.random()

@@ -182,7 +182,7 @@ def check_consistency(cfg, metadata: Mapping) -> None:
                               f"{n_tokens} tokens of {Keys.TOKENS}")
     if cfg.n_vocab < 1:
         raise GGUFFormatError(f"the model has no vocabulary ({Keys.TOKENS} is missing or empty)")
-    if not (cfg.rms_eps >= 0 and math.isfinite(cfg.rope_scale) and cfg.rope_scale > 0):
+    if not (math.isfinite(cfg.rope_scale) and cfg.rope_scale > 0):  # 1 / factor: a tiny factor overflows
         raise GGUFFormatError(f"metadata {key(Keys.ROPE_SCALING_FACTOR)} is not a usable scale")
 
 
