@@ -37,7 +37,7 @@ from ggufile.runtime.container import (
     read_container,
     read_exe,
 )
-from ggufile.runtime.errors import GGUFileError, GGUFFormatError
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, open_regular_file
 from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.gguf.info import describe_gguf
 
@@ -64,14 +64,26 @@ def default_name(path: Path, facts: dict) -> str:
 
 
 # -- output ------------------------------------------------------------------------------------
-def check_output(dest: Path) -> Path:
+def check_output(dest: Path, inputs=()) -> Path:
+    """`dest` can be written, and is none of `inputs` (building M.gguf -o M.gguf would replace
+    the model with the executable)."""
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise GGUFileError(f"output folder {parent} does not exist")
     if dest.is_dir():
         raise GGUFileError(f"{dest} is a directory")
+    for src in inputs:
+        if src is not None and _same_file(dest, Path(src)):
+            raise GGUFileError(f"the output {dest} is the input {src}; choose another output path")
     return dest
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 @contextmanager
@@ -107,7 +119,7 @@ def _unlink(path: str) -> None:
 def copy_window(src: Path, offset: int, size: int, out, progress: Progress = None) -> str:
     """Copy src[offset:offset+size] to `out`, returning the sha256 of the bytes copied."""
     h = hashlib.sha256()
-    with open(src, "rb") as f:
+    with open_regular_file(src) as f:
         f.seek(offset)
         left = size
         while left:
@@ -269,8 +281,9 @@ def _write_onefile(out: Path, stub: Path, src: Path, offset: int, size: int, met
 
 def build_executable(model: Path, out: Path, stub: Path | list[tuple[str, Path]], name: str | None = None,
                      default_args: list[str] | None = None, progress: Progress = None) -> EmbeddedModel:
+    stubs = [path for _, path in stub] if isinstance(stub, list) else [stub]
+    check_output(out, (model, *stubs))
     facts = validate_model(model)
-    check_output(out)
     meta = {"name": name or default_name(model, facts), "default_args": list(default_args or []),
             "source": Path(model).name, "built_by": __version__}
     write_executable(out, stub, Path(model), 0, Path(model).stat().st_size, meta, progress)
@@ -280,6 +293,7 @@ def build_executable(model: Path, out: Path, stub: Path | list[tuple[str, Path]]
 def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress = None) -> EmbeddedModel:
     """Swap the launcher of a built executable, keeping its model, name and default args."""
     old = read_exe(path)
+    check_output(out or path, (stub,))
     write_executable(out or path, stub, old.path, old.offset, old.size, old.meta, progress,
                      expect_sha256=old.sha256)
     return read_exe(out or path)
@@ -289,6 +303,7 @@ def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress =
 def extract(path: Path, out: Path, progress: Progress = None) -> EmbeddedModel:
     """Write the embedded GGUF, byte-identical, to `out` (checked against its sha256)."""
     model = read_container(path)
+    check_output(out, (path,))
     with atomic_output(out, executable=False) as f:
         digest = copy_window(model.path, model.offset, model.size, f, progress)
         if digest != model.sha256:

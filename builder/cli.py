@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from ggufile.runtime import __version__
-from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
+from ggufile.builder.signals import termination_unwinds
+from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, printable_line, unexpected_error_line
 
 from ggufile.builder.fetch import MODELS
 
@@ -44,11 +45,15 @@ class GgufileGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with termination_unwinds():  # SIGTERM/SIGHUP clean up partial files like Ctrl-C
+                return super().invoke(ctx)
         except GGUFileError as err:
             raise click.ClickException(str(err)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click itself ends a broken pipe (`ggufile inspect X | head`) quietly
+        except OSError as err:  # e.g. ENOSPC from a write no module turned into a GGUFileError
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(printable_line(f"{where}{err.strerror or err}")) from None
         except Exception as err:  # noqa: BLE001 -- one line, not a traceback (GGUFILE_DEBUG=1 shows it)
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -145,8 +150,8 @@ def build(model: Path, output: Path, args: str | None, name: str | None, fmt: st
     from ggufile.builder.build import check_output
 
     default_args = parse_args(args)
-    check_output(output)
     stub = _build_stubs(stub_args, platforms, launcher, fmt)
+    check_output(output, (model, *_stub_paths(stub)))
     if quant is None:
         return _build(model, output, default_args, name, fmt, stub, launcher)
     from ggufile.builder.quantize_model import get_mix, quantize_file
@@ -174,6 +179,13 @@ def _build_stubs(stub_args: tuple, platforms: str | None, launcher: str | None, 
         raise GGUFileError("--platform and --stub PLATFORM=PATH make a cached-launcher executable: "
                            "drop --format pyz / --launcher onefile / a plain --stub PATH")
     return ("platforms", names or list(by_platform), by_platform)
+
+
+def _stub_paths(stub) -> list:
+    """The stub files a `_build_stubs` answer names (the build must not overwrite any of them)."""
+    if isinstance(stub, tuple):
+        return list(stub[2].values())
+    return [stub] if stub is not None else []
 
 
 def _reader_tensors(model: Path):

@@ -35,7 +35,7 @@ from ggufile.runtime.container import (
 )
 from ggufile.runtime.errors import GGUFileError
 
-from ggufile.builder.build import Progress, atomic_output, copy_window, default_name, validate_model
+from ggufile.builder.build import Progress, atomic_output, check_output, copy_window, default_name, validate_model
 
 SHEBANG = b"#!/usr/bin/env python3\n"
 VENDORED = ["click", "jinja2", "markupsafe", "starlette", "anyio", "sniffio", "idna", "h11",
@@ -109,6 +109,7 @@ def _aligned_info(pos: int, size: int) -> zipfile.ZipInfo:
 def build_pyz(model: Path, out: Path, name: str | None = None, default_args: list[str] | None = None,
               progress: Progress = None) -> EmbeddedModel:
     model = Path(model)
+    check_output(out, (model,))
     facts = validate_model(model)
     size = model.stat().st_size
     meta = {"format_version": FORMAT_VERSION, "name": name or default_name(model, facts),

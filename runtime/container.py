@@ -39,7 +39,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ggufile.runtime.errors import GGUFileError, GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, open_regular_file, os_errors_as, printable_line
 from ggufile.runtime.gguf.constants import GGUF_MAGIC
 
 FORMAT_VERSION = 1
@@ -152,7 +152,8 @@ class EmbeddedModel:
         info["default args"] = " ".join(self.default_args) or "(none)"
         state = "not checked" if not verify else ("ok" if self.verify() else "MISMATCH (corrupted)")
         info["checksum"] = f"sha256 {self.sha256} ({state})"
-        return info
+        # Values quote the file (its trailer and the model): printable and bounded.
+        return {k: printable_line(v, 200) if isinstance(v, str) else v for k, v in info.items()}
 
 
 def _glibc_floor(stub: dict) -> str:
@@ -173,7 +174,7 @@ def pack_trailer(gguf_offset: int, gguf_size: int, sha256_hex: str, meta: dict) 
 
 def find_pyinstaller_archive(path: Path) -> int | None:
     """Start offset of the PyInstaller archive in `path` (as the bootloader computes it), or None."""
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         end = f.seek(0, os.SEEK_END)
         start = max(0, end - PYI_TAIL_SCAN)
         f.seek(start)
@@ -189,7 +190,7 @@ def find_pyinstaller_archive(path: Path) -> int | None:
 def read_exe(path: Path) -> EmbeddedModel:
     """The EmbeddedModel of a ggufile executable; GGUFileError if it holds none."""
     path = Path(path)
-    with os_errors_as(GGUFileError, path), open(path, "rb") as f:
+    with open_regular_file(path) as f, os_errors_as(GGUFileError, path):
         end = f.seek(0, os.SEEK_END)
         if end >= FOOTER.size:
             f.seek(end - FOOTER.size)
@@ -286,8 +287,9 @@ def read_pyz(path: Path) -> EmbeddedModel:
 def read_container(path: str | os.PathLike) -> EmbeddedModel:
     """The model inside a ggufile executable or .pyz."""
     path = Path(path)
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError:
-        is_zip = False
+    with open_regular_file(path) as f:  # refuses FIFOs and devices before reading a byte
+        try:
+            is_zip = zipfile.is_zipfile(f)
+        except OSError:
+            is_zip = False
     return read_pyz(path) if is_zip else read_exe(path)
