@@ -48,7 +48,7 @@ FAMILIES: dict[str, Shape] = {
     "llama": Shape("llama"),
     "llama3": Shape("llama", extras={"rope_freqs": True}),  # Llama 3.1+ rope_freqs.weight
     "mistral": Shape("llama", extras={"sliding_window": 64}),  # llama arch; llama.cpp ignores it
-    "mixtral": Shape("llama", n_expert=4, n_expert_used=2),
+    "mixtral": Shape("llama", n_expert=8, n_expert_used=2),
     "qwen2": Shape("qwen2", tied=True),
     "qwen3": Shape("qwen3", head_dim=128),  # key_length != n_embd / n_head
     "qwen3moe": Shape("qwen3moe", head_dim=128, n_expert=8, n_expert_used=2, n_ff_exp=256),
@@ -56,6 +56,11 @@ FAMILIES: dict[str, Shape] = {
     "gemma2": Shape("gemma2", n_layer=4, n_head_kv=2, tied=True, extras={"sliding_window": 8}),
     "gemma3": Shape("gemma3", n_layer=6, n_head_kv=1, tied=True, extras={"sliding_window": 8}),
 }
+
+# qwen2 with DeepSeek-R1-Distill-Qwen's tokenizer (builder/fetch.py deepseek-r1-qwen-vocab): its
+# 152,064 tokens, and an end-of-sentence token (151643) likely enough that chats end on it.
+DEEPSEEK_EOS = 151643
+DEEPSEEK_QWEN2 = Shape("qwen2", n_vocab=152064, n_ctx=131072, extras={"eos_boost": (DEEPSEEK_EOS, 3.5)})
 
 # Real release shapes (n_vocab reduced where it only costs memory: the output matmul is kept large).
 REAL_SHAPES: dict[str, Shape] = {
@@ -146,10 +151,19 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
         w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(int(qt)))
 
     # a tied embedding is also the output matrix: keep its logits a few units wide
-    put(T.TOKEN_EMBD, ".weight", (rng.standard_normal((s.n_vocab, E)) * (0.2 if s.tied else 1.0)).astype(np.float32))
+    embd = rng.standard_normal((s.n_vocab, E)) * (0.2 if s.tied else 1.0)
+    output = None if s.tied else mat(s.n_vocab, E, 3.0)
+    eos = s.extras.get("eos_boost")
+    if eos is not None:
+        # A chat model must stop: a constant in dimension 0 of every embedding survives to the
+        # final norm, and the end-of-sequence row of the output reads it, so that EOS stays likely.
+        token, boost = eos
+        embd[:, 0] += 4.0
+        output[token, 0] = boost
+    put(T.TOKEN_EMBD, ".weight", embd.astype(np.float32))
     put(T.OUTPUT_NORM, ".weight", norm(E))
-    if not s.tied:
-        put(T.OUTPUT, ".weight", mat(s.n_vocab, E, 3.0))
+    if output is not None:
+        put(T.OUTPUT, ".weight", output)
     if s.extras.get("rope_freqs"):
         put(T.ROPE_FREQS, ".weight", np.linspace(1.0, 8.0, D // 2).astype(np.float32))
     if s.extras.get("longrope"):
@@ -209,20 +223,15 @@ def _add_tokenizer(w, s: Shape, tokenizer) -> None:
         for key, value in r.metadata.items():
             if not key.startswith("tokenizer."):
                 continue
-            if isinstance(value, (list, tuple)):
-                w.add_array(key, list(value))
-            elif isinstance(value, bool):
-                w.add_bool(key, value)
-            elif isinstance(value, int):
-                w.add_uint32(key, value)
-            elif isinstance(value, float):
-                w.add_float32(key, value)
+            vtype = gguf.GGUFValueType(int(r.value_types[key]))
+            if vtype == gguf.GGUFValueType.ARRAY:
+                items = value.tolist() if hasattr(value, "tolist") else list(value)
+                w.add_array(key, items)  # gguf-py types the items: str, int32, float32, as stored
             else:
-                w.add_string(key, str(value))
+                w.add_key_value(key, value, vtype)
         n = len(r.metadata["tokenizer.ggml.tokens"])
     if n != s.n_vocab:
         raise ValueError(f"the tokenizer has {n} tokens, the shape {s.n_vocab}")
-    del gguf
 
 
 # --------------------------------------------------------------------------- against llama.cpp
