@@ -106,7 +106,14 @@ class ChatTemplate:
             segments.append(Segment(contents[int(match.group(1))], False))
             pos = match.end()
         segments.append(Segment(rendered[pos:], True))
-        return [s for s in segments if s.text]
+        segments = [s for s in segments if s.text]
+        # Templates that look into the contents (DeepSeek-R1's and Qwen3's drop the <think> part
+        # of earlier answers) render placeholders differently: then the real rendering decides
+        # the text, the placeholders only where the markup is.
+        real = self._render([dict(m, content=c) for m, c in zip(messages, contents)], add_generation_prompt)
+        if real == "".join(s.text for s in segments):
+            return segments
+        return _align(real, segments) or segments
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         from jinja2 import TemplateError
@@ -118,6 +125,32 @@ class ChatTemplate:
             raise GGUFileError(f"chat template error: {err}") from None
         except RecursionError:
             raise GGUFileError("chat template error: recursion too deep") from None
+
+
+def _align(real: str, segments: list[Segment]) -> list[Segment] | None:
+    """`real` cut like `segments`: each markup segment exactly, each content as the longest
+    piece of that content that lets the next markup follow (a template may keep part of a
+    content, never add to it). None where no such cut exists."""
+    out: list[Segment] = []
+    pos = 0
+    for i, seg in enumerate(segments):
+        if seg.is_markup:
+            if not real.startswith(seg.text, pos):
+                return None
+            out.append(seg)
+            pos += len(seg.text)
+            continue
+        following = next((s.text for s in segments[i + 1:] if s.is_markup), None)
+        for end in range(min(len(real), pos + len(seg.text)), pos - 1, -1):
+            piece = real[pos:end]
+            if piece in seg.text and (real.startswith(following, end) if following is not None else end == len(real)):
+                break
+        else:
+            return None
+        if piece:
+            out.append(Segment(piece, False))
+        pos = end
+    return out if pos == len(real) else None
 
 
 def _content_text(message: dict) -> str:
