@@ -246,57 +246,75 @@ def llama_cpp_run(path: Path, prompts=PROMPTS, n_greedy: int = N_GREEDY, n_ctx: 
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, verbose=False,
-                          logits_all=False)
+                          logits_all=True)
     out = []
     for ids in prompts:
         llm.reset()
         llm.eval(list(map(int, ids)))
-        logits = np.array(llm.eval_logits[-1], dtype=np.float32)
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
         greedy = []
         for _ in range(n_greedy):
-            greedy.append(int(np.argmax(llm.eval_logits[-1])))
+            greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([greedy[-1]])
         out.append({"logits": logits, "greedy": greedy})
     llm.close()
     return out
 
 
-def ours_run(path: Path, prompts=PROMPTS, n_greedy: int = N_GREEDY, n_ctx: int = 128) -> list[dict]:
-    """The same from ggufile's forward pass (prompt pass, then the decode step)."""
+def ours_run(path: Path, prompts=PROMPTS, n_greedy: int = N_GREEDY, n_ctx: int = 128,
+             forced: list[list[int]] | None = None) -> list[dict]:
+    """The same from ggufile's forward pass (prompt pass, then the decode step); with `forced`
+    (llama.cpp's greedy tokens per prompt) also each step's pick when fed those tokens and, where
+    it differs, how far llama.cpp's token is below ours in our logits."""
     from ggufile.runtime.gguf.reader import GGUFReader
     from ggufile.runtime.model.transformer import load_model
 
     model = load_model(GGUFReader(path))
     out = []
-    for ids in prompts:
+    for p, ids in enumerate(prompts):
         cache = model.new_cache(n_ctx)
         logits = model.forward(np.array(ids, dtype=np.int32), cache)
         first, greedy = logits, []
         for _ in range(n_greedy):
             greedy.append(int(np.argmax(logits)))
             logits = model.forward(np.array(greedy[-1:], dtype=np.int32), cache)
-        out.append({"logits": first, "greedy": greedy})
+        run = {"logits": first, "greedy": greedy}
+        if forced is not None:
+            cache.truncate(len(ids))
+            logits, gaps = first, []
+            for ref_id in forced[p]:
+                got = int(np.argmax(logits))
+                gaps.append(0.0 if got == ref_id else float(logits[got] - logits[ref_id]))
+                logits = model.forward(np.array([ref_id], dtype=np.int32), cache)
+            run["forced_gaps"] = gaps
+        out.append(run)
     return out
 
 
 def agreement(ours: list[dict], ref: list[dict]) -> dict:
     """Over the prompts: worst |logit diff| on llama.cpp's top 20, that relative to the spread of
     llama.cpp's logits (max - min), top-1 agreement, greedy tokens matched before the first
-    difference (summed) and the top-2 gap of ours at a first difference."""
+    difference, and fed llama.cpp's greedy tokens: the steps where we pick its token and the
+    largest top-2 gap (relative to the spread) where we do not."""
     worst = rel = 0.0
-    top1 = matched = total = 0
-    gaps = []
+    top1 = matched = total = agree = 0
+    worst_gap = 0.0
     for o, r in zip(ours, ref):
         top = np.argsort(-r["logits"])[:20]
+        spread = float(r["logits"].max() - r["logits"].min())
         d = float(np.abs(o["logits"][top] - r["logits"][top]).max())
         worst = max(worst, d)
-        rel = max(rel, d / float(r["logits"].max() - r["logits"].min()))
+        rel = max(rel, d / spread)
         top1 += int(np.argmax(o["logits"]) == top[0])
         n = next((i for i, (a, b) in enumerate(zip(o["greedy"], r["greedy"])) if a != b), len(r["greedy"]))
         matched += n
         total += len(r["greedy"])
-    return {"max_diff": worst, "rel_diff": rel, "top1": f"{top1}/{len(ref)}", "greedy": f"{matched}/{total}",
-            "greedy_matched": matched, "greedy_total": total}
+        gaps = o.get("forced_gaps", [])
+        agree += sum(g == 0.0 for g in gaps)
+        worst_gap = max([worst_gap] + [g / spread for g in gaps])
+    return {"max_diff": round(worst, 4), "rel_diff": round(rel, 5), "top1": f"{top1}/{len(ref)}",
+            "greedy": f"{matched}/{total}", "forced": f"{agree}/{total}", "forced_agree": agree,
+            "worst_tie_gap": round(worst_gap, 5), "greedy_total": total}
 
 
 def main(argv=None) -> int:

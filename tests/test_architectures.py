@@ -24,9 +24,9 @@ import synthetic_models as sm  # noqa: E402
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 # Relative to the spread of llama.cpp's logits (max - min over the vocabulary), the worst
-# difference on its top 20. F32 weights: only summation order differs (measured <= 0.002);
-# quantized weights: 8-bit activations on both sides, rounding flips (measured <= 0.03).
-REL_TOL = {"F32": 0.01, "Q8_0": 0.05, "Q4_K": 0.05}
+# difference on its top 20. F32 weights: only summation order differs (measured <= 2e-4);
+# quantized weights: 8-bit activations on both sides, rounding flips (measured <= 0.012).
+REL_TOL = {"F32": 0.002, "Q8_0": 0.03, "Q4_K": 0.03}
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +163,12 @@ CASES = [(f, "F32") for f in sm.FAMILIES] + [(f, q) for f in ("qwen2", "qwen3", 
 def test_logits_and_greedy_match_llama_cpp(family, qtype, files):
     path = files(family, qtype)
     ref = sm.llama_cpp_run(path)
-    ours = sm.ours_run(path)
+    ours = sm.ours_run(path, forced=[r["greedy"] for r in ref])
     a = sm.agreement(ours, ref)
     print(f"\n{family} {qtype}: {a}")
     assert a["top1"] == f"{len(ref)}/{len(ref)}"
     assert a["rel_diff"] < REL_TOL[qtype]
-    assert a["greedy_matched"] >= 0.75 * a["greedy_total"]
+    # Fed llama.cpp's greedy tokens, we pick the same but at near-ties (random weights make many:
+    # a flip where two logits are within the quantization noise is numerics, a drift is a bug).
+    assert a["forced_agree"] >= 0.9 * a["greedy_total"]
+    assert a["worst_tie_gap"] < REL_TOL[qtype]
