@@ -88,8 +88,11 @@ def _tensor_names(arch: str) -> set[str]:
 
 
 def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed: int = 0,
-                tokenizer: str | Path = "none") -> Path:
-    """A random model of shape `s` with every weight matrix in `qtype` (norms and the router in F32)."""
+                tokenizer: str | Path = "none", tiled: bool = False) -> Path:
+    """A random model of shape `s` with every weight matrix in `qtype` (norms and the router in F32).
+
+    tiled: each matrix's rows are drawn from a pool of 256 quantized random rows (real-shape
+    models: gigabytes of valid blocks in seconds instead of hours of quantizing)."""
     import gguf
 
     qtype = GGMLType[qtype] if isinstance(qtype, str) else GGMLType(qtype)
@@ -129,6 +132,8 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
     _add_tokenizer(w, s, tokenizer)
 
     def mat(rows, k, scale=1.0):
+        if tiled:
+            return _Tiled(rows, k, scale)
         return (rng.standard_normal((rows, k)) * (scale * k ** -0.5)).astype(np.float32)
 
     def norm(n):
@@ -139,6 +144,15 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
             raise KeyError(f"{s.arch} has no {kind.name} in gguf-py's MODEL_TENSORS")
         name = gguf.TENSOR_NAMES[kind].format(bid=bid) + suffix
         qt = qtype if qt is None else qt
+        if isinstance(array, _Tiled):
+            array = array.rows(qt, rng)
+            w.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType(int(qt)))
+            return
+        if isinstance(array, list):  # experts
+            array = np.stack([a.rows(qt, rng) if isinstance(a, _Tiled) else a for a in array])
+            if array.dtype == np.uint8:
+                w.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType(int(qt)))
+                return
         if qt == GGMLType.F32 or array.ndim == 1:
             w.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
             return
@@ -151,7 +165,8 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
         w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(int(qt)))
 
     # a tied embedding is also the output matrix: keep its logits a few units wide
-    embd = rng.standard_normal((s.n_vocab, E)) * (0.2 if s.tied else 1.0)
+    embd = (_Tiled(s.n_vocab, E, 0.2 if s.tied else 1.0, per_row=False) if tiled else
+            rng.standard_normal((s.n_vocab, E)) * (0.2 if s.tied else 1.0))
     output = None if s.tied else mat(s.n_vocab, E, 3.0)
     eos = s.extras.get("eos_boost")
     if eos is not None:
@@ -160,7 +175,7 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
         token, boost = eos
         embd[:, 0] += 4.0
         output[token, 0] = boost
-    put(T.TOKEN_EMBD, ".weight", embd.astype(np.float32))
+    put(T.TOKEN_EMBD, ".weight", embd if tiled else embd.astype(np.float32))
     put(T.OUTPUT_NORM, ".weight", norm(E))
     if output is not None:
         put(T.OUTPUT, ".weight", output)
@@ -191,9 +206,9 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
         put(T.FFN_NORM, ".weight", norm(E), **b)
         if s.n_expert:
             put(T.FFN_GATE_INP, ".weight", mat(s.n_expert, E, 4.0), GGMLType.F32, **b)
-            put(T.FFN_GATE_EXP, ".weight", np.stack([mat(F, E) for _ in range(s.n_expert)]), **b)
-            put(T.FFN_UP_EXP, ".weight", np.stack([mat(F, E) for _ in range(s.n_expert)]), **b)
-            put(T.FFN_DOWN_EXP, ".weight", np.stack([mat(E, F) for _ in range(s.n_expert)]), **b)
+            put(T.FFN_GATE_EXP, ".weight", [mat(F, E) for _ in range(s.n_expert)], **b)
+            put(T.FFN_UP_EXP, ".weight", [mat(F, E) for _ in range(s.n_expert)], **b)
+            put(T.FFN_DOWN_EXP, ".weight", [mat(E, F) for _ in range(s.n_expert)], **b)
         elif s.arch == "phi3":
             put(T.FFN_UP, ".weight", mat(2 * F, E), **b)
             put(T.FFN_DOWN, ".weight", mat(E, F), **b)
@@ -206,6 +221,24 @@ def write_model(path: Path, s: Shape, qtype: GGMLType | str = GGMLType.F32, seed
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+_POOL_ROWS = 256
+_pools: dict = {}
+
+
+class _Tiled:
+    """A (rows, k) random matrix to be written as quantized rows drawn from a small pool."""
+
+    def __init__(self, rows: int, k: int, scale: float, per_row: bool = True):
+        self.shape, self.scale = (rows, k), (scale * k ** -0.5) if per_row else scale
+
+    def rows(self, qtype: GGMLType, rng) -> np.ndarray:
+        rows, k = self.shape
+        key = (qtype, k, self.scale)
+        if key not in _pools:
+            _pools[key] = quantize((rng.standard_normal((_POOL_ROWS, k)) * self.scale).astype(np.float32), qtype)
+        return _pools[key][rng.integers(0, _POOL_ROWS, rows)]
 
 
 def _add_tokenizer(w, s: Shape, tokenizer) -> None:
@@ -333,7 +366,8 @@ def main(argv=None) -> int:
         s = table[name]
         if args.layers:
             s = replace(s, n_layer=args.layers)
-        path = write_model(args.out / f"{name}-{args.type}.gguf", s, args.type, tokenizer=args.tokenizer)
+        path = write_model(args.out / f"{name}-{args.type}.gguf", s, args.type, tokenizer=args.tokenizer,
+                           tiled=args.real)
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
     return 0
 
