@@ -358,10 +358,13 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="the real release shapes (gigabytes)")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count")
     ap.add_argument("--tokenizer", default="none", help="'none' or a vocab-only GGUF to copy")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run each file in llama.cpp and ggufile: one agreement row per file")
     args = ap.parse_args(argv)
     table = REAL_SHAPES if args.real else FAMILIES
     wanted = args.arch.split(",") if args.arch else list(table)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
     for name in wanted:
         s = table[name]
         if args.layers:
@@ -369,6 +372,15 @@ def main(argv=None) -> int:
         path = write_model(args.out / f"{name}-{args.type}.gguf", s, args.type, tokenizer=args.tokenizer,
                            tiled=args.real)
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+        if args.compare:
+            ref = llama_cpp_run(path)
+            a = agreement(ours_run(path, forced=[r["greedy"] for r in ref]), ref)
+            rows.append(f"| {name} | {args.type} | {a['max_diff']:.4f} ({a['rel_diff']:.2%} of the spread) | "
+                        f"{a['top1']} | {a['greedy']} | {a['forced']} (worst near-tie {a['worst_tie_gap']:.2%}) |")
+    if rows:
+        print("| model | weights | max logit diff, llama.cpp's top 20 | top-1 | greedy prefix | "
+              "teacher-forced greedy |\n|---|---|---|---|---|---|")
+        print("\n".join(rows))
     return 0
 
 

@@ -53,6 +53,30 @@ def test_unsupported_architecture_names_the_supported_ones():
     assert "\n" not in msg and "'mamba'" in msg and all(a in msg for a in SUPPORTED_ARCHS)
 
 
+def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    import subprocess
+
+    import gguf
+
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab", "d"])
+    w.add_token_types([1, 1, 1, 1])
+    w.add_token_merges(["a b"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = subprocess.run([sys.executable, "-m", "ggufile.builder.cli", "run", "-m", str(path), "-p", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 1
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'mamba'" in lines[0] and "qwen3moe" in lines[0], got.stderr
+
+
 def test_configs_read_what_each_family_sets(files):
     cfg = {f: load_model(GGUFReader(files(f))).config for f in ("qwen3", "gemma2", "qwen3moe", "mixtral", "phi3")}
     assert cfg["qwen3"].head_dim == 128 and cfg["qwen3"].n_embd // cfg["qwen3"].n_head == 64

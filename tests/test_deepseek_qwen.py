@@ -77,3 +77,78 @@ def test_chat_template_renders_as_llama_cpp_python(engine, deepseek_vocab_path):
     want = Jinja2ChatFormatter(source, eos_token=EOS, bos_token=BOS)(messages=MESSAGES).prompt
     assert engine.chat_template.render(MESSAGES) == want
     assert "easy" not in want  # the earlier answer's reasoning is dropped
+
+
+# --------------------------------------------------------------------------- a built executable
+
+CHAT_LINE = "What is 2+2?"
+
+
+def _expected_answer(path) -> tuple[str, int]:
+    """The greedy answer to CHAT_LINE through the Python engine: its text and token count, and
+    that it ended on <｜end▁of▁sentence｜> (not on the token limit)."""
+    engine = Engine.open(path, n_ctx=1024)
+    chunks = list(engine.generate(engine.chat_ids([{"role": "user", "content": CHAT_LINE}]),
+                                  SamplingParams(temperature=0.0), max_tokens=200))
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].token_id == engine.tokenizer.token_id(EOS)
+    return "".join(c.text for c in chunks), len(chunks) - 1
+
+
+@pytest.fixture(scope="module")
+def deepseek_exe(tmp_path_factory, deepseek_qwen2_path):
+    from ggufile.builder import build
+    from ggufile.builder.stub import ensure_stub
+
+    out = tmp_path_factory.mktemp("deepseek-exe") / "deepseek"
+    build.build_executable(deepseek_qwen2_path, out, ensure_stub(), default_args=["-c", "1024"])
+    return out
+
+
+@pytest.mark.slow
+def test_executable_chat_answers_through_its_template_and_stops(deepseek_exe, deepseek_qwen2_path):
+    import subprocess
+
+    answer, n_tokens = _expected_answer(deepseek_qwen2_path)
+    got = subprocess.run([str(deepseek_exe), "--chat", "-n", "200", "--temp", "0"], input=CHAT_LINE + "\n",
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr
+    assert answer.strip() and answer.strip() in got.stdout  # the whole answer, then the prompt again
+    assert n_tokens < 200
+
+
+@pytest.mark.slow
+def test_executable_server_chat_completion_stops_at_end_of_sentence(deepseek_exe, deepseek_qwen2_path):
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    answer, n_tokens = _expected_answer(deepseek_qwen2_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(deepseek_exe), "--server", "--port", str(port), "--nobrowser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                urllib.request.urlopen(base + "/health", timeout=10).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=300)
+        reply = client.chat.completions.create(model="local", max_tokens=200, temperature=0,
+                                               messages=[{"role": "user", "content": CHAT_LINE}])
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop"
+        assert choice.message.content == answer
+        assert reply.usage.completion_tokens == n_tokens < 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
