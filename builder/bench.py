@@ -50,8 +50,18 @@ def _work_ggufile(model: str, threads: int, repeats: int) -> dict:
     from ggufile.runtime import kernels
     from ggufile.runtime.engine import Engine
 
-    # Like llama.cpp's load: weights mapped, vocabulary built, ready for a first prompt.
-    m = Engine.open(model).model
+    from ggufile.runtime.gguf.reader import GGUFReader
+    from ggufile.runtime.model.transformer import load_model
+
+    # Like llama.cpp's load: weights mapped, vocabulary built, ready for a first prompt. A file
+    # with llama.cpp's dummy vocabulary (tokenizer.ggml.model "none": synthetic models) has
+    # none to build, and runs on token ids as in llama.cpp.
+    reader = GGUFReader(model, scan_strings=kernels.string_scanner())
+    if reader.metadata.get("tokenizer.ggml.model") == "none":
+        m = load_model(reader)
+    else:
+        reader.close()
+        m = Engine.open(model).model
     load_s = time.perf_counter() - t0
     cache = m.new_cache(max(PREFILL_SIZES) + DECODE_TOKENS + 8)
     out = {"engine": "ggufile", "backend": kernels.backend, "threads": threads, "load_s": load_s}

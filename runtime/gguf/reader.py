@@ -251,6 +251,7 @@ class GGUFReader:
                 raise GGUFFormatError(f"corrupt GGUF: duplicate metadata key {key!r}")
             self.value_types[key] = cur.value_type(key)
             self.metadata[key] = self._read_value(cur, self.value_types[key], key, 0)
+        self.kv_end = cur.pos  # where the key/value section ends (builder/fetch copies it)
         self.alignment = self._alignment()
         infos = [self._read_tensor_info(cur, i) for i in range(n_tensors)]
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment

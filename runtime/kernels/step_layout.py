@@ -15,26 +15,34 @@ from __future__ import annotations
 T_OFFSET, T_TYPE, T_ROWS, T_COLS, T_ROW_BYTES = range(5)
 TENSOR_COLS = 5
 
-# layers: matrices (tensor row numbers) ...
+# layers: matrices (tensor row numbers; -1 if absent: L_WK/L_WV when L_WQ is a fused q|k|v
+# matrix, L_GATE when L_UP is a fused gate|up matrix, the dense FFN's with experts) ...
 L_WQ, L_WK, L_WV, L_WO, L_GATE, L_UP, L_DOWN = range(7)
-# ... and norm weights (offsets into the float32 vector array, -1 if absent)
-L_ATTN_NORM, L_FFN_NORM, L_Q_NORM, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM = range(7, 13)
-L_SWA = 13  # 1: sliding-window layer (its own rope tables and window)
-LAYER_COLS = 14
+# ... and norm weights and biases (offsets into the float32 vector array, -1 if absent)
+L_ATTN_NORM, L_FFN_NORM, L_Q_NORM, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_QKV_BIAS = range(7, 14)
+L_SWA = 14  # 1: sliding-window layer (its own rope tables and window)
+# experts: the router's tensor row, and the first of n_expert gate, then up, then down rows
+L_ROUTER, L_EXPERTS = 15, 16
+LAYER_COLS = 17
 
 # cfg
 (C_N_EMBD, C_N_HEAD, C_N_KV, C_HEAD_DIM, C_N_FF, C_N_VOCAB, C_N_ROT, C_NEOX, C_GELU, C_WINDOW,
- C_N_LAYER, C_TOKEN, C_POS, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K) = range(18)
-CFG_LEN = 18
+ C_N_LAYER, C_TOKEN, C_POS, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_N_EXPERT,
+ C_N_EXPERT_USED) = range(20)
+CFG_LEN = 20
 
 # cfg_f
-F_EPS, F_EMBD_SCALE = range(2)
-CFG_F_LEN = 2
+F_EPS, F_EMBD_SCALE, F_ATTN_SOFTCAP = range(3)  # soft-cap 0: none
+CFG_F_LEN = 3
 
 # rope: float32 (ROPE_ROWS, n_rot), this position's cos and signed sin, laid out per dimension
 R_COS_Q, R_SIN_Q, R_COS_K, R_SIN_K = range(4)  # global layers; + ROPE_SWA for sliding-window layers
 ROPE_SWA = 4
 ROPE_ROWS = 8
+
+# work: float32 scratch rows (see src/step.decode_token)
+W_X, W_H, W_QKV, W_ATT, W_FFN, W_MOE = range(6)
+WORK_ROWS = 6
 
 # sync: barrier arrivals, barrier generation, abort (set when a thread could not start)
 S_COUNT, S_GENERATION, S_ABORT = range(3)

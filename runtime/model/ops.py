@@ -125,8 +125,9 @@ def causal_mask(n_tok: int, n_past: int, window: int = 0) -> np.ndarray:
     return np.where(hidden, np.float32(-np.inf), np.float32(0.0))
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Grouped-query softmax attention; q is already scaled.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+              softcap_at: float = 0.0) -> np.ndarray:
+    """Grouped-query softmax attention; q is already scaled; scores soft-capped where softcap_at > 0.
 
     q (n_tok, n_head, hd); k, v (n_head_kv, n_keys, hd); mask (n_tok, n_keys) additive or None.
     Query head h reads kv head h // (n_head / n_head_kv), as ggml's broadcasting mul_mat does.
@@ -145,6 +146,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     else:
         qg = q.reshape(n_tok, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n_tok, hd)
     s = np.matmul(qg, k.transpose(0, 2, 1))  # (n_kv, g * n_tok, n_keys)
+    s = softcap(s, softcap_at)
     if mask is not None:
         s4 = s.reshape(n_kv, g, n_tok, n_keys)
         s4 += mask
@@ -165,7 +167,8 @@ def _compiled():
     return kernels.compiled_backend()
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, window: int = 0) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, window: int = 0,
+                     softcap_at: float = 0.0) -> np.ndarray:
     """attention() of queries at positions q0.. over the keys at positions 0.., each query seeing
     the keys at or before its position (and, with a window, after position - window).
 
@@ -173,11 +176,20 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q0: int, windo
     (n_head_kv, q0 + n_tok, hd), fp16-rounded values. Returns (n_tok, n_head * hd).
     """
     b = _compiled()
-    if b is not None and k.dtype == np.float32 and v.dtype == np.float32:
+    if b is not None and k.dtype == np.float32 and v.dtype == np.float32 and not softcap_at:
         return b.attention(q, k, v, q0, window)
     n = q.shape[0]
     mask = causal_mask(n, q0, window) if n > 1 or (window and q0 + n > window) else None
-    return attention(q, k, v, mask)
+    return attention(q, k, v, mask, softcap_at)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap) as ggml computes it (scale by 1/cap, tanh, scale by cap); x if cap is 0."""
+    if not cap:
+        return x
+    y = np.tanh(x * np.float32(1.0 / cap))
+    y *= np.float32(cap)
+    return y
 
 
 def round_f16(x: np.ndarray) -> np.ndarray:

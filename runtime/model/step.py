@@ -74,9 +74,11 @@ class CompiledStep:
         c = model.config
         self._blob, self._tensors, self._layers, self._vecs = blob, tensors, layers, vecs
         self._cfg, self._cfg_f = cfg, cfg_f
-        width = max(c.n_embd, 2 * c.n_ff, (c.n_head + 2 * c.n_head_kv) * c.head_dim)
-        self._work = np.zeros((5, width), dtype=np.float32)
-        self._acts = np.zeros((6, max(c.n_embd, c.n_ff, c.n_head * c.head_dim)), dtype=np.float32)
+        k = max(1, c.n_expert_used)  # the experts of one token side by side
+        width = max(c.n_embd * (k + 1), 2 * c.n_ff * k, (c.n_head + 2 * c.n_head_kv) * c.head_dim,
+                    c.n_expert + 2 * k)
+        self._work = np.zeros((S.WORK_ROWS, width), dtype=np.float32)
+        self._acts = np.zeros((6, max(c.n_embd, c.n_ff * k, c.n_head * c.head_dim)), dtype=np.float32)
         self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by step()
         self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
         self._gelu = ops.gelu_f16_table()
@@ -104,8 +106,9 @@ class CompiledStep:
             c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab, c.n_rot)
         cfg[S.C_NEOX], cfg[S.C_GELU], cfg[S.C_WINDOW] = int(c.rope_neox), int(c.gelu), c.sliding_window
         cfg[S.C_N_LAYER], cfg[S.C_QK], cfg[S.C_QK_K] = c.n_layer, QK, QK_K
+        cfg[S.C_N_EXPERT], cfg[S.C_N_EXPERT_USED] = c.n_expert, c.n_expert_used
         cfg_f = np.zeros(S.CFG_F_LEN, dtype=np.float32)
-        cfg_f[S.F_EPS], cfg_f[S.F_EMBD_SCALE] = c.rms_eps, c.embd_scale
+        cfg_f[S.F_EPS], cfg_f[S.F_EMBD_SCALE], cfg_f[S.F_ATTN_SOFTCAP] = c.rms_eps, c.embd_scale, c.attn_softcap
         tensors = np.array(packer.tensors, dtype=np.int64).reshape(-1, S.TENSOR_COLS)
         vecs = np.concatenate(packer.vectors).astype(np.float32)
         _assert_shapes(c, tensors, layers, cfg, packer.vectors)
@@ -127,24 +130,25 @@ class CompiledStep:
     def _step(self, token: int, cache) -> np.ndarray:
         pos = cache.n_tokens
         self._cfg[S.C_TOKEN], self._cfg[S.C_POS] = token, pos
-        self._fill_rope(pos)
         n_threads = self.backend.pool.n_threads
         if self._scores.shape[0] != n_threads or self._scores.shape[1] < cache.n_ctx:
             # one row of attention scores per thread (the step trusts this shape: no bounds checks)
             self._scores = np.zeros((n_threads, cache.n_ctx), dtype=np.float32)
         logits = np.empty((1, self.model.config.n_vocab), dtype=np.float32)
+        self._fill_rope(pos, cache)
         self.backend.run_step(self._sync, (
             self._blob, self._tensors, self._layers, self._vecs, self._cfg, self._cfg_f, self._rope,
             self._gelu, F16_TABLE, cache.k, cache.v, self._work, self._scores, self._acts,
             logits))
         cache.n_tokens = pos + 1
-        return logits[0]
+        return ops.softcap(logits[0], self.model.config.final_softcap)
 
-    def _fill_rope(self, pos: int) -> None:
+    def _fill_rope(self, pos: int, cache) -> None:
         """This position's cos/sin rows, exactly as the Python pass builds them (ops.rope_tables)."""
         m, c = self.model, self.model.config
         at = np.array([pos])
-        freqs = ((0, m.rope_freqs), (S.ROPE_SWA, m.rope_freqs_swa)) if c.sliding_window else ((0, m.rope_freqs),)
+        rope = m.rope_for(cache)
+        freqs = ((0, rope), (S.ROPE_SWA, m.rope_freqs_swa)) if c.sliding_window else ((0, rope),)
         for base, f in freqs:
             rows = (ops.rope_tables(at, f, c.rope_neox, c.attn_scale) + ops.rope_tables(at, f, c.rope_neox))
             for i, table in enumerate(rows):  # cos q, sin q, cos k, sin k
@@ -152,16 +156,45 @@ class CompiledStep:
 
 
 def _layer_row(packer: _Packer, L, swa: bool) -> list[int]:
-    row = [0] * S.LAYER_COLS
-    for col, qw in ((S.L_WQ, L.wq), (S.L_WK, L.wk), (S.L_WV, L.wv), (S.L_WO, L.wo),
-                    (S.L_GATE, L.w_gate), (S.L_UP, L.w_up), (S.L_DOWN, L.w_down)):
-        row[col] = packer.matrix(qw)
+    row = [-1] * S.LAYER_COLS
+    matrices = [(S.L_WO, L.wo), (S.L_GATE, L.w_gate), (S.L_UP, L.w_up), (S.L_DOWN, L.w_down)]
+    if L.wqkv is not None:  # the fused matrix writes q, k, v side by side, as three would
+        matrices.append((S.L_WQ, L.wqkv))
+    else:
+        matrices += [(S.L_WQ, L.wq), (S.L_WK, L.wk), (S.L_WV, L.wv)]
+    for col, qw in matrices:
+        if qw is not None:
+            row[col] = packer.matrix(qw)
     for col, v in ((S.L_ATTN_NORM, L.attn_norm), (S.L_FFN_NORM, L.ffn_norm), (S.L_Q_NORM, L.q_norm),
                    (S.L_K_NORM, L.k_norm), (S.L_POST_ATTN_NORM, L.post_attn_norm),
-                   (S.L_POST_FFN_NORM, L.post_ffn_norm)):
+                   (S.L_POST_FFN_NORM, L.post_ffn_norm), (S.L_QKV_BIAS, L.bqkv)):
         row[col] = packer.vector(v)
     row[S.L_SWA] = int(swa)
+    ex = L.experts
+    if ex is not None:
+        row[S.L_ROUTER] = packer.matrix(ex.gate_inp)
+        ids = [packer.matrix(qw) for qw in ex.gate + ex.up + ex.down]
+        if ids != list(range(ids[0], ids[0] + len(ids))):  # the step finds expert e at first + e
+            raise _CannotPack
+        row[S.L_EXPERTS] = ids[0]
     return row
+
+
+def _layer_matrices(c, row) -> dict[int, tuple[int, int]]:
+    """Column -> (rows, k) of the dense matrices a layer row holds: q/k/v apart or fused, gate and
+    up apart or fused (phi3), none of the FFN's where experts replace it."""
+    E, F, D = c.n_embd, c.n_ff, c.head_dim
+    QD, KVD = c.n_head * D, c.n_head_kv * D
+    fused_qkv = row[S.L_WK] < 0
+    shapes = {S.L_WO: (E, QD), S.L_WQ: (QD + 2 * KVD, E) if fused_qkv else (QD, E)}
+    if not fused_qkv:
+        shapes.update({S.L_WK: (KVD, E), S.L_WV: (KVD, E)})
+    if row[S.L_EXPERTS] < 0:
+        fused_up = row[S.L_GATE] < 0
+        shapes.update({S.L_UP: (2 * F, E) if fused_up else (F, E), S.L_DOWN: (E, F)})
+        if not fused_up:
+            shapes[S.L_GATE] = (F, E)
+    return shapes
 
 
 def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
@@ -169,10 +202,8 @@ def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
     the (rows, k) the config promises, every norm vector its length, rope covers <= one head."""
     E, F, D = c.n_embd, c.n_ff, c.head_dim
     QD, KVD = c.n_head * D, c.n_head_kv * D
-    expected = {S.L_WQ: (QD, E), S.L_WK: (KVD, E), S.L_WV: (KVD, E), S.L_WO: (E, QD),
-                S.L_GATE: (F, E), S.L_UP: (F, E), S.L_DOWN: (E, F)}
     vec_len = {S.L_ATTN_NORM: E, S.L_FFN_NORM: E, S.L_Q_NORM: D, S.L_K_NORM: D,
-               S.L_POST_ATTN_NORM: E, S.L_POST_FFN_NORM: E}
+               S.L_POST_ATTN_NORM: E, S.L_POST_FFN_NORM: E, S.L_QKV_BIAS: QD + 2 * KVD}
     starts = np.cumsum([0] + [v.size for v in vectors])
     sizes = dict(zip(starts[:-1].tolist(), (v.size for v in vectors)))
 
@@ -186,8 +217,14 @@ def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
             raise GGUFFormatError(f"compiled step: {what} has {sizes.get(int(at))} values, expected {n}")
 
     for il, row in enumerate(layers):
-        for col, shape in expected.items():
+        for col, shape in _layer_matrices(c, row).items():
             matrix(row[col], shape, f"layer {il} matrix {col}")
+        if row[S.L_EXPERTS] >= 0:
+            first, n = row[S.L_EXPERTS], c.n_expert
+            matrix(row[S.L_ROUTER], (n, E), f"layer {il} router")
+            for e in range(n):
+                for at, shape in ((first + e, (F, E)), (first + n + e, (F, E)), (first + 2 * n + e, (E, F))):
+                    matrix(at, shape, f"layer {il} expert {e}")
         for col, n in vec_len.items():
             vector(row[col], n, f"layer {il} norm {col}")
     matrix(cfg[S.C_EMBD], (c.n_vocab, E), "token embeddings")

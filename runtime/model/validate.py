@@ -4,7 +4,8 @@
 1. every hyperparameter key the model reads is checked for type and range (HPARAMS),
 2. the config built from them is checked for consistency (heads, key/value lengths, rope
    dimensions against the head, vocab size against the token list),
-3. every tensor the forward pass uses is checked against the config (TENSORS: shape and type).
+3. the model-level tensors are checked against the config here (MODEL_TENSORS), each layer's as the
+   loader maps it (its family's row in archs.py says which it has; shape and type checked there).
 Failures are one line naming the key or tensor. The compiled step indexes memory by these
 numbers with no bounds checks, so nothing here may be skipped or made lenient.
 
@@ -23,6 +24,7 @@ import numpy as np
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
 from ggufile.runtime.gguf.constants import Keys
 from ggufile.runtime.kernels.types import FLOAT_TYPES, WEIGHT_TYPES
+from ggufile.runtime.model.archs import ARCHS
 
 INT, FLOAT, STR, BOOL = "int", "float", "str", "bool"
 
@@ -31,6 +33,7 @@ MAX_DIM = 1 << 20
 MAX_HEADS = 1 << 12
 MAX_LAYERS = 1 << 12
 MAX_CTX = 1 << 24
+MAX_EXPERTS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,14 @@ HPARAMS = (
     HParam(Keys.ROPE_SCALING_ORIG_CTX, INT, 0, MAX_CTX),
     HParam(Keys.SLIDING_WINDOW, INT, 0, MAX_CTX),
     HParam(Keys.VOCAB_SIZE, INT, 1, 1 << 24),
+    HParam(Keys.SLIDING_WINDOW_PATTERN, INT, 0, MAX_LAYERS),
+    HParam(Keys.ROPE_FREQ_BASE_SWA, FLOAT, 1e-6, 1e15),
+    HParam(Keys.ROPE_SCALING_ATTN_FACTOR, FLOAT, 0.0, 1e6),
+    HParam(Keys.ATTN_SOFTCAP, FLOAT, 0.0, 1e6),
+    HParam(Keys.FINAL_SOFTCAP, FLOAT, 0.0, 1e6),
+    HParam(Keys.EXPERT_COUNT, INT, 0, MAX_EXPERTS),
+    HParam(Keys.EXPERT_USED_COUNT, INT, 0, MAX_EXPERTS),
+    HParam(Keys.EXPERT_FEED_FORWARD_LENGTH, INT, 1, MAX_DIM),
 )
 
 # Tokenizer arrays: key -> element kind the tokenizer needs.
@@ -81,25 +92,8 @@ TOKENIZER_SCALARS = {
 # Tensors the forward pass reads: (name, kind, shape in GGML order as a function of the config).
 # MAT: a weight matrix of a supported type; VEC: a float vector (norm weights).
 MAT, VEC = "matrix", "vector"
-LAYER_TENSORS = {
-    "llama": (
-        ("attn_norm.weight", VEC, lambda c: (c.n_embd,)),
-        ("attn_q.weight", MAT, lambda c: (c.n_embd, c.n_head * c.head_dim)),
-        ("attn_k.weight", MAT, lambda c: (c.n_embd, c.n_head_kv * c.head_dim)),
-        ("attn_v.weight", MAT, lambda c: (c.n_embd, c.n_head_kv * c.head_dim)),
-        ("attn_output.weight", MAT, lambda c: (c.n_head * c.head_dim, c.n_embd)),
-        ("ffn_norm.weight", VEC, lambda c: (c.n_embd,)),
-        ("ffn_gate.weight", MAT, lambda c: (c.n_embd, c.n_ff)),
-        ("ffn_up.weight", MAT, lambda c: (c.n_embd, c.n_ff)),
-        ("ffn_down.weight", MAT, lambda c: (c.n_ff, c.n_embd)),
-    ),
-}
-LAYER_TENSORS["gemma3"] = LAYER_TENSORS["llama"] + (
-    ("attn_q_norm.weight", VEC, lambda c: (c.head_dim,)),
-    ("attn_k_norm.weight", VEC, lambda c: (c.head_dim,)),
-    ("post_attention_norm.weight", VEC, lambda c: (c.n_embd,)),
-    ("post_ffw_norm.weight", VEC, lambda c: (c.n_embd,)),
-)
+# Each layer's tensors are checked as the loader maps them (transformer._load_weights: which ones a
+# family has comes from its row in model/archs.py; each gets its shape and type checked there).
 # (name, kind, shape, required)
 MODEL_TENSORS = (
     ("token_embd.weight", MAT, lambda c: (c.n_embd, c.n_vocab), True),
@@ -114,7 +108,7 @@ def checked_config(metadata: Mapping, tensors: Mapping):
     from ggufile.runtime.model.transformer import ModelConfig
 
     arch = metadata.get(Keys.ARCHITECTURE)
-    if isinstance(arch, str) and arch in LAYER_TENSORS:
+    if isinstance(arch, str) and arch in ARCHS:
         check_hparams(metadata, arch)
         check_tokenizer_metadata(metadata)  # the vocabulary size comes from the token list
     cfg = ModelConfig.from_gguf(metadata)  # refuses unknown architectures and missing keys
@@ -194,9 +188,6 @@ def _token_count(metadata: Mapping) -> int | None:
 # -- 3. tensors ------------------------------------------------------------------------------
 
 def check_tensors(cfg, tensors: Mapping) -> None:
-    for il in range(cfg.n_layer):
-        for name, kind, shape in LAYER_TENSORS[cfg.arch]:
-            check_tensor(tensors, f"blk.{il}.{name}", kind, shape(cfg), required=True)
     for name, kind, shape, required in MODEL_TENSORS:
         check_tensor(tensors, name, kind, shape(cfg), required)
 

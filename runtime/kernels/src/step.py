@@ -21,11 +21,12 @@ from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.src import exports
 from ggufile.runtime.kernels.src.exports import _round_f16, gelu_f16
 from ggufile.runtime.kernels.step_layout import (
-    C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB,
-    C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN, C_WINDOW, F_EMBD_SCALE, F_EPS,
-    L_ATTN_NORM, L_DOWN, L_FFN_NORM, L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM,
-    L_SWA, L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_SWA, T_COLS,
-    T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE)
+    C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED, C_N_FF, C_N_HEAD, C_N_KV,
+    C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN,
+    C_WINDOW, F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS, L_FFN_NORM,
+    L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER, L_SWA,
+    L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_SWA, T_COLS, T_OFFSET,
+    T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H, W_MOE, W_QKV, W_X)
 from ggufile.runtime.kernels.src.sync import barrier
 
 _F32, _F16, _BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
@@ -196,6 +197,12 @@ def _quantize(x, k, acts, qk, qk_k):
         _quantize_q8_k(row, _head(acts[3], k), _head(acts[4], k // qk_k), _head(acts[5], k // 16), qk_k)
 
 
+@njit(inline="always")
+def _acts_at(a, o, qk, qk_k):
+    """The activation buffers `a` (see _quantize) from element o on: one expert's own blocks."""
+    return (a[0][o:], a[1][o // qk:], a[2][o // qk:], a[3][o:], a[4][o // qk_k:], a[5][o // 16:])
+
+
 @njit
 def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
     """Per head: q/k RMSNorm (gemma3), RoPE (attention scale folded into q's table), float16
@@ -225,9 +232,10 @@ def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
 
 
 @njit
-def _attend(il, cfg, window, q, k_cache, v_cache, scores, h0, h1, out):
+def _attend(il, cfg, window, softcap, q, k_cache, v_cache, scores, h0, h1, out):
     """Heads h0..h1-1 of softmax(q.K) V over the visible keys (ops.attention with one query):
-    probabilities rounded to float16 before they weight V, as llama.cpp's float16 V cache has them."""
+    scores soft-capped where softcap > 0 (ops.softcap); probabilities rounded to float16 before
+    they weight V, as llama.cpp's float16 V cache has them."""
     H, KV, D, pos = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_POS]
     first = max(0, pos - window + 1) if window > 0 else 0
     group = H // KV
@@ -240,6 +248,8 @@ def _attend(il, cfg, window, q, k_cache, v_cache, scores, h0, h1, out):
             key = k_cache[il, kv, j]
             for i in range(D):
                 s += qh[i] * key[i]
+            if softcap > 0:
+                s = np.float32(np.tanh(s * np.float32(1.0 / softcap))) * softcap
             scores[j] = s
             best = max(best, s)
         total = 0.0
@@ -277,14 +287,14 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
     arguments but tid. Writes logits (1, n_vocab) and this position's K/V; returns 0, or 1 if
     the round was aborted (a thread never came).
 
-    work: float32 scratch (5, max(n_embd, 2 n_ff, (n_head + 2 n_head_kv) head_dim)), the rows
-    being x | h | q,k,v | attention | out,gate,up. scores: (n_threads, n_ctx).
-    acts: (6, max k) the 8-bit activation blocks, flat (see _quantize).
+    work: float32 scratch (WORK_ROWS, width), the rows x | h | q,k,v | attention (and the
+    experts' outputs) | out,gate,up (per expert) | router logits, weights, choices.
+    scores: (n_threads, n_ctx). acts: (6, max k) the 8-bit activation blocks, flat (see _quantize).
     """
     E, H, KV, D, F = cfg[C_N_EMBD], cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_FF]
     qk, qk_k = cfg[C_QK], cfg[C_QK_K]
-    eps, gelu = cfg_f[F_EPS], cfg[C_GELU] != 0
-    x, h, qkv, att, ffn = work[0], work[1], work[2], work[3], work[4]
+    eps, gelu, softcap = cfg_f[F_EPS], cfg[C_GELU] != 0, cfg_f[F_ATTN_SOFTCAP]
+    x, h, qkv, att, ffn = work[W_X], work[W_H], work[W_QKV], work[W_ATT], work[W_FFN]
     q, k, v = qkv[:H * D], qkv[H * D:(H + KV) * D], qkv[(H + KV) * D:(H + 2 * KV) * D]
     o, g, u = ffn[:E], ffn[:F], ffn[F:2 * F]  # o is done with before gate/up start
     a = (acts[0], acts[1], acts[2], acts[3], acts[4], acts[5])
@@ -304,18 +314,28 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
             _quantize(h, E, a, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        for slot, part in ((L_WQ, q), (L_WK, k), (L_WV, v)):
-            t = lay[slot]
+        if lay[L_WK] < 0:  # one fused q|k|v matrix
+            t = lay[L_WQ]
             r0, r1 = _share(tensors[t, T_ROWS], tid, n_threads)
-            _matvec(blob, tensors, t, h2, a, _head(part, part.shape[0]), r0, r1, tab, qk, qk_k)
+            _matvec(blob, tensors, t, h2, a, _head(qkv, (H + 2 * KV) * D), r0, r1, tab, qk, qk_k)
+        else:
+            for slot, part in ((L_WQ, q), (L_WK, k), (L_WV, v)):
+                t = lay[slot]
+                r0, r1 = _share(tensors[t, T_ROWS], tid, n_threads)
+                _matvec(blob, tensors, t, h2, a, _head(part, part.shape[0]), r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         if tid == 0:
+            bias = lay[L_QKV_BIAS]
+            if bias >= 0:
+                for i in range((H + 2 * KV) * D):
+                    qkv[i] += vecs[bias + i]
             _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache)
         if not barrier(sync, n_threads):
             return 1
         h0, h1 = _heads(H, tid, n_threads)
-        _attend(il, cfg, cfg[C_WINDOW] if lay[L_SWA] else 0, q, k_cache, v_cache, scores[tid], h0, h1, att)
+        _attend(il, cfg, cfg[C_WINDOW] if lay[L_SWA] else 0, softcap, q, k_cache, v_cache, scores[tid],
+                h0, h1, att)
         if not barrier(sync, n_threads):
             return 1
         if tid == 0:
@@ -334,18 +354,31 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
             _quantize(h, E, a, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        r0, r1 = _share(F, tid, n_threads)
-        _matvec(blob, tensors, lay[L_GATE], h2, a, g2, r0, r1, tab, qk, qk_k)
-        _matvec(blob, tensors, lay[L_UP], h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
-        _glu(g, u, r0, r1, gelu, gelu_table)
-        if not barrier(sync, n_threads):
-            return 1
-        if tid == 0:
-            _quantize(g, F, a, qk, qk_k)
-        if not barrier(sync, n_threads):
-            return 1
-        r0, r1 = _share(E, tid, n_threads)
-        _matvec(blob, tensors, lay[L_DOWN], g2, a, _head(att, E), r0, r1, tab, qk, qk_k)
+        if lay[L_EXPERTS] >= 0:
+            if not _experts(tid, n_threads, sync, blob, tensors, lay, cfg, h2, a, work, gelu, gelu_table,
+                            tab, qk, qk_k):
+                return 1
+        elif lay[L_GATE] < 0:  # one fused gate|up matrix: a thread's gate rows are not its up rows
+            r0, r1 = _share(2 * F, tid, n_threads)
+            _matvec(blob, tensors, lay[L_UP], h2, a, _head(ffn, 2 * F), r0, r1, tab, qk, qk_k)
+            if not barrier(sync, n_threads):
+                return 1
+            r0, r1 = _share(F, tid, n_threads)
+            _glu(g, u, r0, r1, gelu, gelu_table)
+        else:
+            r0, r1 = _share(F, tid, n_threads)
+            _matvec(blob, tensors, lay[L_GATE], h2, a, g2, r0, r1, tab, qk, qk_k)
+            _matvec(blob, tensors, lay[L_UP], h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
+            _glu(g, u, r0, r1, gelu, gelu_table)
+        if lay[L_EXPERTS] < 0:
+            if not barrier(sync, n_threads):
+                return 1
+            if tid == 0:
+                _quantize(g, F, a, qk, qk_k)
+            if not barrier(sync, n_threads):
+                return 1
+            r0, r1 = _share(E, tid, n_threads)
+            _matvec(blob, tensors, lay[L_DOWN], g2, a, _head(att, E), r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         if tid == 0:
@@ -360,6 +393,86 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
     r0, r1 = _share(cfg[C_N_VOCAB], tid, n_threads)
     _matvec(blob, tensors, cfg[C_OUTPUT], h2, a, logits, r0, r1, tab, qk, qk_k)
     return 0
+
+
+@njit
+def _route(logits, n_expert, n_used, wts, chosen):
+    """The token's experts, best first, and their weights (transformer.route): softmax over all
+    n_expert, the top n_used, renormalised."""
+    best = -np.inf
+    for e in range(n_expert):
+        best = max(best, logits[e])
+    total = 0.0
+    for e in range(n_expert):
+        logits[e] = np.exp(logits[e] - best)
+        total += np.float64(logits[e])
+    inv = np.float32(1.0 / total)
+    for e in range(n_expert):
+        logits[e] = logits[e] * inv
+    picked = 0.0
+    for j in range(n_used):
+        top = -1
+        for e in range(n_expert):
+            if logits[e] >= 0 and (top < 0 or logits[e] > logits[top]):
+                top = e
+        chosen[j] = top
+        wts[j] = logits[top]
+        picked += np.float64(logits[top])
+        logits[top] = -1.0  # taken
+    norm = np.float32(max(np.float32(picked), np.float32(6.103515625e-5)))
+    for j in range(n_used):
+        wts[j] = wts[j] / norm
+
+
+@njit
+def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, h2, a, work, gelu, gelu_table, tab, qk, qk_k):
+    """The mixture-of-experts FFN of one token (transformer._moe), reading only the chosen
+    experts' rows: route (thread 0), every chosen expert's gate/up rows split over the threads,
+    their activations quantized one expert per thread, the down rows split, the weighted sum
+    left in work[W_ATT][:E] for the residual. False if a barrier was aborted."""
+    E, F = cfg[C_N_EMBD], cfg[C_N_FF]
+    n_expert, k = cfg[C_N_EXPERT], cfg[C_N_EXPERT_USED]
+    first = lay[L_EXPERTS]
+    moe, ffn, att = work[W_MOE], work[W_FFN], work[W_ATT]
+    router, wts, chosen = moe[:n_expert], moe[n_expert:n_expert + k], moe[n_expert + k:n_expert + 2 * k]
+    r0, r1 = _share(n_expert, tid, n_threads)
+    _matvec(blob, tensors, lay[L_ROUTER], h2, a, _head(router, n_expert), r0, r1, tab, qk, qk_k)
+    if not barrier(sync, n_threads):
+        return False
+    if tid == 0:
+        _route(router, n_expert, k, wts, chosen)
+    if not barrier(sync, n_threads):
+        return False
+    r0, r1 = _share(F, tid, n_threads)
+    for j in range(k):
+        e = np.int64(chosen[j])
+        g, u = ffn[2 * j * F:(2 * j + 1) * F], ffn[(2 * j + 1) * F:(2 * j + 2) * F]
+        _matvec(blob, tensors, first + e, h2, a, _head(g, F), r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, first + n_expert + e, h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
+        _glu(g, u, r0, r1, gelu, gelu_table)
+    if not barrier(sync, n_threads):
+        return False
+    for j in range(tid, k, n_threads):
+        _quantize(ffn[2 * j * F:(2 * j + 1) * F], F, _acts_at(a, j * F, qk, qk_k), qk, qk_k)
+    if not barrier(sync, n_threads):
+        return False
+    r0, r1 = _share(E, tid, n_threads)
+    for j in range(k):
+        e = np.int64(chosen[j])
+        g2 = _head(ffn[2 * j * F:(2 * j + 1) * F], F)
+        out = _head(att[(j + 1) * E:(j + 2) * E], E)
+        _matvec(blob, tensors, first + 2 * n_expert + e, g2, _acts_at(a, j * F, qk, qk_k), out, r0, r1,
+                tab, qk, qk_k)
+    if not barrier(sync, n_threads):
+        return False
+    if tid == 0:
+        for i in range(E):
+            att[i] = att[E + i] * wts[0]
+        for j in range(1, k):
+            w = wts[j]
+            for i in range(E):
+                att[i] += att[(j + 1) * E + i] * w
+    return True
 
 
 @njit(inline="always")
