@@ -121,10 +121,11 @@ class ChatTemplate:
 
 
 def _content_text(message: dict) -> str:
-    """Contents as text; OpenAI-style lists of parts are joined (text parts only)."""
+    """Contents as text; OpenAI-style lists of parts are joined with newlines, as llama.cpp
+    joins them (text parts only)."""
     content = message.get("content") or ""
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
     if not isinstance(content, str):
         raise GGUFileError("message content must be a string")
     return content

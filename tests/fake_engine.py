@@ -4,6 +4,8 @@ runs an app under uvicorn on a free localhost port in a background thread.
 FakeEngine tokenizes to UTF-8 bytes (id = byte + 3; 0 = BOS, 1 = EOS, 2 = unused) and answers
 every prompt with `reply`, one character per token, then EOS. It records what it was asked and
 whether generations ever overlapped, so tests can check the server's side of the contract.
+Hooks (logit bias, logprobs, grammars) see logits that make the reply's next character 10 nats
+likelier than any other token; a hook that changes them changes the answer.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+
+import numpy as np
 
 from ggufile.runtime.engine import Chunk, StopStrings
 from ggufile.runtime.errors import GGUFileError
@@ -25,6 +29,9 @@ class FakeEngine:
         self.model_name = model_name
         self.n_ctx = n_ctx
         self.n_vocab = 256 + OFFSET
+        self.eog_ids = frozenset({EOS})
+        self.cached_prompt_tokens = 0
+        self._last_prompt: list[int] = []
         self.reply = reply
         self.token_delay = token_delay
         self.lock = threading.Lock()
@@ -52,20 +59,41 @@ class FakeEngine:
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                 max_tokens: int | None = None, stop=()) -> Iterator[Chunk]:
+                 max_tokens: int | None = None, stop=(), hooks=()) -> Iterator[Chunk]:
         if not prompt_ids:
             raise GGUFileError("the prompt is empty")
         room = self.n_ctx - len(prompt_ids)
         if room <= 0:
             raise GGUFileError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.n_ctx}")
         self.calls.append({"prompt_ids": list(prompt_ids), "params": params, "max_tokens": max_tokens,
-                           "stop": list(stop)})
+                           "stop": list(stop), "hooks": list(hooks)})
+        common = 0
+        while common < min(len(prompt_ids), len(self._last_prompt)) - 0 and \
+                prompt_ids[common] == self._last_prompt[common]:
+            common += 1
+        self.cached_prompt_tokens = min(common, len(prompt_ids) - 1)
+        self._last_prompt = list(prompt_ids)
         if self.fail_with:
             raise self.fail_with
         limit = room if max_tokens is None or max_tokens < 0 else min(max_tokens, room)
-        return self._run(limit, list(stop))
+        return self._run(limit, list(stop), list(hooks))
 
-    def _run(self, limit: int, stop: list[str]) -> Iterator[Chunk]:
+    def _draw(self, i: int, hooks) -> int:
+        """The reply's i-th character (or EOS), unless a hook says otherwise."""
+        want = self.reply[i].encode("utf-8")[0] + OFFSET if i < len(self.reply) else EOS
+        if not hooks:
+            return want
+        raw = np.zeros(self.n_vocab, dtype=np.float32)
+        raw[want] = 10.0
+        logits = raw
+        for hook in hooks:
+            logits = hook.adjust(logits)
+        token = int(np.argmax(logits))
+        for hook in hooks:
+            hook.accept(token, raw)
+        return token
+
+    def _run(self, limit: int, stop: list[str], hooks=()) -> Iterator[Chunk]:
         """Engine._decode_loop's structure, with `reply` standing in for the model."""
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -78,12 +106,12 @@ class FakeEngine:
                 if self.token_delay:
                     time.sleep(self.token_delay)
                 self.tokens_generated += 1
-                if i >= len(self.reply):
+                token = self._draw(i, hooks)
+                if token == EOS:
                     finished = True
                     yield Chunk(EOS, stopper.flush(), "stop")
                     return
-                ch = self.reply[i]
-                token = ch.encode("utf-8")[0] + OFFSET
+                ch = self.detokenize([token])
                 text, hit = stopper.feed(ch)
                 if hit or i == limit - 1:
                     finished = True

@@ -1,0 +1,191 @@
+"""OpenAI's /v1/chat/completions and /v1/completions: from a parsed request to the answer,
+whole or streamed, with n choices, logprobs, logit_bias and constrained output.
+
+The HTTP plumbing (body limits, the queue, disconnects, error shapes) is app.py's; this module
+turns a GenerationRequest into a generation Plan and the Plan's steps into OpenAI's objects.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ggufile.runtime.server import app as core
+from ggufile.runtime.server.format import (DONE_EVENT, Choice, Completion, chat_logprobs, completion_logprobs,
+                                           sse, timings)
+from ggufile.runtime.server.generation import Plan, end_tokens, token_bytes
+from ggufile.runtime.server.logits import LogitBias, ban
+from ggufile.runtime.server.queue import Job, QueueFull
+from ggufile.runtime.server.schema import ApiError, GenerationRequest, parse_chat_request, parse_completion_request
+
+
+async def chat_completions(request: Request) -> Response:
+    s = core._state(request)
+    return await respond(request, parse_chat_request(await core.read_json(request), s.defaults), chat=True)
+
+
+async def completions(request: Request) -> Response:
+    s = core._state(request)
+    return await respond(request, parse_completion_request(await core.read_json(request), s.defaults), chat=False)
+
+
+# -- request -> plan -------------------------------------------------------------------------------
+
+def resolve_logit_bias(engine, pairs) -> dict[int, float]:
+    """Token ids for the bias entries; a text entry biases every token of its tokenization
+    (llama.cpp's rule for [["text", bias]])."""
+    bias: dict[int, float] = {}
+    for token, value in pairs:
+        ids = [token] if isinstance(token, int) else engine.tokenize(token, add_special=False)
+        core._check_token_ids(engine, ids, "logit_bias")
+        for i in ids:
+            bias[i] = value
+    return bias
+
+
+def hook_factory(engine, req: GenerationRequest, extra_hooks=None):
+    """A function making each choice's hooks, or None when the request needs none."""
+    fixed = []
+    if req.logit_bias:
+        fixed.append(LogitBias(resolve_logit_bias(engine, req.logit_bias)))
+    if req.ignore_eos:
+        fixed.append(ban(end_tokens(engine)))
+    if not fixed and extra_hooks is None:
+        return None
+    return lambda: fixed + (extra_hooks() if extra_hooks else [])
+
+
+def make_plan(engine, req: GenerationRequest, ids: list[int], extra_hooks=None) -> Plan:
+    return Plan(ids, req.params, req.max_tokens, req.stop, n=req.n, top_logprobs=req.top_logprobs,
+                make_hooks=hook_factory(engine, req, extra_hooks))
+
+
+def submit(s, plan: Plan) -> Job:
+    try:
+        return s.queue.submit(plan.prompt_ids, plan.params, plan.max_tokens, plan.stop, work=plan.run)
+    except QueueFull:
+        raise ApiError(503, "the server is busy: too many requests are waiting; retry shortly",
+                       type="server_error", code="server_busy", headers={"retry-after": "2"}) from None
+
+
+async def prepare(s, req: GenerationRequest) -> list[int]:
+    ids = await run_in_threadpool(core._prompt_ids, s.engine, req)
+    core._check_prompt(s.engine, ids, req)
+    return ids
+
+
+async def respond(request: Request, req: GenerationRequest, chat: bool) -> Response:
+    s = core._state(request)
+    ids = await prepare(s, req)
+    plan = make_plan(s.engine, req, ids)
+    job = submit(s, plan)
+    completion = Completion(model=s.engine.model_name, chat=chat, system_fingerprint=s.fingerprint)
+    echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+    if req.stream:
+        events = stream_events(job, plan, completion, s.engine, len(ids), req.include_usage, echo)
+        return core.EventStream(events, job, on_close=s.queue.forget)
+    try:
+        return JSONResponse(await whole_response(request, job, plan, completion, s.engine, len(ids), echo))
+    finally:
+        job.cancel()  # no-op when answered; stops the worker if this task was cancelled
+        s.queue.forget(job)
+
+
+# -- plan steps -> OpenAI objects ------------------------------------------------------------------
+
+@dataclass
+class ChoiceState:
+    """What a choice has produced so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    records: list = field(default_factory=list)  # TokenLogprob, in order
+    finish_reason: str | None = None
+
+
+def logprobs_object(completion: Completion, engine, records, text_offset: int = 0) -> dict:
+    piece = lambda t: token_bytes(engine, t)
+    if completion.chat:
+        return chat_logprobs(records, piece)
+    return completion_logprobs(records, piece, text_offset)
+
+
+async def collect(request: Request, job: Job, plan: Plan) -> tuple[list[ChoiceState], int]:
+    """Run the job to its end: each choice's text, records and finish reason; tokens generated."""
+    # Even without streaming, a client that hangs up frees its place in the queue.
+    watcher = core._cancel_on_disconnect(request.receive, job)
+    choices = [ChoiceState(i) for i in range(plan.n)]
+    n_tokens = 0
+    try:
+        async for step in job.chunks():
+            c = choices[step.choice]
+            c.text.append(step.text)
+            n_tokens += step.token_id is not None
+            c.finish_reason = step.finish_reason or c.finish_reason
+            if step.logprob is not None:
+                c.records.append(step.logprob)
+    except Exception as err:
+        raise core._generation_error(err) from None
+    finally:
+        watcher.cancel()
+    return choices, n_tokens
+
+
+async def whole_response(request: Request, job: Job, plan: Plan, completion: Completion, engine,
+                         n_prompt: int, echo: str) -> dict:
+    states, n_tokens = await collect(request, job, plan)
+    choices = []
+    for c in states:
+        logprobs = None
+        if plan.top_logprobs is not None:
+            logprobs = logprobs_object(completion, engine, c.records, len(echo))
+        choices.append(Choice(c.index, echo + "".join(c.text), c.finish_reason or "length", logprobs))
+    return completion.response(choices, n_prompt, n_tokens, timings(job.timings, n_prompt), plan.cached_tokens)
+
+
+async def stream_events(job: Job, plan: Plan, completion: Completion, engine, n_prompt: int,
+                        include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+    """The SSE stream: per choice a role chunk, content chunks and a finish chunk; then
+    [usage] and [DONE]. Logprobs ride on the chunk whose text their tokens completed."""
+    chunk = completion.chunk
+    want_logprobs = plan.top_logprobs is not None
+    n_tokens, current, pending, offset = 0, None, [], 0
+
+    def start(index: int) -> bytes:
+        if completion.chat:
+            return sse(chunk(role=True, include_usage=include_usage, index=index))
+        return sse(chunk(echo, include_usage=include_usage, index=index)) if echo else b""
+
+    def lp() -> dict | None:
+        return logprobs_object(completion, engine, pending, offset) if want_logprobs and pending else None
+
+    try:
+        async for step in job.chunks():
+            if step.choice != current:
+                current, pending, offset = step.choice, [], len(echo)
+                if data := start(current):
+                    yield data
+            n_tokens += step.token_id is not None
+            if step.logprob is not None:
+                pending.append(step.logprob)
+            if step.text:
+                yield sse(chunk(step.text, include_usage=include_usage, index=current, logprobs=lp()))
+                offset += len(step.text)
+                pending = []
+            if step.finish_reason:
+                last = step.choice == plan.n - 1
+                timing = timings(job.timings, n_prompt) if last and not include_usage else None
+                yield sse(chunk(finish_reason=step.finish_reason, include_usage=include_usage, index=current,
+                                logprobs=lp(), timing=timing))
+                pending = []
+    except Exception as err:
+        yield sse(core._generation_error(err).body())  # headers are sent: the error goes in-band
+        return
+    if job.cancelled.is_set():
+        return  # the client is gone; nobody reads a tail
+    if include_usage:
+        yield sse(completion.usage_chunk(n_prompt, n_tokens, timings(job.timings, n_prompt), plan.cached_tokens))
+    yield DONE_EVENT
