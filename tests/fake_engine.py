@@ -23,7 +23,26 @@ from ggufile.runtime.sampling import SamplingParams
 BOS, EOS, OFFSET = 0, 1, 3
 
 
+class FakeTemplate:
+    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    bos_token, eos_token = "<s>", "</s>"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+
+class FakeTokenizer:
+    eog_ids = frozenset({EOS})
+
+    @staticmethod
+    def token_to_piece(token: int) -> bytes:
+        return bytes([token - OFFSET]) if token >= OFFSET else b""
+
+
 class FakeEngine:
+    chat_template = FakeTemplate()
+    tokenizer = FakeTokenizer()
+
     def __init__(self, reply: str = "Hello from the fake engine.", n_ctx: int = 256,
                  token_delay: float = 0.0, model_name: str = "fake-model"):
         self.model_name = model_name
@@ -54,8 +73,10 @@ class FakeEngine:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace")
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-        return self.tokenize(text)
+        return self.tokenize(self.chat_template.render(messages))
+
+    def reset(self) -> None:
+        self._last_prompt = []
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ggufile.runtime.errors import GGUFileError
-from ggufile.runtime.server.schema import ApiError, Defaults, GenerationRequest, parse_detokenize, parse_tokenize
+from ggufile.runtime.server.schema import ApiError, Defaults, GenerationRequest, parse_detokenize
 from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback
 from ggufile.runtime.server.queue import GenerationQueue, Job
 
@@ -198,22 +198,14 @@ async def get_model(request: Request) -> Response:
 
 def api_routes() -> list[Route]:
     """The API dialects' routes (imported here: their modules import this one)."""
-    from ggufile.runtime.server import openai_api
+    from ggufile.runtime.server import llamacpp_api, openai_api
 
     post = [("/chat/completions", openai_api.chat_completions), ("/completions", openai_api.completions)]
     routes = [Route("/v1/models", list_models, methods=["GET"]), Route("/models", list_models, methods=["GET"]),
-              Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-              Route("/tokenize", tokenize, methods=["POST"])]
+              Route("/v1/models/{model_id:path}", get_model, methods=["GET"]), *llamacpp_api.routes()]
     for path, handler in post:
         routes += [Route("/v1" + path, handler, methods=["POST"]), Route(path, handler, methods=["POST"])]
     return routes
-
-
-async def tokenize(request: Request) -> Response:
-    content, add_special, parse_special = parse_tokenize(await read_json(request))
-    engine = _state(request).engine
-    ids = await run_in_threadpool(engine.tokenize, content, add_special, parse_special)
-    return JSONResponse({"tokens": ids})
 
 
 def vocab_size(engine) -> int | None:

@@ -38,11 +38,14 @@ class Plan:
     n: int = 1
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
     make_hooks: Callable[[], list] | None = None  # fresh hooks per choice (a grammar has state)
+    reset_cache: bool = False  # llama.cpp's cache_prompt=false: process the prompt from scratch
     cached_tokens: int = field(default=0, init=False)  # prompt tokens found in the KV cache
 
     def run(self, engine) -> Iterator[Step]:
         """The steps of every choice in order (runs on the worker thread, engine locked)."""
         eog = end_tokens(engine)
+        if self.reset_cache and hasattr(engine, "reset"):
+            engine.reset()
         for choice in range(self.n):
             params = self.params
             if choice and params.seed is not None:
