@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,11 @@ def test_cached_executable_serves_the_openai_api(cached_exe, tmp_path):
         reply = client.chat.completions.create(model="local", max_tokens=12, temperature=0,
                                                messages=[{"role": "user", "content": "What is 2+2?"}])
         assert "4" in reply.choices[0].message.content
+        # The grammar engine (llguidance) is frozen in too: constrained output works.
+        shaped = client.chat.completions.create(model="any", max_tokens=40, temperature=0,
+                                                response_format={"type": "json_object"},
+                                                messages=[{"role": "user", "content": "A JSON object, please."}])
+        assert isinstance(json.loads(shaped.choices[0].message.content), dict)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

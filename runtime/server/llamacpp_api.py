@@ -53,7 +53,7 @@ async def completion(request: Request) -> Response:
     cache_prompt = _boolean(body, "cache_prompt", True)
     return_tokens = _boolean(body, "return_tokens")
     ids = await openai_api.prepare(s, req)
-    plan = openai_api.make_plan(s.engine, req, ids)
+    plan = await openai_api.plan_for(s, req, ids)
     plan.reset_cache = not cache_prompt
     job = openai_api.submit(s, plan)
     final = Final(s, req, plan, ids, return_tokens)

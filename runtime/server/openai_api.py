@@ -77,10 +77,21 @@ async def prepare(s, req: GenerationRequest) -> list[int]:
     return ids
 
 
+async def plan_for(s, req: GenerationRequest, ids: list[int]) -> Plan:
+    """The request's plan; a grammar is compiled here (thread pool: the first one builds the
+    grammar engine's view of the vocabulary, about a second)."""
+    grammar = None
+    if req.constraint is not None:
+        from ggufile.runtime.server.constrained import compile_constraint
+
+        grammar = await run_in_threadpool(compile_constraint, s.engine, req.constraint)
+    return make_plan(s.engine, req, ids, grammar)
+
+
 async def respond(request: Request, req: GenerationRequest, chat: bool) -> Response:
     s = core._state(request)
     ids = await prepare(s, req)
-    plan = make_plan(s.engine, req, ids)
+    plan = await plan_for(s, req, ids)
     job = submit(s, plan)
     completion = Completion(model=s.engine.model_name, chat=chat, system_fingerprint=s.fingerprint)
     echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""

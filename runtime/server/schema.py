@@ -41,6 +41,15 @@ def bad_param(param: str, message: str, code: str = "invalid_value") -> ApiError
     return ApiError(400, message, param=param, code=code)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match: a JSON schema (dict) or a GBNF / Lark grammar (text)."""
+
+    kind: str  # "json_schema" or "grammar"
+    source: object
+    param: str  # the request field it came from, for error messages
+
+
 @dataclass
 class GenerationRequest:
     """What both endpoints reduce to: a prompt (messages or text/tokens) and how to continue it."""
@@ -58,6 +67,7 @@ class GenerationRequest:
     top_logprobs: int | None = None  # None: no logprobs; else alternatives per token
     logit_bias: list[tuple[int | str, float]] = field(default_factory=list)  # token id or text
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # what the output must match (constrained.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -195,13 +205,6 @@ def _refuse_unsupported(body: dict) -> None:
             raise bad_param(name, f"'{name}' is not supported by this server", "unsupported_value")
     if body.get("tools") not in (None, []):
         raise bad_param("tools", "tool calling is not supported", "unsupported_value")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_param("response_format", "only response_format {\"type\": \"text\"} is supported",
-                        "unsupported_value")
-    for name in ("grammar", "json_schema"):
-        if body.get(name) not in (None, ""):
-            raise bad_param(name, f"'{name}' is not supported", "unsupported_value")
 
 
 def _logit_bias(body: dict) -> list[tuple[int | str, float]]:
@@ -235,6 +238,51 @@ def _logit_bias(body: dict) -> list[tuple[int | str, float]]:
             bias = -math.inf  # OpenAI: -100 "should result in a ban"
         out.append((token, float(min(bias, 100.0))))
     return out
+
+
+def _response_format(fmt) -> Constraint | None:
+    """OpenAI's response_format: text, json_object (any JSON object; llama.cpp also reads a
+    `schema` there) or json_schema {"json_schema": {"schema": ...}}."""
+    param = "response_format"
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise bad_param(param, "'response_format' must be an object with a 'type'", "invalid_type")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_schema", _schema(fmt.get("schema", {"type": "object"}), param), param)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_param(param, "'response_format.json_schema' must be an object", "invalid_type")
+        return Constraint("json_schema", _schema(spec.get("schema", {"type": "object"}), param), param)
+    raise bad_param(param, f"response_format type '{kind}' is not supported (text, json_object, json_schema)",
+                    "unsupported_value")
+
+
+def _schema(value, param: str):
+    if isinstance(value, bool) or not isinstance(value, dict):
+        raise bad_param(param, f"'{param}': the schema must be a JSON object", "invalid_type")
+    return value
+
+
+def _constraint(body: dict) -> Constraint | None:
+    """At most one of response_format (OpenAI), json_schema and grammar (llama.cpp)."""
+    found = []
+    if body.get("response_format") is not None:
+        c = _response_format(body["response_format"])
+        if c is not None:
+            found.append(c)
+    if body.get("json_schema") is not None:
+        found.append(Constraint("json_schema", _schema(body["json_schema"], "json_schema"), "json_schema"))
+    grammar = body.get("grammar")
+    if grammar not in (None, ""):
+        if not isinstance(grammar, str):
+            raise bad_param("grammar", "'grammar' must be a string (GBNF)", "invalid_type")
+        found.append(Constraint("grammar", grammar, "grammar"))
+    if len(found) > 1:
+        raise bad_param(found[1].param, "give only one of response_format, json_schema and grammar")
+    return found[0] if found else None
 
 
 def _top_logprobs(body: dict, chat: bool) -> int | None:
@@ -283,7 +331,8 @@ def _common(body: Any, defaults: Defaults | None, chat: bool) -> dict:
                 max_tokens=_max_tokens(body, defaults.max_tokens), stop=_stop(body),
                 stream=stream, include_usage=_stream_options(body, stream),
                 n=_integer(body, "n", 1, MAX_CHOICES, 1), top_logprobs=_top_logprobs(body, chat),
-                logit_bias=_logit_bias(body), ignore_eos=_boolean(body, "ignore_eos"))
+                logit_bias=_logit_bias(body), ignore_eos=_boolean(body, "ignore_eos"),
+                constraint=_constraint(body))
 
 
 # -- the two generation endpoints ----------------------------------------------------------------
