@@ -88,17 +88,18 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The whole prompt as text (for display and for templates with no placeholders)."""
-        return "".join(s.text for s in self.render_segments(messages, add_generation_prompt))
+        return "".join(s.text for s in self.render_segments(messages, add_generation_prompt, tools))
 
-    def render_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[Segment]:
+    def render_segments(self, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list | None = None) -> list[Segment]:
         """The prompt split into template markup and message contents, in order."""
         contents = [_content_text(m) for m in messages]
         if self._trims_content:
             contents = [c.strip() for c in contents]
         masked = [dict(m, content=_PLACEHOLDER.format(i)) for i, m in enumerate(messages)]
-        rendered = self._render(masked, add_generation_prompt)
+        rendered = self._render(masked, add_generation_prompt, tools)
         segments: list[Segment] = []
         pos = 0
         for match in _PLACEHOLDER_RE.finditer(rendered):
@@ -108,12 +109,13 @@ class ChatTemplate:
         segments.append(Segment(rendered[pos:], True))
         return [s for s in segments if s.text]
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         from jinja2 import TemplateError
 
+        extra = {"tools": tools} if tools else {}  # templates test `tools is defined` / `if tools`
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except TemplateError as err:
             raise GGUFileError(f"chat template error: {err}") from None
         except RecursionError:

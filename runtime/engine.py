@@ -90,10 +90,11 @@ class Engine:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render the chat template and tokenize it: control tokens are parsed in the template's
-        own markup only, never in message contents."""
-        segments = self.chat_template.render_segments(messages, add_generation_prompt)
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
+        """Render the chat template (with OpenAI-style `tools` for templates that take them) and
+        tokenize it: control tokens are parsed in the template's own markup only, never in
+        message contents."""
+        segments = self.chat_template.render_segments(messages, add_generation_prompt, tools)
         tok = self.tokenizer
         ids = tok.encode_segments([(seg.text, seg.is_markup) for seg in segments], add_special=False)
         # Templates like gemma's write {{ bos_token }} themselves; add BOS only where they don't.

@@ -27,7 +27,7 @@ class FakeTemplate:
     source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     bos_token, eos_token = "<s>", "</s>"
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
         return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + ("<assistant>" if add_generation_prompt else "")
 
 
@@ -72,8 +72,8 @@ class FakeEngine:
             raise IndexError("token id out of range")
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace")
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenize(self.chat_template.render(messages))
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> list[int]:
+        return self.tokenize(self.chat_template.render(messages, add_generation_prompt, tools))
 
     def reset(self) -> None:
         self._last_prompt = []

@@ -7,9 +7,9 @@ Each executable runs as a subprocess and must behave exactly like `ggufile run` 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -237,6 +237,8 @@ def _prompt_ids(engine, req: GenerationRequest) -> list[int]:
     """Tokenize (runs on a thread pool: the tokenizer is read-only, so no engine lock needed)."""
     try:
         if req.messages is not None:
+            if req.template_tools:
+                return engine.chat_ids(req.messages, tools=req.template_tools)
             return engine.chat_ids(req.messages)
         if isinstance(req.prompt, list):
             return list(req.prompt)

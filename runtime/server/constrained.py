@@ -75,6 +75,8 @@ def grammar_text(constraint: Constraint) -> str:
             # Compact JSON: a small model otherwise tends to fill flexible whitespace forever.
             return llg.LLMatcher.grammar_from_json_schema(
                 json.dumps(constraint.source), overrides={"whitespace_flexible": False})
+        if constraint.kind == "lark":  # ours (tools.call_grammar)
+            return llg.LLMatcher.grammar_from_lark(constraint.source)
         return llg.grammar_from("grammar", constraint.source)
     except (ValueError, TypeError) as err:
         raise ApiError(400, f"'{constraint.param}' is not a valid grammar: {_short(err)}",

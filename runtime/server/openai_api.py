@@ -19,7 +19,9 @@ from ggufile.runtime.server.format import (DONE_EVENT, Choice, Completion, chat_
 from ggufile.runtime.server.generation import Plan, end_tokens, token_bytes
 from ggufile.runtime.server.logits import LogitBias, ban
 from ggufile.runtime.server.queue import Job, QueueFull
-from ggufile.runtime.server.schema import ApiError, GenerationRequest, parse_chat_request, parse_completion_request
+from ggufile.runtime.server.schema import (ApiError, GenerationRequest, bad_param, parse_chat_request,
+                                           parse_completion_request)
+from ggufile.runtime.server import tools
 
 
 async def chat_completions(request: Request) -> Response:
@@ -88,18 +90,39 @@ async def plan_for(s, req: GenerationRequest, ids: list[int]) -> Plan:
     return make_plan(s.engine, req, ids, grammar)
 
 
+def setup_tools(engine, req: GenerationRequest):
+    """Render the conversation's tool calls and results the way the template can take them, and
+    turn a forced tool_choice into a grammar. Returns the ToolSpec whose calls to parse back."""
+    source = getattr(engine.chat_template, "source", "")
+    native = tools.template_knows_tools(source)
+    spec = req.tools
+    req.messages = tools.messages_for_template(req.messages, spec, native)
+    if spec is None or spec.choice == "none":
+        return None
+    if native:
+        req.template_tools = spec.openai_tools() if spec.choice != "named" else \
+            [t for t in spec.openai_tools() if t["function"]["name"] == spec.named]
+    grammar = tools.call_grammar(spec, tools.syntax_of(source) if native else "hermes")
+    if grammar is not None:
+        if req.constraint is not None:
+            raise bad_param(req.constraint.param, "a forced tool_choice cannot be combined with another constraint")
+        req.constraint = grammar
+    return spec
+
+
 async def respond(request: Request, req: GenerationRequest, chat: bool) -> Response:
     s = core._state(request)
+    spec = setup_tools(s.engine, req) if chat else None
     ids = await prepare(s, req)
     plan = await plan_for(s, req, ids)
     job = submit(s, plan)
     completion = Completion(model=s.engine.model_name, chat=chat, system_fingerprint=s.fingerprint)
     echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
     if req.stream:
-        events = stream_events(job, plan, completion, s.engine, len(ids), req.include_usage, echo)
+        events = stream_events(job, plan, completion, s.engine, len(ids), req.include_usage, echo, spec)
         return core.EventStream(events, job, on_close=s.queue.forget)
     try:
-        return JSONResponse(await whole_response(request, job, plan, completion, s.engine, len(ids), echo))
+        return JSONResponse(await whole_response(request, job, plan, completion, s.engine, len(ids), echo, spec))
     finally:
         job.cancel()  # no-op when answered; stops the worker if this task was cancelled
         s.queue.forget(job)
@@ -146,24 +169,29 @@ async def collect(request: Request, job: Job, plan: Plan) -> tuple[list[ChoiceSt
 
 
 async def whole_response(request: Request, job: Job, plan: Plan, completion: Completion, engine,
-                         n_prompt: int, echo: str) -> dict:
+                         n_prompt: int, echo: str, spec=None) -> dict:
     states, n_tokens = await collect(request, job, plan)
     choices = []
     for c in states:
         logprobs = None
         if plan.top_logprobs is not None:
             logprobs = logprobs_object(completion, engine, c.records, len(echo))
-        choices.append(Choice(c.index, echo + "".join(c.text), c.finish_reason or "length", logprobs))
+        text, calls, finish = echo + "".join(c.text), None, c.finish_reason or "length"
+        if spec is not None:
+            text, calls = tools.parse_output(text, spec)
+            finish = "tool_calls" if calls else finish
+        choices.append(Choice(c.index, text, finish, logprobs, calls or None))
     return completion.response(choices, n_prompt, n_tokens, timings(job.timings, n_prompt), plan.cached_tokens)
 
 
 async def stream_events(job: Job, plan: Plan, completion: Completion, engine, n_prompt: int,
-                        include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+                        include_usage: bool, echo: str, spec=None) -> AsyncIterator[bytes]:
     """The SSE stream: per choice a role chunk, content chunks and a finish chunk; then
-    [usage] and [DONE]. Logprobs ride on the chunk whose text their tokens completed."""
+    [usage] and [DONE]. Logprobs ride on the chunk whose text their tokens completed. With
+    tools, text from the first sign of a call on is held and sent as tool_calls deltas."""
     chunk = completion.chunk
     want_logprobs = plan.top_logprobs is not None
-    n_tokens, current, pending, offset = 0, None, [], 0
+    n_tokens, current, pending, offset, splitter = 0, None, [], 0, None
 
     def start(index: int) -> bytes:
         if completion.chat:
@@ -177,19 +205,30 @@ async def stream_events(job: Job, plan: Plan, completion: Completion, engine, n_
         async for step in job.chunks():
             if step.choice != current:
                 current, pending, offset = step.choice, [], len(echo)
+                splitter = tools.CallSplitter() if spec is not None else None
                 if data := start(current):
                     yield data
             n_tokens += step.token_id is not None
             if step.logprob is not None:
                 pending.append(step.logprob)
-            if step.text:
-                yield sse(chunk(step.text, include_usage=include_usage, index=current, logprobs=lp()))
-                offset += len(step.text)
+            text = splitter.feed(step.text) if splitter else step.text
+            if text:
+                yield sse(chunk(text, include_usage=include_usage, index=current, logprobs=lp()))
+                offset += len(text)
                 pending = []
             if step.finish_reason:
+                finish = step.finish_reason
+                if splitter is not None:
+                    rest, calls = splitter.finish(spec)
+                    if rest:
+                        yield sse(chunk(rest, include_usage=include_usage, index=current))
+                    if calls:
+                        deltas = [dict(call, index=k) for k, call in enumerate(calls)]
+                        yield sse(chunk(include_usage=include_usage, index=current, tool_calls=deltas))
+                        finish = "tool_calls"
                 last = step.choice == plan.n - 1
                 timing = timings(job.timings, n_prompt) if last and not include_usage else None
-                yield sse(chunk(finish_reason=step.finish_reason, include_usage=include_usage, index=current,
+                yield sse(chunk(finish_reason=finish, include_usage=include_usage, index=current,
                                 logprobs=lp(), timing=timing))
                 pending = []
     except Exception as err:

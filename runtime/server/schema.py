@@ -45,7 +45,7 @@ def bad_param(param: str, message: str, code: str = "invalid_value") -> ApiError
 class Constraint:
     """What the output must match: a JSON schema (dict) or a GBNF / Lark grammar (text)."""
 
-    kind: str  # "json_schema" or "grammar"
+    kind: str  # "json_schema", "grammar" (GBNF or Lark, the client's) or "lark" (ours: tool calls)
     source: object
     param: str  # the request field it came from, for error messages
 
@@ -68,6 +68,8 @@ class GenerationRequest:
     logit_bias: list[tuple[int | str, float]] = field(default_factory=list)  # token id or text
     ignore_eos: bool = False
     constraint: Constraint | None = None  # what the output must match (constrained.py)
+    tools: Any = None  # tools.ToolSpec (chat)
+    template_tools: list | None = None  # the tools as the chat template's `tools` variable gets them
     extra: dict = field(default_factory=dict)
 
 
@@ -203,8 +205,6 @@ def _refuse_unsupported(body: dict) -> None:
     for name, neutral in REFUSED_UNLESS_NEUTRAL.items():
         if not _is_neutral(body.get(name), neutral):
             raise bad_param(name, f"'{name}' is not supported by this server", "unsupported_value")
-    if body.get("tools") not in (None, []):
-        raise bad_param("tools", "tool calling is not supported", "unsupported_value")
 
 
 def _logit_bias(body: dict) -> list[tuple[int | str, float]]:
@@ -356,7 +356,16 @@ def _message(i: int, m: Any) -> dict:
         raise bad_param(f"{where}.content", f"'{where}.content' must be a string or a list of parts",
                         "invalid_type")
     # Templates know "system", not OpenAI's newer "developer" role.
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    if role == "assistant" and m.get("tool_calls"):
+        from ggufile.runtime.server.tools import parse_tool_calls
+
+        out["tool_calls"] = parse_tool_calls(f"{where}.tool_calls", m["tool_calls"])
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                out[key] = m[key]
+    return out
 
 
 def join_text_parts(parts: list, where: str) -> str:
@@ -378,11 +387,16 @@ def parse_chat_request(body: Any, defaults: Defaults | None = None) -> Generatio
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_param("messages", "'messages' must be a non-empty list", "invalid_type")
-    return GenerationRequest(messages=[_message(i, m) for i, m in enumerate(messages)], **common)
+    from ggufile.runtime.server.tools import parse_tools
+
+    return GenerationRequest(messages=[_message(i, m) for i, m in enumerate(messages)],
+                             tools=parse_tools(body), **common)
 
 
 def parse_completion_request(body: Any, defaults: Defaults | None = None) -> GenerationRequest:
     common = _common(body, defaults, chat=False)
+    if body.get("tools") not in (None, []):
+        raise bad_param("tools", "'tools' is a chat field (use /v1/chat/completions)", "unsupported_value")
     prompt = body.get("prompt")
     # A single prompt as text, one-element list of text, or a list of token ids.
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
