@@ -137,7 +137,18 @@ class ChoiceState:
     index: int
     text: list[str] = field(default_factory=list)
     records: list = field(default_factory=list)  # TokenLogprob, in order
+    tokens: list[int] = field(default_factory=list)  # drawn, the end token excepted
     finish_reason: str | None = None
+    ended_by_token: bool = False  # the model's end token (not a stop string) ended it
+
+    def feed(self, step) -> None:
+        self.text.append(step.text)
+        if step.token_id is not None and not step.end_of_generation:
+            self.tokens.append(step.token_id)
+        self.ended_by_token = self.ended_by_token or step.end_of_generation
+        self.finish_reason = step.finish_reason or self.finish_reason
+        if step.logprob is not None:
+            self.records.append(step.logprob)
 
 
 def logprobs_object(completion: Completion, engine, records, text_offset: int = 0) -> dict:
@@ -155,12 +166,8 @@ async def collect(request: Request, job: Job, plan: Plan) -> tuple[list[ChoiceSt
     n_tokens = 0
     try:
         async for step in job.chunks():
-            c = choices[step.choice]
-            c.text.append(step.text)
+            choices[step.choice].feed(step)
             n_tokens += step.token_id is not None
-            c.finish_reason = step.finish_reason or c.finish_reason
-            if step.logprob is not None:
-                c.records.append(step.logprob)
     except Exception as err:
         raise core._generation_error(err) from None
     finally:
