@@ -64,6 +64,7 @@ def model_options(f):
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require this Bearer key on API requests.")
 @click.option("-a", "--alias", default=None, help="The model name the server reports (default: the model's own).")
+@click.option("--embeddings", is_flag=True, help="Also serve /v1/embeddings (mean-pooled hidden states).")
 @click.option("--nobrowser", is_flag=True, help="Do not open a browser when the server starts.")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Let web pages from this origin call the API (repeatable; default: same origin only).")
@@ -75,7 +76,7 @@ def model_options(f):
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, alias, nobrowser, cors_origins, info, perplexity, display_prompt, verbose, **sampling):
+                server, host, port, api_key, alias, embeddings, nobrowser, cors_origins, info, perplexity, display_prompt, verbose, **sampling):
     """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server)."""
     embedded = ctx.obj
     if threads:
@@ -102,7 +103,7 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
         # The sampling flags and -n are the defaults of requests that leave them out (llama-server).
         serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser,
               allowed_origins=tuple(cors_origins),
-              defaults=Defaults(params, n_predict if n_predict >= 0 else None))
+              defaults=Defaults(params, n_predict if n_predict >= 0 else None), embeddings=embeddings)
     elif chat:
         chat_repl(engine, params, system, n_predict)
     else:

@@ -53,7 +53,7 @@ class ServerState:
     """What every handler needs: the engine, the generation queue and the limits."""
 
     def __init__(self, engine, max_body_bytes: int, max_waiting: int, defaults: Defaults | None = None,
-                 embeddings: bool = True):
+                 embeddings: bool = False):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.queue = GenerationQueue(engine, max_waiting=max_waiting)
@@ -76,13 +76,14 @@ def fingerprint(engine) -> str:
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_waiting: int = DEFAULT_MAX_WAITING, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
                allowed_origins: Iterable[str] = (), defaults: Defaults | None = None,
-               embeddings: bool = True) -> Guard:
+               embeddings: bool = False) -> Guard:
     """The ASGI app (Starlette wrapped in the Host/Origin/API-key guard).
 
     allowed_hosts: Host header names accepted (None: any; use when listening beyond loopback).
     allowed_origins: foreign web origins allowed to call the API (CORS); default none.
     max_waiting: requests that may wait behind the running one before new ones get 503.
-    defaults: sampling and max_tokens for requests that leave them out (the command line's)."""
+    defaults: sampling and max_tokens for requests that leave them out (the command line's).
+    embeddings: serve /v1/embeddings (llama-server's --embeddings)."""
     state = ServerState(engine, max_body_bytes, max_waiting, defaults, embeddings)
     routes = [
         Route("/", index, methods=["GET"]),
@@ -198,12 +199,12 @@ async def get_model(request: Request) -> Response:
 
 def api_routes() -> list[Route]:
     """The API dialects' routes (imported here: their modules import this one)."""
-    from ggufile.runtime.server import anthropic_api, llamacpp_api, openai_api
+    from ggufile.runtime.server import anthropic_api, embeddings, llamacpp_api, openai_api
 
     post = [("/chat/completions", openai_api.chat_completions), ("/completions", openai_api.completions)]
     routes = [Route("/v1/models", list_models, methods=["GET"]), Route("/models", list_models, methods=["GET"]),
               Route("/v1/models/{model_id:path}", get_model, methods=["GET"]), *llamacpp_api.routes(),
-              *anthropic_api.routes()]
+              *anthropic_api.routes(), *embeddings.routes()]
     for path, handler in post:
         routes += [Route("/v1" + path, handler, methods=["POST"]), Route(path, handler, methods=["POST"])]
     return routes
@@ -371,7 +372,7 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None
           open_browser: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
           log: Callable[[str], None] = print, allowed_origins: Iterable[str] = (),
           max_waiting: int = DEFAULT_MAX_WAITING, defaults: Defaults | None = None,
-          embeddings: bool = True) -> None:
+          embeddings: bool = False) -> None:
     """Serve `engine` until Ctrl-C or SIGTERM. Prints the URL; opens a browser unless told not to."""
     loopback = is_loopback(host)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, max_waiting=max_waiting,
