@@ -199,12 +199,13 @@ async def get_model(request: Request) -> Response:
 
 def api_routes() -> list[Route]:
     """The API dialects' routes (imported here: their modules import this one)."""
-    from ggufile.runtime.server import anthropic_api, embeddings, llamacpp_api, openai_api, responses_api
+    from ggufile.runtime.server import (anthropic_api, embeddings, llamacpp_api, ollama_api, openai_api,
+                                        responses_api)
 
     post = [("/chat/completions", openai_api.chat_completions), ("/completions", openai_api.completions)]
     routes = [Route("/v1/models", list_models, methods=["GET"]), Route("/models", list_models, methods=["GET"]),
               Route("/v1/models/{model_id:path}", get_model, methods=["GET"]), *llamacpp_api.routes(),
-              *anthropic_api.routes(), *embeddings.routes(), *responses_api.routes()]
+              *anthropic_api.routes(), *embeddings.routes(), *responses_api.routes(), *ollama_api.routes()]
     for path, handler in post:
         routes += [Route("/v1" + path, handler, methods=["POST"]), Route(path, handler, methods=["POST"])]
     return routes
