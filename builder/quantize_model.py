@@ -28,35 +28,11 @@ import numpy as np
 
 from ggufile.builder.gguf_writer import Typed, TensorSpec, metadata_with_types, write_gguf
 from ggufile.runtime import kernels
-from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType, GGUFValueType, Keys
+from ggufile.runtime.gguf.constants import QUANT_TABLE, QUANTIZATION_VERSION, Ftype, GGMLType, GGUFValueType, Keys
+from ggufile.runtime.kernels.types import FLOAT_TYPES
 from ggufile.runtime.errors import GGUFileError
 from ggufile.runtime.gguf.reader import GGUFReader, TensorInfo
 from ggufile.builder.quantizers import quantize as quantize_rows
-
-QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the current block layouts
-
-
-class Ftype(enum.IntEnum):
-    """llama.cpp's LLAMA_FTYPE values (stored as general.file_type)."""
-
-    ALL_F32 = 0
-    MOSTLY_F16 = 1
-    MOSTLY_Q4_0 = 2
-    MOSTLY_Q4_1 = 3
-    MOSTLY_Q8_0 = 7
-    MOSTLY_Q5_0 = 8
-    MOSTLY_Q5_1 = 9
-    MOSTLY_Q2_K = 10
-    MOSTLY_Q3_K_S = 11
-    MOSTLY_Q3_K_M = 12
-    MOSTLY_Q3_K_L = 13
-    MOSTLY_Q4_K_S = 14
-    MOSTLY_Q4_K_M = 15
-    MOSTLY_Q5_K_S = 16
-    MOSTLY_Q5_K_M = 17
-    MOSTLY_Q6_K = 18
-    MOSTLY_BF16 = 32
-
 
 @dataclass(frozen=True)
 class Mix:
@@ -90,7 +66,6 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("Q5_K_M", Ftype.MOSTLY_Q5_K_M, T.Q5_K),
 ]}
 
-FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
 # Substrings of 2-D weights llama.cpp never quantizes (tensor_allows_quantization).
 _NEVER_QUANTIZE = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels.types import FLOAT_TYPES, QUANTIZABLE_TYPES
 from ggufile.runtime.errors import UnsupportedModelError
 from ggufile.runtime.kernels.reference import f32_to_bf16, k_scale_min, q3_k_scales
 
@@ -392,7 +393,8 @@ _BLOCK_QUANT = {
     GGMLType.Q6_K: _q6_k,
 }
 
-QUANTIZABLE_TYPES = frozenset(_BLOCK_QUANT) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
+# Every quantizable block type (kernels/types.py) has its quantizer here.
+assert frozenset(_BLOCK_QUANT) == QUANTIZABLE_TYPES - FLOAT_TYPES
 
 
 def quantize_blocks(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:

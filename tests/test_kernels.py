@@ -15,12 +15,11 @@ import pytest
 from test_quants import random_blocks
 
 from ggufile.runtime import kernels
-from ggufile.runtime.kernels import reference
-from ggufile.runtime.gguf.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
-from ggufile.runtime.kernels import compiled, cpu, numpy_backend
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels import compiled, cpu, numpy_backend, reference, types
 
-ALL_TYPES = sorted(SUPPORTED_WEIGHT_TYPES)
-QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - reference.FLOAT_TYPES)
+ALL_TYPES = sorted(types.WEIGHT_TYPES)
+QUANT_TYPES = sorted(types.WEIGHT_TYPES - types.FLOAT_TYPES)
 
 
 def _aot_variants() -> list[str]:
@@ -87,7 +86,7 @@ def assert_close(y, ref, rel):
 
 
 # Weight types whose dot products see rounded activations (reference.dot_activations).
-_ROUNDED_ACTIVATIONS = reference.Q8_0_FAMILY | reference.Q8_K_FAMILY | {GGMLType.F16, GGMLType.BF16}
+_ROUNDED_ACTIVATIONS = types.Q8_0_FAMILY | types.Q8_K_FAMILY | {GGMLType.F16, GGMLType.BF16}
 
 
 def is_lane_decode(backend, qtype, n_tok) -> bool:
@@ -162,7 +161,7 @@ def _has_fma(backend_name: str) -> bool:
 
 
 # Row lengths: 3 super-blocks, 23 blocks; F16/BF16 also n % 32 = 13 leftovers after 23 steps of 32.
-_BIT_FOR_BIT_K = {**{t: 3 * 256 for t in reference.Q8_K_FAMILY}, **{t: 23 * 32 for t in reference.Q8_0_FAMILY},
+_BIT_FOR_BIT_K = {**{t: 3 * 256 for t in types.Q8_K_FAMILY}, **{t: 23 * 32 for t in types.Q8_0_FAMILY},
                   GGMLType.F16: 23 * 32 + 13, GGMLType.BF16: 23 * 32 + 13}
 # Exact products (16-bit floats): an FMA rounds as the add alone, so FMA-less targets match too.
 _EXACT_PRODUCTS = (GGMLType.F16, GGMLType.BF16)
@@ -199,7 +198,7 @@ def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
     name = f"mv_{qtype.name.lower()}"
     monkeypatch.setattr(lanes, "_target_has_avx2", lambda context: False)
     portable = numba.njit(getattr(exports, name))  # compiled now, with the patch in place
-    k = 640 + 13 if qtype in _EXACT_PRODUCTS else 512 if qtype in reference.Q8_K_FAMILY else 640
+    k = 640 + 13 if qtype in _EXACT_PRODUCTS else 512 if qtype in types.Q8_K_FAMILY else 640
     w = random_weight(qtype, 29, k, seed=2)
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     out = np.empty((1, 29), np.float32)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_kernels import _backend_ids, _has_fma, load_backend, random_weight
 
-from ggufile.runtime.kernels import reference
+from ggufile.runtime.kernels import reference, types
 from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import cpu
 
@@ -39,7 +39,7 @@ def libggml_cpu():
 def _activation_bytes(qtype: GGMLType, x: np.ndarray) -> bytes:
     """x as ggml's block_q8_0 / block_q8_1 / block_q8_K structs."""
     out = bytearray()
-    if qtype in reference.Q8_K_FAMILY:
+    if qtype in types.Q8_K_FAMILY:
         q, d, bsums = reference.quantize_q8_k(x[None])
         for i in range(len(x) // QK_K):
             out += np.float32(d[0, i]).tobytes() + q[0, QK_K * i:QK_K * (i + 1)].astype(np.int8).tobytes()
@@ -55,7 +55,7 @@ def _activation_bytes(qtype: GGMLType, x: np.ndarray) -> bytes:
 
 
 def _ggml_matvec(lib, qtype: GGMLType, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    activation = "q8_K" if qtype in reference.Q8_K_FAMILY else ("q8_1" if qtype in (GGMLType.Q4_1, GGMLType.Q5_1) else "q8_0")
+    activation = "q8_K" if qtype in types.Q8_K_FAMILY else ("q8_1" if qtype in (GGMLType.Q4_1, GGMLType.Q5_1) else "q8_0")
     vec_dot = getattr(lib, f"ggml_vec_dot_{qtype.name.lower().replace('_k', '_K')}_{activation}")
     vec_dot.restype = None
     y = _activation_bytes(qtype, x)
@@ -71,7 +71,7 @@ def _ggml_matvec(lib, qtype: GGMLType, w: np.ndarray, x: np.ndarray) -> np.ndarr
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("qtype", ggml_lanes.LANE_TYPES, ids=lambda t: t.name)
 def test_lane_kernels_equal_llama_cpp_vec_dot(libggml_cpu, qtype, seed):
-    k = 4 * QK_K if qtype in reference.Q8_K_FAMILY else 24 * QK
+    k = 4 * QK_K if qtype in types.Q8_K_FAMILY else 24 * QK
     w = random_weight(qtype, ROWS, k, seed=seed + 11)
     x = np.random.default_rng(seed).standard_normal(k).astype(np.float32)
     want = _ggml_matvec(libggml_cpu, qtype, w, x)

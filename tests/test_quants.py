@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggufile.runtime.kernels import reference
-from ggufile.runtime.gguf.constants import QUANT_TABLE, SUPPORTED_WEIGHT_TYPES, GGMLType
+from ggufile.runtime.kernels import reference, types
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
 
 gguf_quants = pytest.importorskip("gguf.quants")
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
-QUANT_TYPES = sorted(SUPPORTED_WEIGHT_TYPES - reference.FLOAT_TYPES)
+QUANT_TYPES = sorted(types.WEIGHT_TYPES - types.FLOAT_TYPES)
 
 # Byte offsets of the fp16 scales inside each block type (they must be finite in test data).
 F16_OFFSETS = {
@@ -46,7 +46,7 @@ def test_dequantize_bit_exact_with_gguf(qtype):
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", sorted(reference.FLOAT_TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(types.FLOAT_TYPES), ids=lambda t: t.name)
 def test_dequantize_float_types(qtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(100).astype(np.float32)

@@ -96,8 +96,29 @@ QUANT_TABLE: dict[GGMLType, QuantInfo] = {
     GGMLType.Q8_K: QuantInfo(QK_K, 4 + QK_K + QK_K // 16 * 2),
 }
 
-# Types the runtime can compute with (Q8_1/Q8_K are activation-only formats in ggml).
-SUPPORTED_WEIGHT_TYPES = frozenset(QUANT_TABLE) - {GGMLType.Q8_1, GGMLType.Q8_K}
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the current block layouts
+
+
+class Ftype(enum.IntEnum):
+    """llama.cpp's LLAMA_FTYPE values (stored as general.file_type)."""
+
+    ALL_F32 = 0
+    MOSTLY_F16 = 1
+    MOSTLY_Q4_0 = 2
+    MOSTLY_Q4_1 = 3
+    MOSTLY_Q8_0 = 7
+    MOSTLY_Q5_0 = 8
+    MOSTLY_Q5_1 = 9
+    MOSTLY_Q2_K = 10
+    MOSTLY_Q3_K_S = 11
+    MOSTLY_Q3_K_M = 12
+    MOSTLY_Q3_K_L = 13
+    MOSTLY_Q4_K_S = 14
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_Q5_K_S = 16
+    MOSTLY_Q5_K_M = 17
+    MOSTLY_Q6_K = 18
+    MOSTLY_BF16 = 32
 
 
 def tensor_nbytes(ggml_type: GGMLType, n_elements: int) -> int:

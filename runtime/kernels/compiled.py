@@ -21,6 +21,7 @@ import numpy as np
 from ggufile.runtime.kernels import reference
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
+from ggufile.runtime.kernels import types
 from ggufile.runtime.kernels.pool import RowPool, split_rows
 from ggufile.runtime.kernels.step_layout import S_ABORT
 
@@ -52,11 +53,10 @@ F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float
 F16_TABLE.flags.writeable = False
 
 T = GGMLType
-# Which activation format each weight type is multiplied with (as in ggml's type traits).
-_Q8_0, _Q8_K = "q8_0", "q8_k"  # Q8_0 and Q8_1 share one quantization (Q8_1 adds d*sum)
-ACTIVATION = {**{t: _Q8_0 for t in reference.Q8_0_FAMILY}, **{t: _Q8_K for t in reference.Q8_K_FAMILY}}
-# Kernels whose activation arguments include the Q8_1 sums / Q8_K group sums.
-_WITH_SUMS = {T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+# The 8-bit activation format each block type is multiplied with (Q8_0 and Q8_1 share one
+# quantization: Q8_1 adds d*sum).
+_Q8_0, _Q8_K = types.Q8_0, types.Q8_K
+ACTIVATION = {t: types.TRAITS[t].activation for t in types.BLOCK_TYPES}
 
 
 class CompiledBackend:
@@ -163,7 +163,7 @@ class CompiledBackend:
         xq, xd, xs = activations[family]
         kernel = self._mv[qtype]
         block = QUANT_TABLE[qtype].block_size
-        if qtype in _WITH_SUMS:
+        if qtype in types.WITH_SUMS:
             return lambda r0, r1: kernel(w, xq, xd, xs, out, r0, r1, F16_TABLE, block)
         return lambda r0, r1: kernel(w, xq, xd, out, r0, r1, F16_TABLE, block)
 

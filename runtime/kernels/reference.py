@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels.types import FLOAT_TYPES, Q8_0_FAMILY, Q8_K_FAMILY
 from ggufile.runtime.errors import UnsupportedModelError
 
 _NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
@@ -161,9 +162,6 @@ _BLOCK_DEQUANT = {
     GGMLType.Q6_K: _dequant_q6_k,
 }
 
-FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
-
-
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16/uint8 bytes) -> float32: the top half of a float32."""
     bits = np.ascontiguousarray(raw).reshape(-1).view(np.uint16)
@@ -212,9 +210,7 @@ def row_elements(w: np.ndarray, qtype: GGMLType) -> int:
 
 
 # --- the 8-bit activation scheme of llama.cpp's CPU dot products --------------------------------
-# Which activation format each weight type's dot product uses (ggml's vec_dot_type).
-Q8_0_FAMILY = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0})
-Q8_K_FAMILY = frozenset({GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+# Which activation format each weight type's dot product uses: kernels/types.py (ggml's vec_dot_type).
 
 
 def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,10 +18,8 @@ from ggufile.runtime.model import ops
 from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
-from ggufile.runtime.kernels.reference import Q8_0_FAMILY, Q8_K_FAMILY, row_elements
-
-# Weight types the step's matvec dispatch covers: those of the decode kernels.
-STEP_WEIGHT_TYPES = Q8_0_FAMILY | Q8_K_FAMILY | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
+from ggufile.runtime.kernels.reference import row_elements
+from ggufile.runtime.kernels.types import WEIGHT_TYPES as STEP_WEIGHT_TYPES  # its dispatch covers them all (tested)
 
 
 def _root(a: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 
 from ggufile.runtime import kernels
 from ggufile.runtime.model import ops
-from ggufile.runtime.gguf.constants import SUPPORTED_WEIGHT_TYPES, GGMLType, Keys
+from ggufile.runtime.gguf.constants import GGMLType, Keys
+from ggufile.runtime.kernels.types import WEIGHT_TYPES
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "gemma3")
@@ -171,7 +172,7 @@ def _load_weights(reader, cfg: ModelConfig) -> Weights:
         info = tensors.get(name)
         if info is None:
             raise GGUFFormatError(f"missing tensor {name!r}")
-        if info.ggml_type not in SUPPORTED_WEIGHT_TYPES:
+        if info.ggml_type not in WEIGHT_TYPES:
             raise UnsupportedModelError(f"tensor {name!r} has unsupported type {info.ggml_type.name}")
         if tuple(info.shape) != (k, rows):
             raise GGUFFormatError(f"tensor {name!r} has shape {tuple(info.shape)}, expected {(k, rows)}")

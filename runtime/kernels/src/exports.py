@@ -27,6 +27,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
 from ggufile.runtime.kernels.src import lanes
 
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
@@ -38,7 +39,7 @@ DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
 # Kernels built on lanes.py: no fast-math at all, which would let LLVM reorder ggml's lane sums.
-LANE_KERNELS = frozenset(f"mv_{t.name.lower()}" for t in lanes.LANE_TYPES)
+LANE_KERNELS = frozenset(f"mv_{t.name.lower()}" for t in LANE_TYPES)
 
 
 def fastmath_for(name: str) -> frozenset:
@@ -674,13 +675,11 @@ def _signatures() -> dict:
         # buf may be a read-only mmap of the file
         "scan_strings": i64(nt.Array(nt.uint8, 1, "C", readonly=True), i64, i64, ids, ids),
     }
-    for name in ("mv_q4_0", "mv_q5_0", "mv_q8_0"):
-        sigs[name] = nt.void(w_q, f32_2d, f32_2d, f32_2d, i64, i64, tab, i64)
-    for name in ("mv_q4_1", "mv_q5_1", "mv_q2_k", "mv_q3_k", "mv_q4_k", "mv_q5_k", "mv_q6_k"):
-        sigs[name] = nt.void(w_q, f32_2d, f32_2d, f32_2d, f32_2d, i64, i64, tab, i64)
-    for name in ("dq_q4_0", "dq_q4_1", "dq_q5_0", "dq_q5_1", "dq_q8_0",
-                 "dq_q2_k", "dq_q3_k", "dq_q4_k", "dq_q5_k", "dq_q6_k"):
-        sigs[name] = nt.void(w_q, ids, f32_2d, tab, i64)
+    for qtype in sorted(BLOCK_TYPES):
+        name = qtype.name.lower()
+        sums = (f32_2d,) if qtype in WITH_SUMS else ()  # xs: Q8_1 d*sum / Q8_K bsums
+        sigs[f"mv_{name}"] = nt.void(w_q, f32_2d, f32_2d, *sums, f32_2d, i64, i64, tab, i64)
+        sigs[f"dq_{name}"] = nt.void(w_q, ids, f32_2d, tab, i64)
     f32_3d = nt.float32[:, :, ::1]
     sigs["round_f16"] = nt.void(f32_2d, f32_2d, i64, i64)
     sigs["geglu_f16"] = nt.void(f32_2d, f32_2d, tab, i64, i64)

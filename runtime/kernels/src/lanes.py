@@ -9,18 +9,15 @@ into the row's accumulator with the block scale; hsum_float_8 then adds the lane
 too: Q4_1/Q5_1/Q5_K into a float scalar added after the lanes, Q4_K into 4 lanes of their own,
 Q2_K into the same 8 lanes (lane k: its groups 2k, 2k+1) just before the block's values.
 Summed in any other order a logit moves by float rounding, and on near-ties that changes the
-greedy token: a per-lane variant of our older float kernels fell to 6/8 identical greedy
-prompts on gemma3 against the 7/8 required. Following ggml's lanes makes each row's result
-bit-identical to its AVX2 result.
+greedy token. Following ggml's lanes makes each row's result bit-identical to its AVX2 result.
 
-The integer part is what Numba loops cannot express fast (they never become maddubs/pmaddwd:
-per-element float conversion ran Q5_0 at 5 GB/s a thread), so it is emitted here directly:
+The integer part is what Numba loops cannot express fast (they never become maddubs/pmaddwd),
+so it is emitted here directly:
 with the x86 AVX2 intrinsics ggml uses when the target has AVX2 (the x86-64-v3/v4 variants,
 or the JIT on such a host), else as portable vector IR (same integers, any target; there
 `llvm.fmuladd` is an unfused multiply-add). Kernels that call these intrinsics are compiled
 without fast-math (exports.fastmath_for): a reassociating flag would let LLVM reorder the lane
-sums. One thread, JIT on a Zen 4: Q5_0 5.0 -> 13.6 GB/s, Q8_0 11.4 -> 28.6 GB/s; AOT
-x86-64-v4: Q2_K 0.63 -> 11.4 GB/s.
+sums. (Speed figures: README, "Speed", and the commit messages.)
 
 `dot_row(qtype, row, x8, xd, xs, tab, nb)` is one row's dot product with 8-bit activations:
 `row` the row's bytes (1-d uint8), `x8` the int8 activation values, `xd` their per-block
@@ -30,9 +27,7 @@ float32 scales, `xs` Q8_1's d * sums or Q8_K's group sums, `tab` the fp16 -> flo
 `dot_f16(row, x16, tab, n)` is ggml_vec_dot_f16 (F16 weights, whose vec_dot_type is F16: the
 activations come as fp16 bit patterns too) under simd-mappings.h's __AVX__/__F16C__/__FMA__
 mapping, GGML_F16_STEP 32 and GGML_F16_EPR 8: four <8 x float> accumulators, one per 8-element
-quarter of each 32; GGML_F32x8_REDUCE; the n % 32 leftovers added one by one in double. The
-bench's F16 matvec, one thread (AOT x86-64-v4 on a Zen 4): 5.1 -> 51 GB/s, as the float loop
-it replaced read every weight through the table.
+quarter of each 32; GGML_F32x8_REDUCE; the n % 32 leftovers added one by one in double.
 
 `dot_bf16(row, x16, n)` is ggml_vec_dot_bf16 (BF16 weights, vec_dot_type BF16: the activations
 come as bf16 bit patterns, rounded by GGML_FP32_TO_BF16), its __AVX2__ branch: four <8 x float>
@@ -54,6 +49,7 @@ from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels import cpu
+from ggufile.runtime.kernels.types import LANE_TYPES  # by name: numba's `types` is used here
 
 I1, I8, I16, I32, I64, F32, F64, HALF = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
                                          ir.IntType(64), ir.FloatType(), ir.DoubleType(), ir.HalfType())
@@ -644,5 +640,5 @@ _BODIES = {int(t): body for t, body in (
     (GGMLType.Q5_1, _dot_q5_1), (GGMLType.Q8_0, _dot_q8_0), (GGMLType.Q2_K, _dot_q2_k),
     (GGMLType.Q3_K, _dot_q3_k), (GGMLType.Q4_K, _dot_q4_k), (GGMLType.Q5_K, _dot_q5_k),
     (GGMLType.Q6_K, _dot_q6_k))}
-# The types whose decode kernels are built here (dot_row's, dot_f16's F16, dot_bf16's BF16).
-LANE_TYPES = frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16}
+# Every lane type (kernels/types.py) has its body here: dot_row's, dot_f16's F16, dot_bf16's BF16.
+assert frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16} == LANE_TYPES

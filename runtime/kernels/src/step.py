@@ -92,9 +92,9 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q4_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _Q5_K:
             _mv_q5_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
-        else:
+        elif qt == _Q6_K:
             _mv_q6_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
-    else:
+    elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0:
         xq, xd, xs = _head(acts[0], k), _head(acts[1], k // qk), _head(acts[2], k // qk)
         if qt == _Q4_0:
             _mv_q4_0(w, xq, xd, out, r0, r1, tab, qk)
@@ -104,8 +104,9 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q5_0(w, xq, xd, out, r0, r1, tab, qk)
         elif qt == _Q5_1:
             _mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk)
-        else:
+        elif qt == _Q8_0:
             _mv_q8_0(w, xq, xd, out, r0, r1, tab, qk)
+    # no else: the packer (model/step.py) admits only the types above, a test keeps the two equal
 
 
 @njit
@@ -139,7 +140,7 @@ def _get_row(blob, tensors, t, token, out, tab, qk, qk_k):
         _dq_f16(w.view(np.uint16), ids, out, tab)
     elif qt == _BF16:
         _dq_bf16(w.view(np.uint16), ids, out)
-    else:  # F32
+    elif qt == _F32:
         row = w.view(np.float32)[token]
         for j in range(out.shape[1]):
             out[0, j] = row[j]
