@@ -85,3 +85,4 @@ def test_real_ollama_chat(smollm2_path):
         assert body["message"]["content"] and body["eval_count"] <= 8
         tags = httpx.get(url + "/api/tags", timeout=30).json()["models"][0]
         assert tags["details"]["family"] == "llama" and tags["size"] > 10**7
+        assert tags["details"]["quantization_level"] == "Q4_1"

@@ -218,7 +218,7 @@ def _ftype_name(ftype) -> str:
     try:
         from ggufile.runtime.gguf.constants import Ftype
 
-        return Ftype(ftype).name if ftype is not None else ""
+        return Ftype(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ftype is not None else ""
     except (ImportError, ValueError):
         return ""
 
