@@ -210,15 +210,8 @@ def _stop(finish: str, state, req, engine) -> tuple[str, str | None]:
     """Anthropic's stop_reason and the stop sequence that ended the text, if one did."""
     if finish != "stop":
         return STOP_REASONS.get(finish, finish), None
-    if state.ended_by_token or not req.stop:
-        return "end_turn", None
-    return "stop_sequence", _which_stop(state, req, engine)
-
-
-def _which_stop(state, req, engine) -> str | None:
-    full = engine.detokenize(state.tokens)
-    hits = [(full.find(w), w) for w in req.stop if w in full]
-    return min(hits)[1] if hits else req.stop[0]
+    word = state.stop_word(req.stop, engine)
+    return ("stop_sequence", word) if word is not None else ("end_turn", None)
 
 
 def _event(name: str, data: dict) -> bytes:

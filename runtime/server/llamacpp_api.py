@@ -19,7 +19,7 @@ from ggufile.runtime.server import app as core
 from ggufile.runtime.server import openai_api
 from ggufile.runtime.server.format import sse, timings
 from ggufile.runtime.server.generation import Plan, token_bytes
-from ggufile.runtime.server.schema import (ApiError, _boolean, bad_param, parse_chat_request,
+from ggufile.runtime.server.schema import (ApiError, boolean, bad_param, parse_chat_request,
                                            parse_completion_request, parse_tokenize)
 from ggufile.runtime.server.queue import Job
 
@@ -50,8 +50,8 @@ async def completion(request: Request) -> Response:
     req = parse_completion_request(body, s.defaults)
     if req.n != 1:
         raise bad_param("n", "/completion makes one completion; use /v1/completions for n > 1")
-    cache_prompt = _boolean(body, "cache_prompt", True)
-    return_tokens = _boolean(body, "return_tokens")
+    cache_prompt = boolean(body, "cache_prompt", True)
+    return_tokens = boolean(body, "return_tokens")
     ids = await openai_api.prepare(s, req)
     plan = await openai_api.plan_for(s, req, ids)
     plan.reset_cache = not cache_prompt
@@ -72,19 +72,18 @@ class Final:
     def __init__(self, s, req, plan: Plan, prompt_ids: list[int], return_tokens: bool):
         self.engine, self.req, self.plan, self.prompt_ids = s.engine, req, plan, prompt_ids
         self.return_tokens = return_tokens
-        self.text: list[str] = []
-        self.tokens: list[int] = []
-        self.records: list = []
-        self.stop_type = "limit"
+        self.state = openai_api.ChoiceState(0)
+        self.feed = self.state.feed
 
-    def feed(self, step) -> None:
-        self.text.append(step.text)
-        if step.token_id is not None and not step.end_of_generation:
-            self.tokens.append(step.token_id)
-        if step.logprob is not None:
-            self.records.append(step.logprob)
-        if step.finish_reason == "stop":
-            self.stop_type = "eos" if step.end_of_generation else "word"
+    @property
+    def tokens(self) -> list[int]:
+        return self.state.tokens
+
+    @property
+    def stop_type(self) -> str:
+        if self.state.finish_reason != "stop":
+            return "limit"
+        return "eos" if self.state.ended_by_token else "word"
 
     def probs(self, records) -> list[dict]:
         piece = lambda t: token_bytes(self.engine, t)
@@ -94,12 +93,6 @@ class Final:
             return {"id": token, "token": raw.decode("utf-8", "replace"), "bytes": list(raw), "logprob": logprob}
         return [dict(entry(r.token, r.logprob), top_logprobs=[entry(t, lp) for t, lp in r.top]) for r in records]
 
-    def stopping_word(self) -> str:
-        if self.stop_type != "word":
-            return ""
-        full = self.engine.detokenize(self.tokens)
-        hits = [(full.find(w), w) for w in self.req.stop if w in full]
-        return min(hits)[1] if hits else ""
 
     def partial(self, step, new_tokens: list[int], records: list) -> dict:
         out = {"index": 0, "content": step.text, "tokens": new_tokens if self.return_tokens else [],
@@ -110,7 +103,7 @@ class Final:
         return out
 
     def whole(self, job: Job, streamed: bool) -> dict:
-        text = "".join(self.text)
+        text = "".join(self.state.text)
         req, n_prompt = self.req, len(self.prompt_ids)
         out = {"index": 0, "content": "" if streamed else text,
                "tokens": [] if streamed or not self.return_tokens else self.tokens,
@@ -120,10 +113,11 @@ class Final:
                                                   ignore_eos=req.ignore_eos, n_probs=req.top_logprobs or 0),
                "prompt": req.prompt if isinstance(req.prompt, str) else self.engine.detokenize(req.prompt),
                "has_new_line": "\n" in text, "truncated": False, "stop_type": self.stop_type,
-               "stopping_word": self.stopping_word(), "tokens_cached": n_prompt + len(self.tokens),
+               "stopping_word": self.state.stop_word(req.stop, self.engine) or "",
+               "tokens_cached": n_prompt + len(self.tokens),
                "timings": timings(job.timings, n_prompt)}
         if not streamed and self.plan.top_logprobs is not None:
-            out["completion_probabilities"] = self.probs(self.records)
+            out["completion_probabilities"] = self.probs(self.state.records)
         return out
 
 
@@ -203,7 +197,7 @@ async def apply_template(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     body = await core.read_json(request)
     content, add_special, parse_special = parse_tokenize(body)
-    with_pieces = _boolean(body, "with_pieces")
+    with_pieces = boolean(body, "with_pieces")
     engine = core._state(request).engine
     ids = await run_in_threadpool(engine.tokenize, content, add_special, parse_special)
     if not with_pieces:

@@ -150,6 +150,15 @@ class ChoiceState:
         if step.logprob is not None:
             self.records.append(step.logprob)
 
+    def stop_word(self, stops: list[str], engine) -> str | None:
+        """The stop string that ended the text, if one did (the earliest in the drawn tokens' text:
+        the engine cut the text there)."""
+        if self.ended_by_token or self.finish_reason != "stop" or not stops:
+            return None
+        full = engine.detokenize(self.tokens)
+        hits = [(full.find(w), w) for w in stops if w in full]
+        return min(hits)[1] if hits else stops[0]
+
 
 def logprobs_object(completion: Completion, engine, records, text_offset: int = 0) -> dict:
     piece = lambda t: token_bytes(engine, t)

@@ -97,7 +97,7 @@ def _integer(body: dict, name: str, lo: int, hi: int, default=None):
     return value
 
 
-def _boolean(body: dict, name: str, default: bool = False) -> bool:
+def boolean(body: dict, name: str, default: bool = False) -> bool:
     value = body.get(name)
     if value is None:
         return default
@@ -289,7 +289,7 @@ def _top_logprobs(body: dict, chat: bool) -> int | None:
     """None: no logprobs. Chat: logprobs (bool) + top_logprobs; completions: logprobs (int);
     llama.cpp: n_probs."""
     if chat:
-        wanted = _boolean(body, "logprobs")
+        wanted = boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
         if top is not None and not wanted:
             raise bad_param("top_logprobs", "'top_logprobs' needs 'logprobs': true")
@@ -310,7 +310,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise bad_param("stream_options", "'stream_options' must be an object", "invalid_type")
     if not stream:
         raise bad_param("stream_options", "'stream_options' is only allowed when 'stream' is true")
-    return _boolean(opts, "include_usage")
+    return boolean(opts, "include_usage")
 
 
 @dataclass(frozen=True)
@@ -326,12 +326,12 @@ def _common(body: Any, defaults: Defaults | None, chat: bool) -> dict:
         raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
     defaults = defaults or Defaults()
     _refuse_unsupported(body)
-    stream = _boolean(body, "stream")
+    stream = boolean(body, "stream")
     return dict(model=_model(body), params=_sampling(body, defaults.params),
                 max_tokens=_max_tokens(body, defaults.max_tokens), stop=_stop(body),
                 stream=stream, include_usage=_stream_options(body, stream),
                 n=_integer(body, "n", 1, MAX_CHOICES, 1), top_logprobs=_top_logprobs(body, chat),
-                logit_bias=_logit_bias(body), ignore_eos=_boolean(body, "ignore_eos"),
+                logit_bias=_logit_bias(body), ignore_eos=boolean(body, "ignore_eos"),
                 constraint=_constraint(body))
 
 
@@ -407,7 +407,7 @@ def parse_completion_request(body: Any, defaults: Defaults | None = None) -> Gen
     elif not isinstance(prompt, str):
         raise bad_param("prompt", "'prompt' must be a string (batches of prompts are not supported)",
                         "invalid_type")
-    return GenerationRequest(prompt=prompt, echo=_boolean(body, "echo"), **common)
+    return GenerationRequest(prompt=prompt, echo=boolean(body, "echo"), **common)
 
 
 # -- llama.cpp's /tokenize and /detokenize -------------------------------------------------------
@@ -416,7 +416,7 @@ def parse_tokenize(body: Any) -> tuple[str, bool, bool]:
     """-> (content, add_special, parse_special), llama.cpp's fields and defaults."""
     if not isinstance(body, dict) or not isinstance(body.get("content"), str):
         raise bad_param("content", "'content' must be a string", "invalid_type")
-    return body["content"], _boolean(body, "add_special", False), _boolean(body, "parse_special", True)
+    return body["content"], boolean(body, "add_special", False), boolean(body, "parse_special", True)
 
 
 def parse_detokenize(body: Any) -> list[int]:
