@@ -80,14 +80,15 @@ async def prepare(s, req: GenerationRequest) -> list[int]:
 
 
 async def plan_for(s, req: GenerationRequest, ids: list[int]) -> Plan:
-    """The request's plan; a grammar is compiled here (thread pool: the first one builds the
-    grammar engine's view of the vocabulary, about a second)."""
+    """The request's plan, made on the thread pool: a grammar compiles there (the first one
+    builds the grammar engine's view of the vocabulary, about a second), and logit_bias texts
+    are tokenized there."""
     grammar = None
     if req.constraint is not None:
         from ggufile.runtime.server.constrained import compile_constraint
 
         grammar = await run_in_threadpool(compile_constraint, s.engine, req.constraint)
-    return make_plan(s.engine, req, ids, grammar)
+    return await run_in_threadpool(make_plan, s.engine, req, ids, grammar)
 
 
 def setup_tools(engine, req: GenerationRequest):

@@ -86,6 +86,9 @@ def parse_tools(body: dict) -> ToolSpec | None:
     return ToolSpec(functions, choice, named, parallel)
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule; also keeps markup out of templates
+
+
 def _function(i: int, tool) -> dict:
     where = f"tools[{i}]"
     if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(
@@ -93,7 +96,7 @@ def _function(i: int, tool) -> dict:
         raise bad_param(where, f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}", "invalid_type")
     fn = tool["function"]
     name = fn.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise bad_param(where, f"'{where}.function.name' must be 1-64 letters, digits, _ . -")
     params = fn.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict):
@@ -111,8 +114,9 @@ def parse_tool_calls(where: str, calls) -> list[dict]:
     out = []
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad_param(f"{where}[{j}]", f"'{where}[{j}]' must be a function call", "invalid_type")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not _NAME_RE.fullmatch(fn["name"]):
+            raise bad_param(f"{where}[{j}]", f"'{where}[{j}]' must be a function call with a valid name",
+                            "invalid_type")
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
