@@ -155,3 +155,31 @@ def test_real_tool_call_round_trip(api):
                                          temperature=0, max_tokens=40, stream=True, parallel_tool_calls=False)
     names = [tc.function.name for chunk in stream for c in chunk.choices for tc in (c.delta.tool_calls or [])]
     assert names == ["get_weather"]
+
+
+class ToolTemplate:
+    """A template that takes tools itself (as Qwen's does): tools and calls rendered as JSON."""
+
+    source = "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}... tool_call ..."
+    bos_token, eos_token = "", ""
+
+    def render(self, messages, add_generation_prompt=True, tools=None):
+        head = f"<tools>{json.dumps(tools)}</tools>" if tools else ""
+        body = "".join(f"<{m['role']}>{m.get('content') or ''}{json.dumps(m.get('tool_calls', []))}\n"
+                       for m in messages)
+        return head + body + "<assistant>"
+
+
+def test_native_template_gets_tools_and_calls_as_data():
+    engine = FakeEngine(reply=CALL_TEXT, n_ctx=4096)
+    engine.chat_template = ToolTemplate()
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "20 C"}]
+    with running_server(create_app(engine)) as url:
+        body = httpx.post(url + CHAT, json={"messages": history, "tools": [WEATHER]}, timeout=30).json()
+    prompt = engine.detokenize(engine.calls[-1]["prompt_ids"])
+    assert prompt.startswith("<tools>[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"")
+    assert '"arguments": {"city": "Rome"}' in prompt  # arguments as an object, as templates expect
+    assert "<tool>20 C" in prompt and "<tool_response>" not in prompt  # no Hermes fallback
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
