@@ -36,6 +36,16 @@ def test_grammar_overrides_the_fake_reply(client):
     assert body["content"].startswith("yes")
 
 
+def test_grammar_with_everything_banned_still_ends(client):
+    """ignore_eos bans the end token the finished grammar insists on: the output still ends."""
+    body = client.post(CHAT, json={"messages": HI, "grammar": 'root ::= "no"', "ignore_eos": True,
+                                   "max_tokens": 5, "temperature": 1.0}).json()
+    assert body["choices"][0]["message"]["content"] == "no"
+    body = client.post(CHAT, json={"messages": HI, "grammar": 'root ::= "no"', "temperature": 1.0,
+                                   "logit_bias": [["n", False]], "max_tokens": 5}).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize("body, param", [
     ({"grammar": "root ::= ("}, "grammar"), ({"grammar": 5}, "grammar"),
     ({"json_schema": "not a schema"}, "json_schema"),

@@ -125,6 +125,8 @@ class GrammarHook:
         out = np.full_like(logits, -np.inf)
         n = min(len(allowed), len(logits))
         out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
+        if not np.isfinite(out).any():  # every allowed token was banned (ignore_eos, logit_bias): end
+            out[self.end] = 0.0
         return out
 
     def accept(self, token: int, logits: np.ndarray) -> None:
