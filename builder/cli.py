@@ -47,8 +47,8 @@ class GgufileGroup(click.Group):
             return super().invoke(ctx)
         except GGUFileError as err:
             raise click.ClickException(str(err)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click itself ends a broken pipe (`ggufile inspect X | head`) quietly
         except Exception as err:  # noqa: BLE001 -- one line, not a traceback (GGUFILE_DEBUG=1 shows it)
             if os.environ.get(DEBUG_ENV):
                 raise

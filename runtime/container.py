@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ggufile.runtime.errors import GGUFileError, GGUFFormatError, os_errors_as
+from ggufile.runtime.gguf.constants import GGUF_MAGIC
 
 FORMAT_VERSION = 1
 ALIGNMENT = 64 * 1024  # GGUF start: page aligned for every page size in use (4K..64K)
@@ -110,6 +111,19 @@ class EmbeddedModel:
     def verify(self, progress=None) -> bool:
         return self.compute_sha256(progress) == self.sha256
 
+    def quick_check(self) -> None:
+        """What every start checks in microseconds (the full sha256 is `--verify`): the file is as
+        long as the trailer says and the GGUF starts where it says. Catches truncated and
+        misassembled copies; a flipped bit inside the weights needs the checksum."""
+        damaged = f"{self.path}: damaged (%s); get a fresh copy, or run it with --verify for details"
+        with os_errors_as(GGUFileError, self.path), open(self.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            if self.offset + self.size > end:
+                raise GGUFFormatError(damaged % f"the model needs {self.offset + self.size} bytes, the file has {end}")
+            f.seek(self.offset)
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise GGUFFormatError(damaged % f"no GGUF model at offset {self.offset}")
+
     def describe(self, verify: bool | None = None) -> dict:
         """What `--info` and `ggufile inspect` print. verify=True checks the sha256 (reads it all)."""
         # a .pyz carries the runtime that built it; an executable, the runtime of its stub
@@ -168,6 +182,8 @@ def read_exe(path: Path) -> EmbeddedModel:
             f.seek(end - FOOTER.size)
             if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] == TRAILER_MAGIC:
                 return _read_trailer(f, path, end, "cached")
+    if _is_cached_launcher(path):
+        raise GGUFFormatError(f"{path}: damaged, its end is missing (truncated copy?); get a fresh copy")
     pkg_offset = _archive_offset(path)
     with open(path, "rb") as f:
         if pkg_offset < FOOTER.size:
@@ -176,6 +192,11 @@ def read_exe(path: Path) -> EmbeddedModel:
         if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] != TRAILER_MAGIC:
             raise GGUFileError(f"{path}: no model inside (this is a bare ggufile stub)")
         return _read_trailer(f, path, pkg_offset, "onefile")
+
+
+def _is_cached_launcher(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(40).startswith(b"#!/bin/sh\n# A ggufile executable")
 
 
 def _read_trailer(f, path: Path, trailer_end: int, launcher: str) -> EmbeddedModel:

@@ -165,6 +165,17 @@ class Engine:
         self._cached_ids += ids
         return logits
 
+    def cached_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the KV cache already holds (reused, not recomputed)."""
+        return _common_prefix(self._cached_ids, ids)
+
+    def keep_prefix(self, ids: list[int]) -> None:
+        """Drop the cached tokens past the common prefix with `ids` (e.g. an undone chat turn)."""
+        common = self.cached_prefix(ids)
+        del self._cached_ids[common:]
+        if self._cache is not None:
+            self._cache.truncate(common)
+
     def reset(self) -> None:
         """Forget the cached sequence (the next prompt is processed from scratch)."""
         self._cached_ids = []

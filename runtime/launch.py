@@ -32,6 +32,7 @@ def launch(argv: list[str] | None = None, container: Path | None = None) -> int:
         if path is None:
             raise GGUFileError("not running from a ggufile executable; use `ggufile run -m MODEL`")
         embedded = read_container(path)
+        embedded.quick_check()
         from ggufile.runtime.cli import main  # lazily: the model is located (and errors reported) first
 
         return main(argv, embedded=embedded)
