@@ -95,7 +95,12 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
     if threads:
         os.environ["GGUFILE_THREADS"] = str(threads)  # read by the kernels' thread pool at import
     if prompt_file is not None:
-        prompt = prompt_file.read()
+        try:
+            prompt = prompt_file.read()
+        except UnicodeDecodeError as err:
+            raise GGUFileError(f"-f {prompt_file.name}: not UTF-8 text (byte offset {err.start})") from None
+    for name, text in (("-p/--prompt", prompt), ("--system", system)):
+        check_utf8(name, text)
     if info:
         _print_info(embedded, model_path)
         return
@@ -162,6 +167,18 @@ def _verify(embedded, model_path) -> None:
         raise GGUFileError(f"{embedded.path}: checksum MISMATCH, the embedded model is corrupted "
                            "(get a fresh copy)")
     click.echo(f"{embedded.path}: OK (sha256 {embedded.sha256})", err=True)
+
+
+def check_utf8(option: str, text: str | None) -> None:
+    """Arguments that were not UTF-8 reach Python as lone surrogates; say so in one line."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        raise GGUFileError(f"{option} is not valid UTF-8 (byte 0x{bad.hex()} at character {err.start}); "
+                           "use a UTF-8 terminal or -f FILE") from None
 
 
 def _perplexity(embedded, model_path, text, ctx_size) -> None:

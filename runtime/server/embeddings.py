@@ -118,7 +118,7 @@ async def embeddings(request: Request) -> Response:
         if not ids or len(ids) > engine.n_ctx:
             raise bad_param("input", f"input {i} has {len(ids)} tokens; 1 to {engine.n_ctx} fit")
 
-    def work(eng) -> Iterator[Embeddings]:
+    def work(eng, cancelled=None) -> Iterator[Embeddings]:
         e = embedder(eng)
         yield Embeddings([e.embed(ids) for ids in batches])
     try:

@@ -41,8 +41,9 @@ class Plan:
     reset_cache: bool = False  # llama.cpp's cache_prompt=false: process the prompt from scratch
     cached_tokens: int = field(default=0, init=False)  # prompt tokens found in the KV cache
 
-    def run(self, engine) -> Iterator[Step]:
-        """The steps of every choice in order (runs on the worker thread, engine locked)."""
+    def run(self, engine, cancelled=None) -> Iterator[Step]:
+        """The steps of every choice in order (runs on the worker thread, engine locked);
+        `cancelled` stops a prompt's processing early (engine.generate's)."""
         eog = end_tokens(engine)
         if self.reset_cache and hasattr(engine, "reset"):
             engine.reset()
@@ -55,6 +56,8 @@ class Plan:
             if recorder:
                 hooks.append(recorder)
             kwargs = {"hooks": hooks} if hooks else {}
+            if cancelled is not None:
+                kwargs["cancelled"] = cancelled
             chunks = engine.generate(self.prompt_ids, params, self.max_tokens, self.stop, **kwargs)
             if choice == 0:
                 self.cached_tokens = getattr(engine, "cached_prompt_tokens", 0)

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ggufile.runtime.errors import Cancelled
 from ggufile.runtime.sampling import SamplingParams
 
 _DONE = object()  # end of a job's output
@@ -46,7 +47,8 @@ class Job:
     timings: Timings = field(default_factory=Timings)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_release: Callable[["Job"], None] | None = None
-    # What to run instead of one plain engine.generate (several choices, hooks): engine -> chunks.
+    # What to run instead of one plain engine.generate (several choices, hooks):
+    # (engine, cancelled event) -> chunks.
     work: Callable | None = None
     done: bool = False  # the request side has read the whole output
     _released: bool = False
@@ -162,6 +164,8 @@ class GenerationQueue:
             try:
                 with self.engine.lock:
                     self._generate(job)
+            except Cancelled:
+                pass  # the client hung up while its prompt was processed: nobody to tell
             except Exception as err:  # reported to that request; the worker keeps serving
                 job.post(err)
             finally:
@@ -171,9 +175,10 @@ class GenerationQueue:
 
     def _generate(self, job: Job) -> None:
         if job.work is not None:
-            chunks = job.work(self.engine)
+            chunks = job.work(self.engine, job.cancelled)
         else:
-            chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop)
+            chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
+                                          cancelled=job.cancelled)
         try:
             for chunk in chunks:
                 if not job.timings.first_token:
