@@ -273,15 +273,16 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The whole prompt as text (for display and for templates with no placeholders)."""
-        return "".join(s.text for s in self.render_segments(messages, add_generation_prompt))
+        return "".join(s.text for s in self.render_segments(messages, add_generation_prompt, tools))
 
-    def render_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[Segment]:
+    def render_segments(self, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list | None = None) -> list[Segment]:
         """The prompt split into template markup and message contents, in order."""
         contents = _Contents()
         masked = [dict(m, content=contents.wrap(_content_text(m))) for m in messages]
-        rendered = self._render(masked, add_generation_prompt)
+        rendered = self._render(masked, add_generation_prompt, tools)
         segments: list[Segment] = []
         pos = 0
         for match in _PLACEHOLDER_RE.finditer(rendered):
@@ -291,13 +292,14 @@ class ChatTemplate:
         segments.append(Segment(rendered[pos:], True))
         return [s for s in segments if s.text]
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+        extra = {"tools": tools} if tools else {}  # templates test `tools is defined` / `if tools`
         parts, size = [], 0
         try:
             with _Deadline(RENDER_SECONDS):
                 for part in self._template.generate(
                         messages=messages, add_generation_prompt=add_generation_prompt,
-                        bos_token=self.bos_token, eos_token=self.eos_token):
+                        bos_token=self.bos_token, eos_token=self.eos_token, **extra):
                     size += len(part)
                     if size > MAX_OUTPUT_CHARS:
                         raise GGUFileError(f"chat template error: the prompt exceeds {MAX_OUTPUT_CHARS} characters")
@@ -324,10 +326,11 @@ def _template_error_text(err: Exception) -> str:
 
 
 def _content_text(message: dict) -> str:
-    """Contents as text; OpenAI-style lists of parts are joined (text parts only)."""
+    """Contents as text; OpenAI-style lists of parts are joined with newlines, as llama.cpp
+    joins them (text parts only)."""
     content = message.get("content") or ""
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
     if not isinstance(content, str):
         raise GGUFileError("message content must be a string")
     return content

@@ -67,6 +67,8 @@ def model_options(f):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Server address (0.0.0.0 shares it on your network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require this Bearer key on API requests.")
+@click.option("-a", "--alias", default=None, help="The model name the server reports (default: the model's own).")
+@click.option("--embeddings", is_flag=True, help="Also serve /v1/embeddings (mean-pooled hidden states).")
 @click.option("--nobrowser", is_flag=True, help="Do not open a browser when the server starts.")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Let web pages from this origin call the API (repeatable; default: same origin only).")
@@ -80,8 +82,8 @@ def model_options(f):
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, nobrowser, cors_origins, info, verify_model, perplexity,
-                display_prompt, verbose, **sampling):
+                server, host, port, api_key, alias, embeddings, nobrowser, cors_origins, info, verify_model,
+                perplexity, display_prompt, verbose, **sampling):
     """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server).
 
     With none of these, on a terminal: chat there, with the server in the background."""
@@ -114,16 +116,26 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
         click.echo(f"warning: -c {ctx_size} is past the model's training context ({engine.n_ctx} tokens); "
                    f"using {engine.n_ctx}", err=True)
     params = SamplingParams(**sampling)
+    if alias:
+        engine.model_name = alias
+    # The sampling flags and -n are the defaults of API requests that leave them out (llama-server).
+    api_defaults = dict(defaults=_api_defaults(params, n_predict), embeddings=embeddings)
     if server:
         from ggufile.runtime.server.app import serve
 
         serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser,
-              allowed_origins=tuple(cors_origins), log=_log_line)
+              allowed_origins=tuple(cors_origins), log=_log_line, **api_defaults)
     elif chat or bare:
         _chat(engine, params, system, n_predict, bare and dict(host=host, port=port, api_key=api_key,
-                                                               allowed_origins=tuple(cors_origins)))
+                                                               allowed_origins=tuple(cors_origins), **api_defaults))
     else:
         complete(engine, prompt, params, n_predict, display_prompt, verbose)
+
+
+def _api_defaults(params: SamplingParams, n_predict: int):
+    from ggufile.runtime.server.schema import Defaults
+
+    return Defaults(params, n_predict if n_predict >= 0 else None)
 
 
 def _log_line(text: str) -> None:

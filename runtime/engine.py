@@ -57,6 +57,7 @@ class Engine:
         self.lock = threading.Lock()
         self._cache = None
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
+        self.cached_prompt_tokens = 0  # of the last prompt, found in the cache
 
     @classmethod
     def open(cls, path: str | os.PathLike, offset: int = 0, size: int | None = None,
@@ -92,10 +93,11 @@ class Engine:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render the chat template and tokenize it: control tokens are parsed in the template's
-        own markup only, never in message contents."""
-        segments = self.chat_template.render_segments(messages, add_generation_prompt)
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
+        """Render the chat template (with OpenAI-style `tools` for templates that take them) and
+        tokenize it: control tokens are parsed in the template's own markup only, never in
+        message contents."""
+        segments = self.chat_template.render_segments(messages, add_generation_prompt, tools)
         tok = self.tokenizer
         ids = tok.encode_segments([(seg.text, seg.is_markup) for seg in segments], add_special=False)
         # Templates like gemma's write {{ bos_token }} themselves; add BOS only where they don't.
@@ -106,9 +108,13 @@ class Engine:
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
                  max_tokens: int | None = None, stop: list[str] | tuple = (),
-                 cancelled: threading.Event | None = None) -> Iterator[Chunk]:
+                 cancelled: threading.Event | None = None, hooks=()) -> Iterator[Chunk]:
         """Stream the continuation of `prompt_ids`. Closing the iterator stops the generation;
-        `cancelled` being set stops the prompt processing (errors.Cancelled) between batches."""
+        `cancelled` being set stops the prompt processing (errors.Cancelled) between batches.
+
+        hooks: objects with `adjust(logits) -> logits` (called before each draw: biases, grammar
+        masks) and `accept(token, logits)` (after it, with the model's own logits: logprobs,
+        grammar state); see server/logits.py."""
         params = params or SamplingParams()
         if not prompt_ids:
             raise GGUFileError("the prompt is empty")
@@ -117,9 +123,9 @@ class Engine:
             raise GGUFileError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.n_ctx}")
         max_tokens = room if max_tokens is None or max_tokens < 0 else min(max_tokens, room)
         logits = self._prefill(prompt_ids, cancelled)
-        return self._decode_loop(logits, list(prompt_ids), params, max_tokens, list(stop))
+        return self._decode_loop(logits, list(prompt_ids), params, max_tokens, list(stop), tuple(hooks))
 
-    def _decode_loop(self, logits, history, params, max_tokens, stop) -> Iterator[Chunk]:
+    def _decode_loop(self, logits, history, params, max_tokens, stop, hooks=()) -> Iterator[Chunk]:
         from ggufile.runtime.tokenizer.tokenizer import StreamDecoder
 
         sampler = Sampler(params)
@@ -127,7 +133,12 @@ class Engine:
         stopper = StopStrings(stop)
         eog = self.tokenizer.eog_ids
         for i in range(max_tokens):
+            raw = logits
+            for hook in hooks:
+                logits = hook.adjust(logits)
             token = sampler.sample(logits, history)
+            for hook in hooks:
+                hook.accept(token, raw)
             if token in eog:
                 yield Chunk(token, stopper.flush() + decoder.flush(), "stop")
                 return
@@ -149,6 +160,7 @@ class Engine:
             self._cache = self.model.new_cache(self.n_ctx)
         common = _common_prefix(self._cached_ids, prompt_ids)
         common = min(common, len(prompt_ids) - 1)  # at least one token to get fresh logits
+        self.cached_prompt_tokens = common  # reported as usage.prompt_tokens_details.cached_tokens
         self._cache.truncate(common)
         del self._cached_ids[common:]
         rest = prompt_ids[common:]

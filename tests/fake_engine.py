@@ -4,6 +4,8 @@ runs an app under uvicorn on a free localhost port in a background thread.
 FakeEngine tokenizes to UTF-8 bytes (id = byte + 3; 0 = BOS, 1 = EOS, 2 = unused) and answers
 every prompt with `reply`, one character per token, then EOS. It records what it was asked and
 whether generations ever overlapped, so tests can check the server's side of the contract.
+Hooks (logit bias, logprobs, grammars) see logits that make the reply's next character 10 nats
+likelier than any other token; a hook that changes them changes the answer.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
+
 from ggufile.runtime.engine import Chunk, StopStrings
 from ggufile.runtime.errors import Cancelled, GGUFileError
 from ggufile.runtime.sampling import SamplingParams
@@ -19,12 +23,34 @@ from ggufile.runtime.sampling import SamplingParams
 BOS, EOS, OFFSET = 0, 1, 3
 
 
+class FakeTemplate:
+    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    bos_token, eos_token = "<s>", "</s>"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+
+class FakeTokenizer:
+    eog_ids = frozenset({EOS})
+
+    @staticmethod
+    def token_to_piece(token: int) -> bytes:
+        return bytes([token - OFFSET]) if token >= OFFSET else b""
+
+
 class FakeEngine:
+    chat_template = FakeTemplate()
+    tokenizer = FakeTokenizer()
+
     def __init__(self, reply: str = "Hello from the fake engine.", n_ctx: int = 256,
                  token_delay: float = 0.0, model_name: str = "fake-model"):
         self.model_name = model_name
         self.n_ctx = n_ctx
         self.n_vocab = 256 + OFFSET
+        self.eog_ids = frozenset({EOS})
+        self.cached_prompt_tokens = 0
+        self._last_prompt: list[int] = []
         self.reply = reply
         self.token_delay = token_delay
         self.lock = threading.Lock()
@@ -48,20 +74,28 @@ class FakeEngine:
             raise IndexError("token id out of range")
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace")
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-        return self.tokenize(text)
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> list[int]:
+        return self.tokenize(self.chat_template.render(messages, add_generation_prompt, tools))
+
+    def reset(self) -> None:
+        self._last_prompt = []
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                 max_tokens: int | None = None, stop=(), cancelled=None) -> Iterator[Chunk]:
+                 max_tokens: int | None = None, stop=(), cancelled=None, hooks=()) -> Iterator[Chunk]:
         if not prompt_ids:
             raise GGUFileError("the prompt is empty")
         room = self.n_ctx - len(prompt_ids)
         if room <= 0:
             raise GGUFileError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.n_ctx}")
         self.calls.append({"prompt_ids": list(prompt_ids), "params": params, "max_tokens": max_tokens,
-                           "stop": list(stop)})
+                           "stop": list(stop), "hooks": list(hooks)})
+        common = 0
+        while common < min(len(prompt_ids), len(self._last_prompt)) - 0 and \
+                prompt_ids[common] == self._last_prompt[common]:
+            common += 1
+        self.cached_prompt_tokens = min(common, len(prompt_ids) - 1)
+        self._last_prompt = list(prompt_ids)
         if self.fail_with:
             raise self.fail_with
         if self.prefill_delay:  # "prompt processing": polls `cancelled` like Engine._prefill
@@ -72,9 +106,24 @@ class FakeEngine:
                     raise Cancelled()
                 time.sleep(0.01)
         limit = room if max_tokens is None or max_tokens < 0 else min(max_tokens, room)
-        return self._run(limit, list(stop))
+        return self._run(limit, list(stop), list(hooks))
 
-    def _run(self, limit: int, stop: list[str]) -> Iterator[Chunk]:
+    def _draw(self, i: int, hooks) -> int:
+        """The reply's i-th character (or EOS), unless a hook says otherwise."""
+        want = self.reply[i].encode("utf-8")[0] + OFFSET if i < len(self.reply) else EOS
+        if not hooks:
+            return want
+        raw = np.zeros(self.n_vocab, dtype=np.float32)
+        raw[want] = 10.0
+        logits = raw
+        for hook in hooks:
+            logits = hook.adjust(logits)
+        token = int(np.argmax(logits))
+        for hook in hooks:
+            hook.accept(token, raw)
+        return token
+
+    def _run(self, limit: int, stop: list[str], hooks=()) -> Iterator[Chunk]:
         """Engine._decode_loop's structure, with `reply` standing in for the model."""
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -87,12 +136,12 @@ class FakeEngine:
                 if self.token_delay:
                     time.sleep(self.token_delay)
                 self.tokens_generated += 1
-                if i >= len(self.reply):
+                token = self._draw(i, hooks)
+                if token == EOS:
                     finished = True
                     yield Chunk(EOS, stopper.flush(), "stop")
                     return
-                ch = self.reply[i]
-                token = ch.encode("utf-8")[0] + OFFSET
+                ch = self.detokenize([token])
                 text, hit = stopper.feed(ch)
                 if hit or i == limit - 1:
                     finished = True

@@ -7,6 +7,7 @@ Each executable runs as a subprocess and must behave exactly like `ggufile run` 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -244,6 +245,13 @@ def test_cached_executable_serves_the_openai_api(cached_exe, tmp_path):
         reply = client.chat.completions.create(model="local", max_tokens=12, temperature=0,
                                                messages=[{"role": "user", "content": "What is 2+2?"}])
         assert "4" in reply.choices[0].message.content
+        # The grammar engine (llguidance) is frozen in too: constrained output works.
+        schema = {"type": "object", "properties": {"answer": {"enum": [3, 4, 5]}}, "required": ["answer"],
+                  "additionalProperties": False}
+        shaped = client.chat.completions.create(
+            model="any", max_tokens=40, temperature=0, messages=[{"role": "user", "content": "What is 2+2?"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        assert json.loads(shaped.choices[0].message.content)["answer"] in (3, 4, 5)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

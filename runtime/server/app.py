@@ -4,11 +4,12 @@
     app = create_app(engine)                          # the Starlette app alone (tests)
 
 Routes: GET / (web UI), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
-POST /v1/completions (both with `stream`), POST /tokenize and /detokenize (llama.cpp's shapes).
+POST /v1/completions (both with `stream`), POST /tokenize and /detokenize (llama.cpp's shapes);
+the OpenAI routes also without the /v1 prefix, as llama-server has them. The generation
+endpoints themselves live in one module per API dialect (openai_api.py, ...).
 
-The `model` field is lenient but not blind: it may be absent, the served model's name, its file
-stem, or one of the generic aliases "default", "local", "ggufile" (compared case-insensitively);
-anything else is 404 `model_not_found`, so a client pointed at the wrong server finds out.
+The server serves one model, so the `model` field may name anything ("gpt-4o", "any"), as in
+llama-server and llamafile: the answer reports the served model's name (--alias sets it).
 
 Generation runs on one worker thread, one request at a time in arrival order (server/queue.py);
 this module is the HTTP side: validate, tokenize, queue, stream back, and stop the generation
@@ -36,16 +37,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ggufile.runtime.errors import GGUFileError
-from ggufile.runtime.server.schema import (ApiError, GenerationRequest, parse_chat_request, parse_completion_request,
-                            parse_detokenize, parse_tokenize)
-from ggufile.runtime.server.format import DONE_EVENT, Completion, sse, timings
+from ggufile.runtime.server.schema import ApiError, Defaults, GenerationRequest, parse_detokenize
 from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback, log_unexpected
 from ggufile.runtime.server.limits import UnencodableText, bounded_protocol, check_encodable
-from ggufile.runtime.server.queue import GenerationQueue, Job, QueueFull
+from ggufile.runtime.server.queue import GenerationQueue, Job
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: far more than any context's worth of text
 DEFAULT_MAX_WAITING = 8
-MODEL_ALIASES = ("default", "local", "ggufile")
 
 logger = logging.getLogger("ggufile.server")
 
@@ -55,41 +53,46 @@ logger = logging.getLogger("ggufile.server")
 class ServerState:
     """What every handler needs: the engine, the generation queue and the limits."""
 
-    def __init__(self, engine, max_body_bytes: int, max_waiting: int, aliases: Iterable[str]):
+    def __init__(self, engine, max_body_bytes: int, max_waiting: int, defaults: Defaults | None = None,
+                 embeddings: bool = False):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.queue = GenerationQueue(engine, max_waiting=max_waiting)
-        reader_path = getattr(getattr(engine, "reader", None), "path", None)
-        names = {engine.model_name, *MODEL_ALIASES, *aliases}
-        if reader_path is not None:
-            names.add(Path(reader_path).stem)
-        self.model_names = {n.lower() for n in names if n}
+        self.defaults = defaults or Defaults()
+        self.embeddings = embeddings
+        self.fingerprint = fingerprint(engine)
 
-    def check_model(self, model: str | None) -> None:
-        if model and model.lower() not in self.model_names:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves "
-                                f"'{self.engine.model_name}'.", param="model", code="model_not_found")
+
+def fingerprint(engine) -> str:
+    """OpenAI's system_fingerprint: changes when what answers changes (version, model, context)."""
+    import hashlib
+
+    from ggufile.runtime import __version__
+
+    path = getattr(getattr(engine, "reader", None), "path", None)
+    key = f"{__version__}|{engine.model_name}|{path and Path(path).name}|{engine.n_ctx}"
+    return "fp_ggufile_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_waiting: int = DEFAULT_MAX_WAITING, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
-               allowed_origins: Iterable[str] = (), aliases: Iterable[str] = ()) -> Guard:
+               allowed_origins: Iterable[str] = (), defaults: Defaults | None = None,
+               embeddings: bool = False) -> Guard:
     """The ASGI app (Starlette wrapped in the Host/Origin/API-key guard).
 
     allowed_hosts: Host header names accepted (None: any; use when listening beyond loopback).
     allowed_origins: foreign web origins allowed to call the API (CORS); default none.
-    max_waiting: requests that may wait behind the running one before new ones get 503."""
-    state = ServerState(engine, max_body_bytes, max_waiting, aliases)
+    max_waiting: requests that may wait behind the running one before new ones get 503.
+    defaults: sampling and max_tokens for requests that leave them out (the command line's).
+    embeddings: serve /v1/embeddings (llama-server's --embeddings)."""
+    state = ServerState(engine, max_body_bytes, max_waiting, defaults, embeddings)
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/index.html", index, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/health", health, methods=["GET"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        *api_routes(),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan(state))
@@ -196,16 +199,22 @@ async def list_models(request: Request) -> Response:
 
 
 async def get_model(request: Request) -> Response:
-    s = _state(request)
-    s.check_model(request.path_params["model_id"])
-    return JSONResponse(_model_card(s.engine))
+    # Any name means the served model (see the module's docstring).
+    return JSONResponse(_model_card(_state(request).engine))
 
 
-async def tokenize(request: Request) -> Response:
-    content, add_special, parse_special = parse_tokenize(await read_json(request))
-    engine = _state(request).engine
-    ids = await run_in_threadpool(engine.tokenize, content, add_special, parse_special)
-    return JSONResponse({"tokens": ids})
+def api_routes() -> list[Route]:
+    """The API dialects' routes (imported here: their modules import this one)."""
+    from ggufile.runtime.server import (anthropic_api, embeddings, llamacpp_api, ollama_api, openai_api,
+                                        responses_api)
+
+    post = [("/chat/completions", openai_api.chat_completions), ("/completions", openai_api.completions)]
+    routes = [Route("/v1/models", list_models, methods=["GET"]), Route("/models", list_models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", get_model, methods=["GET"]), *llamacpp_api.routes(),
+              *anthropic_api.routes(), *embeddings.routes(), *responses_api.routes(), *ollama_api.routes()]
+    for path, handler in post:
+        routes += [Route("/v1" + path, handler, methods=["POST"]), Route(path, handler, methods=["POST"])]
+    return routes
 
 
 def vocab_size(engine) -> int | None:
@@ -231,20 +240,14 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"content": text})
 
 
-# -- generation ------------------------------------------------------------------------------------
-
-async def chat_completions(request: Request) -> Response:
-    return await _generate(request, parse_chat_request(await read_json(request)), chat=True)
-
-
-async def completions(request: Request) -> Response:
-    return await _generate(request, parse_completion_request(await read_json(request)), chat=False)
-
+# -- generation helpers (shared by the API dialects) -----------------------------------------
 
 def _prompt_ids(engine, req: GenerationRequest) -> list[int]:
     """Tokenize (runs on a thread pool: the tokenizer is read-only, so no engine lock needed)."""
     try:
         if req.messages is not None:
+            if req.template_tools:
+                return engine.chat_ids(req.messages, tools=req.template_tools)
             return engine.chat_ids(req.messages)
         if isinstance(req.prompt, list):
             return list(req.prompt)
@@ -252,28 +255,6 @@ def _prompt_ids(engine, req: GenerationRequest) -> list[int]:
         return engine.tokenize(req.prompt, add_special=True, parse_special=True)
     except GGUFileError as err:  # e.g. the chat template refused the messages
         raise ApiError(400, str(err), param="messages" if req.messages is not None else "prompt") from None
-
-
-async def _generate(request: Request, req: GenerationRequest, chat: bool) -> Response:
-    s = _state(request)
-    s.check_model(req.model)
-    ids = await run_in_threadpool(_prompt_ids, s.engine, req)
-    _check_prompt(s.engine, ids, req)
-    try:
-        job = s.queue.submit(ids, req.params, req.max_tokens, req.stop)
-    except QueueFull:
-        raise ApiError(503, "the server is busy: too many requests are waiting; retry shortly",
-                       type="server_error", code="server_busy", headers={"retry-after": "2"}) from None
-    completion = Completion(model=s.engine.model_name, chat=chat)
-    echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-    if req.stream:
-        return EventStream(_stream_events(job, completion, len(ids), req.include_usage, echo), job,
-                           on_close=s.queue.forget)
-    try:
-        return await _whole_response(request, job, completion, len(ids), echo)
-    finally:
-        job.cancel()  # no-op when answered; stops the worker if this task was cancelled
-        s.queue.forget(job)
 
 
 def _check_prompt(engine, ids: list[int], req: GenerationRequest) -> None:
@@ -308,52 +289,6 @@ def _cancel_on_disconnect(receive, job: Job) -> asyncio.Task:
     watcher = asyncio.ensure_future(_wait_disconnect(receive))
     watcher.add_done_callback(done)
     return watcher
-
-
-async def _whole_response(request: Request, job: Job, completion: Completion, n_prompt: int,
-                          echo: str) -> Response:
-    # Even without streaming, a client that hangs up frees its place in the queue.
-    watcher = _cancel_on_disconnect(request.receive, job)
-    text, finish, n = [echo], "length", 0
-    try:
-        async for chunk in job.chunks():
-            text.append(chunk.text)
-            n += chunk.token_id is not None
-            finish = chunk.finish_reason or finish
-    except Exception as err:
-        raise _generation_error(err) from None
-    finally:
-        watcher.cancel()
-    body = completion.response("".join(text), finish, n_prompt, n, timings(job.timings, n_prompt))
-    return JSONResponse(body)
-
-
-async def _stream_events(job: Job, completion: Completion, n_prompt: int, include_usage: bool,
-                         echo: str) -> AsyncIterator[bytes]:
-    """The SSE stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
-    chunk = completion.chunk
-    if completion.chat:
-        yield sse(chunk(role=True, include_usage=include_usage))
-    elif echo:
-        yield sse(chunk(echo, include_usage=include_usage))
-    n, finish = 0, None
-    try:
-        async for c in job.chunks():
-            n += c.token_id is not None
-            finish = c.finish_reason or finish
-            if c.text:
-                yield sse(chunk(c.text, include_usage=include_usage))
-    except Exception as err:
-        yield sse(_generation_error(err).body())  # headers are sent: the error goes in-band
-        return
-    if job.cancelled.is_set():
-        return  # the client is gone; nobody reads a tail
-    timing = timings(job.timings, n_prompt)
-    yield sse(chunk(finish_reason=finish or "length", include_usage=include_usage,
-                    timing=None if include_usage else timing))
-    if include_usage:
-        yield sse(completion.usage_chunk(n_prompt, n, timing))
-    yield DONE_EVENT
 
 
 class EventStream(Response):
@@ -443,11 +378,13 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           open_browser: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
           log: Callable[[str], None] = print, allowed_origins: Iterable[str] = (),
-          max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+          max_waiting: int = DEFAULT_MAX_WAITING, defaults: Defaults | None = None,
+          embeddings: bool = False) -> None:
     """Serve `engine` until Ctrl-C or SIGTERM. Prints the URL; opens a browser unless told not to."""
     loopback = is_loopback(host)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, max_waiting=max_waiting,
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, allowed_origins=allowed_origins)
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, allowed_origins=allowed_origins,
+                     defaults=defaults, embeddings=embeddings)
     sock = bind_socket(host, port)
     server = make_server(app, sock)
     url = _url(host, sock.getsockname()[1])

@@ -23,9 +23,10 @@ def sse(obj) -> bytes:
 DONE_EVENT = sse("[DONE]")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def timings(t: Timings, prompt_tokens: int) -> dict:
@@ -41,6 +42,17 @@ def timings(t: Timings, prompt_tokens: int) -> dict:
 
 
 @dataclass
+class Choice:
+    """One finished choice of a whole (not streamed) response."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None
+    tool_calls: list | None = None  # OpenAI's tool_calls (chat); the text is then what is left
+
+
+@dataclass
 class Completion:
     """Identity of one response: every chunk of a stream repeats it."""
 
@@ -48,6 +60,7 @@ class Completion:
     chat: bool
     id: str = ""
     created: int = 0
+    system_fingerprint: str | None = None
 
     def __post_init__(self):
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
@@ -55,36 +68,47 @@ class Completion:
 
     def _head(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.system_fingerprint}
 
     # -- whole responses -----------------------------------------------------------------------
-    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                 timing: dict | None = None) -> dict:
+    def response(self, choices: list[Choice], prompt_tokens: int, completion_tokens: int,
+                 timing: dict | None = None, cached_tokens: int = 0) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": None, "finish_reason": finish_reason}
             body = self._head("chat.completion")
+            body["choices"] = [self._chat_choice(c) for c in choices]
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._head("text_completion")
-        body.update(choices=[choice], usage=usage(prompt_tokens, completion_tokens))
+            body["choices"] = [{"index": c.index, "text": c.text, "logprobs": c.logprobs,
+                                "finish_reason": c.finish_reason} for c in choices]
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         if timing:
             body["timings"] = timing
         return body
 
+    @staticmethod
+    def _chat_choice(c: Choice) -> dict:
+        message = {"role": "assistant", "content": c.text, "refusal": None}
+        if c.tool_calls:
+            message["content"] = c.text or None
+            message["tool_calls"] = c.tool_calls
+        return {"index": c.index, "message": message, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+
     # -- stream chunks -------------------------------------------------------------------------
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-              include_usage: bool = False, timing: dict | None = None) -> dict:
+              include_usage: bool = False, timing: dict | None = None, index: int = 0,
+              logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
         """A chunk with one choice. With include_usage every chunk says usage: null (OpenAI's
         rule) and the final usage chunk comes from usage_chunk()."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]
         if include_usage:
@@ -93,9 +117,41 @@ class Completion:
             body["timings"] = timing
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, timing: dict | None = None) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, timing: dict | None = None,
+                    cached_tokens: int = 0) -> dict:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
-        body.update(choices=[], usage=usage(prompt_tokens, completion_tokens))
+        body.update(choices=[], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
         if timing:
             body["timings"] = timing
         return body
+
+
+# -- logprobs --------------------------------------------------------------------------------------
+
+def _token_entry(token: str, logprob: float, raw: bytes) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(records, piece) -> dict:
+    """OpenAI's chat `logprobs` object for TokenLogprob records; piece(id) -> bytes."""
+    content = []
+    for r in records:
+        raw = piece(r.token)
+        entry = _token_entry(raw.decode("utf-8", "replace"), r.logprob, raw)
+        entry["top_logprobs"] = [_token_entry(piece(t).decode("utf-8", "replace"), lp, piece(t))
+                                 for t, lp in r.top]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(records, piece, text_offset: int = 0) -> dict:
+    """The completions API's (legacy) `logprobs` object; offsets count characters of the text."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for r in records:
+        text = piece(r.token).decode("utf-8", "replace")
+        tokens.append(text)
+        lps.append(r.logprob)
+        tops.append({piece(t).decode("utf-8", "replace"): lp for t, lp in r.top})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

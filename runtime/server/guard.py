@@ -29,7 +29,7 @@ logger = logging.getLogger("ggufile.server")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 OPEN_PATHS = frozenset({"/", "/index.html", "/health", "/favicon.ico"})
 CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type"
+CORS_HEADERS = "Authorization, Content-Type, X-Api-Key, Anthropic-Version"
 
 
 def is_loopback(host: str) -> bool:
@@ -92,7 +92,10 @@ class Guard:
 
     def _key_ok(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), self.api_key)
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), self.api_key):
+            return True
+        # Anthropic's clients send the key as x-api-key.
+        return hmac.compare_digest(headers.get("x-api-key", "").strip().encode("utf-8"), self.api_key)
 
 
 async def _answered(app, scope, receive, send) -> None:

@@ -47,6 +47,9 @@ class Job:
     timings: Timings = field(default_factory=Timings)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_release: Callable[["Job"], None] | None = None
+    # What to run instead of one plain engine.generate (several choices, hooks):
+    # (engine, cancelled event) -> chunks.
+    work: Callable | None = None
     done: bool = False  # the request side has read the whole output
     _released: bool = False
     _release_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,14 +113,14 @@ class GenerationQueue:
         return self._pending
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
-               stop: list[str]) -> Job:
+               stop: list[str], work: Callable | None = None) -> Job:
         """Queue a generation; call from the event loop. Raises QueueFull."""
         with self._count_lock:
             if self._pending > self.max_waiting:  # one running plus max_waiting waiting
                 raise QueueFull()
             self._pending += 1
         job = Job(prompt_ids, params, max_tokens, stop, loop=asyncio.get_running_loop(),
-                  on_release=self._released)
+                  on_release=self._released, work=work)
         job.timings.queued = time.perf_counter()
         self._live.add(job)
         self._ensure_worker()
@@ -171,8 +174,11 @@ class GenerationQueue:
                 job.post(_DONE)
 
     def _generate(self, job: Job) -> None:
-        chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
-                                      cancelled=job.cancelled)
+        if job.work is not None:
+            chunks = job.work(self.engine, job.cancelled)
+        else:
+            chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
+                                          cancelled=job.cancelled)
         try:
             for chunk in chunks:
                 if not job.timings.first_token:
