@@ -287,6 +287,16 @@ def program_name(embedded) -> str:
     return os.path.basename(sys.argv[0]) or "ggufile"
 
 
+def _truncated(embedded) -> bool:
+    """Whether the file we run from no longer holds our model (cut short under us)."""
+    if embedded is None:
+        return False
+    try:
+        return os.stat(embedded.path).st_size < embedded.offset + embedded.size
+    except OSError:
+        return True
+
+
 def main(argv: list[str] | None = None, embedded=None) -> int:
     """Entry point of the executable (embedded model) and of `python -m ggufile.runtime`."""
     from ggufile.runtime.baked_args import merge, option_table
@@ -301,7 +311,12 @@ def main(argv: list[str] | None = None, embedded=None) -> int:
     except click.ClickException as err:
         err.show()
         return err.exit_code
-    except click.Abort:
+    except click.Abort:  # click's word for KeyboardInterrupt, and for an EOFError ...
+        if _truncated(embedded):  # ... which a lazy import from our truncated .pyz raises
+            from ggufile.runtime.watch import changed_message
+
+            click.echo(f"Error: {changed_message(embedded.path)}", err=True)
+            return 1
         return 130
     except GGUFileError as err:
         click.echo(f"Error: {err}", err=True)

@@ -145,5 +145,5 @@ def test_executable_overwritten_while_generating_says_so(tmp_path, smollm2_path)
     finally:
         proc.kill()
     lines = err.decode().strip().splitlines()
-    assert proc.returncode != 0
+    assert proc.returncode != 0, (proc.returncode, err)
     assert len(lines) == 1 and "changed while it was running" in lines[0], lines
