@@ -226,11 +226,13 @@ class KVCache:
     """Keys and values of every layer for positions 0..n_tokens-1, preallocated for n_ctx.
 
     Stored head-major, (n_layer, n_head_kv, n_ctx, head_dim), so that one head's keys
-    k[il, h, :n] are a contiguous (n, head_dim) matrix for the attention matmuls.
-    Pages are only touched as positions fill, so a large n_ctx costs address space, not RAM.
+    k[il, h, :n] are a contiguous (n, head_dim) matrix for the attention matmuls; in float16,
+    as llama.cpp keeps them (the values are fp16-rounded anyway; float32 still works in the
+    Python pass). np.zeros maps fresh zero pages: only the positions written cost RAM, so a
+    32k context or `-c 0` (the training context) reserves address space, not memory.
     """
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype=np.float32):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype=np.float16):
         if n_ctx < 1:
             raise GGUFileError(f"context size must be positive, got {n_ctx}")
         self.n_ctx = n_ctx
@@ -260,7 +262,7 @@ class Model:
         self._step = None  # the compiled one-token step, packed on the first decode
         self._step_packed = False
 
-    def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
+    def new_cache(self, n_ctx: int | None = None, dtype=np.float16) -> KVCache:
         return KVCache(self.config, n_ctx or self.config.n_ctx_train, dtype)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -278,10 +280,9 @@ class Model:
         if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
             raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
         ids = ids.astype(np.int32)
-        if n == 1 and not all_logits:
-            step = self._compiled_step()
-            if step is not None and step.supports(cache):
-                return step.step(int(ids[0]), cache)
+        step = self._compiled_step()
+        if step is not None and step.supports(cache):  # prompts and decode alike: the same bits
+            return step.forward(ids, cache, all_logits)
         if n <= MAX_BATCH:
             return self._forward_batch(ids, cache, all_logits)
         # Long prompts go in slices, like llama.cpp's micro-batches: bounds the (n, n_keys) scores.

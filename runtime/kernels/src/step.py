@@ -19,12 +19,13 @@ from numba import njit
 
 from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.src import exports
-from ggufile.runtime.kernels.src.exports import _round_f16, gelu_f16
+from ggufile.runtime.kernels.src.exports import _f16_bits, _round_f16, gelu_f16
+from ggufile.runtime.kernels.src.lanes import dot_f16
 from ggufile.runtime.kernels.step_layout import (
     C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB,
     C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN, C_WINDOW, F_EMBD_SCALE, F_EPS,
     L_ATTN_NORM, L_DOWN, L_FFN_NORM, L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM,
-    L_SWA, L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_SWA, T_COLS,
+    L_SWA, L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_ROWS, ROPE_SWA, T_COLS,
     T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE)
 from ggufile.runtime.kernels.src.sync import barrier
 
@@ -63,18 +64,19 @@ def _bytes(blob, tensors, t):
 
 
 @njit(inline="always")
-def _head(flat, n):
-    """The first n values of a flat buffer as a (1, n) matrix (the kernels' row layout)."""
-    return flat[:n].reshape((1, n))
+def _rows(flat, t0, t1, n):
+    """Rows t0..t1-1 of the (tokens, n) matrix laid out at the start of a flat buffer (the
+    kernels' row layout)."""
+    return flat[t0 * n:t1 * n].reshape((t1 - t0, n))
 
 
 @njit
 def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
-    """out[0, r0:r1] = rows r0..r1-1 of tensor t times x (1, k), on x's 8-bit blocks in `acts`
-    where the type has them (see _quantize)."""
+    """out[:, r0:r1] = rows r0..r1-1 of tensor t times each token's x (n, k), on x's 8-bit blocks
+    in `acts` where the type has them (see _quantize)."""
     if r1 <= r0:
         return
-    qt, k = tensors[t, T_TYPE], tensors[t, T_COLS]
+    qt, k, n = tensors[t, T_TYPE], tensors[t, T_COLS], x.shape[0]
     w = _bytes(blob, tensors, t)
     if qt == _F16:
         _mv_f16(w.view(np.uint16), x, out, r0, r1, tab)
@@ -83,7 +85,7 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
     elif qt == _F32:
         _mv_f32(w.view(np.float32), x, out, r0, r1)
     elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K:
-        xq, xd, xs = _head(acts[3], k), _head(acts[4], k // qk_k), _head(acts[5], k // 16)
+        xq, xd, xs = _rows(acts[3], 0, n, k), _rows(acts[4], 0, n, k // qk_k), _rows(acts[5], 0, n, k // 16)
         if qt == _Q2_K:
             _mv_q2_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _Q3_K:
@@ -95,7 +97,7 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
         elif qt == _Q6_K:
             _mv_q6_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
     elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0:
-        xq, xd, xs = _head(acts[0], k), _head(acts[1], k // qk), _head(acts[2], k // qk)
+        xq, xd, xs = _rows(acts[0], 0, n, k), _rows(acts[1], 0, n, k // qk), _rows(acts[2], 0, n, k // qk)
         if qt == _Q4_0:
             _mv_q4_0(w, xq, xd, out, r0, r1, tab, qk)
         elif qt == _Q4_1:
@@ -187,20 +189,26 @@ def _rope(x, n_rot, cos, sin, neox):
 
 
 @njit
-def _quantize(x, k, acts, qk, qk_k):
-    """x[:k] -> its 8-bit blocks in acts = (Q8_0/Q8_1 values, scales, d*sums, Q8_K values,
-    scales, group sums), flat buffers; the Q8_K ones only when k holds whole super-blocks."""
-    row = _head(x, k)
-    _quantize_q8_0(row, _head(acts[0], k), _head(acts[1], k // qk), _head(acts[2], k // qk), qk)
+def _quantize(x, k, acts, t0, t1, qk, qk_k):
+    """Tokens t0..t1-1 of x ((tokens, k) at the start of a flat buffer) -> their 8-bit blocks in
+    acts = (Q8_0/Q8_1 values, scales, d*sums, Q8_K values, scales, group sums), flat buffers
+    laid out (tokens, ...); the Q8_K ones only when k holds whole super-blocks."""
+    if t1 <= t0:
+        return
+    row = _rows(x, t0, t1, k)
+    _quantize_q8_0(row, _rows(acts[0], t0, t1, k), _rows(acts[1], t0, t1, k // qk),
+                   _rows(acts[2], t0, t1, k // qk), qk)
     if k % qk_k == 0:
-        _quantize_q8_k(row, _head(acts[3], k), _head(acts[4], k // qk_k), _head(acts[5], k // 16), qk_k)
+        _quantize_q8_k(row, _rows(acts[3], t0, t1, k), _rows(acts[4], t0, t1, k // qk_k),
+                       _rows(acts[5], t0, t1, k // 16), qk_k)
 
 
 @njit
-def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
-    """Per head: q/k RMSNorm (gemma3), RoPE (attention scale folded into q's table), float16
-    rounding; K and V written into the cache at this position."""
-    H, KV, D, n_rot, pos = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_ROT], cfg[C_POS]
+def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, pos, k_cache, v_cache):
+    """One token's heads (q, k, v: its rows): q/k RMSNorm (gemma3), RoPE (attention scale folded
+    into q's table; rope: this position's ROPE_ROWS rows), float16 rounding; K and V written into
+    the cache at position pos."""
+    H, KV, D, n_rot = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_ROT]
     neox = cfg[C_NEOX] != 0
     base = ROPE_SWA if lay[L_SWA] else 0
     normed = np.empty(D, np.float32)
@@ -220,41 +228,41 @@ def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
         if not is_q:
             kv = h - H
             for i in range(D):
-                k_cache[il, kv, pos, i] = head[i]
-                v_cache[il, kv, pos, i] = _round_f16(v[kv * D + i])
+                k_cache[il, kv, pos, i] = np.uint16(_f16_bits(head[i]))
+                v_cache[il, kv, pos, i] = np.uint16(_f16_bits(v[kv * D + i]))
 
 
 @njit
-def _attend(il, cfg, window, q, k_cache, v_cache, scores, h0, h1, out):
-    """Heads h0..h1-1 of softmax(q.K) V over the visible keys (ops.attention with one query):
-    probabilities rounded to float16 before they weight V, as llama.cpp's float16 V cache has them."""
-    H, KV, D, pos = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_POS]
+def _attend(il, cfg, window, pos, h, q, k_cache, v_cache, scores, tab, out):
+    """Head h of softmax(q.K) V for the query at position pos over the keys it sees (ops.attention
+    with one query; q, out: the token's rows; the cache holds fp16 bit patterns). q.k is
+    ggml_vec_dot_f16 of the fp16 key and the fp16-rounded query, as llama.cpp's KQ product on
+    its float16 K cache; the probabilities are rounded to float16 before they weight V."""
+    H, KV, D = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM]
     first = max(0, pos - window + 1) if window > 0 else 0
-    group = H // KV
-    for h in range(h0, h1):
-        kv = h // group
-        qh = q[h * D:(h + 1) * D]
-        best = -np.inf
-        for j in range(first, pos + 1):
-            s = np.float32(0.0)
-            key = k_cache[il, kv, j]
-            for i in range(D):
-                s += qh[i] * key[i]
-            scores[j] = s
-            best = max(best, s)
-        total = 0.0
-        for j in range(first, pos + 1):
-            e = np.exp(scores[j] - best)
-            scores[j] = e
-            total += np.float64(e)
-        inv = np.float32(1.0 / total)
-        o = out[h * D:(h + 1) * D]
-        o[:] = 0
-        for j in range(first, pos + 1):
-            p = _round_f16(scores[j] * inv)
-            val = v_cache[il, kv, j]
-            for i in range(D):
-                o[i] += p * val[i]
+    kv = h // (H // KV)
+    qh = q[h * D:(h + 1) * D]
+    q16 = np.empty(D, np.uint16)
+    for i in range(D):
+        q16[i] = np.uint16(_f16_bits(qh[i]))
+    best = -np.inf
+    for j in range(first, pos + 1):
+        s = dot_f16(k_cache[il, kv, j], q16, tab, D)
+        scores[j] = s
+        best = max(best, s)
+    total = 0.0
+    for j in range(first, pos + 1):
+        e = np.exp(scores[j] - best)
+        scores[j] = e
+        total += np.float64(e)
+    inv = np.float32(1.0 / total)
+    o = out[h * D:(h + 1) * D]
+    o[:] = 0
+    for j in range(first, pos + 1):
+        p = _round_f16(scores[j] * inv)
+        val = v_cache[il, kv, j]
+        for i in range(D):
+            o[i] += p * tab[np.int64(val[i])]
 
 
 @njit(inline="always")
@@ -272,99 +280,117 @@ def _glu(g, u, r0, r1, use_gelu, gelu_table):
 # --- the step ----------------------------------------------------------------------------------
 
 def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, rope, gelu_table,
-                 tab, k_cache, v_cache, work, scores, acts, logits):
-    """Thread tid's part of one token's forward pass; every pool thread calls it with the same
-    arguments but tid. Writes logits (1, n_vocab) and this position's K/V; returns 0, or 1 if
-    the round was aborted (a thread never came).
+                 tab, k_cache, v_cache, work, scores, acts, logits, tokens):
+    """Thread tid's part of the forward pass of `tokens` (n of them, at positions cfg[C_POS]..);
+    every pool thread calls it with the same arguments but tid. Writes logits (the last token's
+    (1, n_vocab), or (n, n_vocab): every token's) and the tokens' K/V; returns 0, or 1 if the
+    round was aborted (a thread never came).
 
-    work: float32 scratch (5, max(n_embd, 2 n_ff, (n_head + 2 n_head_kv) head_dim)), the rows
-    being x | h | q,k,v | attention | out,gate,up. scores: (n_threads, n_ctx).
-    acts: (6, max k) the 8-bit activation blocks, flat (see _quantize).
+    Every token goes through the same operations in the same order whatever n is (a prompt of
+    hundreds, or one token of a decode): each matrix product output is one lanes.py row dot of
+    that token's 8-bit blocks, each norm, RoPE and attention one token's own loop. So a token's
+    logits do not depend on how its prompt was batched or whether it was cached. Threads split
+    matrix rows, tokens and (token, head) pairs, never a sum.
+
+    rope: (n * ROPE_ROWS, n_rot), each token's rows. work: float32 scratch (5, n * width), width
+    = max(n_embd, 2 n_ff, (n_head + 2 n_head_kv) head_dim), each row a (n, dim) matrix of x | h |
+    q,k,v | attention | out,gate,up. scores: (n_threads, n_ctx). acts: (6, n * max k), the
+    8-bit activation blocks (see _quantize).
     """
+    N = tokens.shape[0]
     E, H, KV, D, F = cfg[C_N_EMBD], cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_FF]
-    qk, qk_k = cfg[C_QK], cfg[C_QK_K]
+    qk, qk_k, p0 = cfg[C_QK], cfg[C_QK_K], cfg[C_POS]
     eps, gelu = cfg_f[F_EPS], cfg[C_GELU] != 0
-    x, h, qkv, att, ffn = work[0], work[1], work[2], work[3], work[4]
-    q, k, v = qkv[:H * D], qkv[H * D:(H + KV) * D], qkv[(H + KV) * D:(H + 2 * KV) * D]
-    o, g, u = ffn[:E], ffn[:F], ffn[F:2 * F]  # o is done with before gate/up start
     a = (acts[0], acts[1], acts[2], acts[3], acts[4], acts[5])
-    h2, att2, o2, g2 = _head(h, E), _head(att, H * D), _head(o, E), _head(g, F)
-    if tid == 0:
-        _get_row(blob, tensors, cfg[C_EMBD], cfg[C_TOKEN], _head(x, E), tab, qk, qk_k)
+    x, h = _rows(work[0], 0, N, E), _rows(work[1], 0, N, E)
+    q = _rows(work[2], 0, N, H * D)
+    k = _rows(work[2][N * H * D:], 0, N, KV * D)
+    v = _rows(work[2][N * (H + KV) * D:], 0, N, KV * D)
+    att, down = _rows(work[3], 0, N, H * D), _rows(work[3], 0, N, E)
+    o, g, u = _rows(work[4], 0, N, E), _rows(work[4], 0, N, F), _rows(work[4][N * F:], 0, N, F)
+    t0, t1 = _tokens(N, tid, n_threads)  # this thread's tokens in the per-token stages
+    for t in range(t0, t1):
+        _get_row(blob, tensors, cfg[C_EMBD], tokens[t], _rows(work[0], t, t + 1, E), tab, qk, qk_k)
         embd_scale = cfg_f[F_EMBD_SCALE]
         if embd_scale != 1.0:
             for i in range(E):
-                x[i] *= embd_scale
+                x[t, i] *= embd_scale
     for il in range(cfg[C_N_LAYER]):
         lay = layers[il]
         # ---- attention
-        if tid == 0:
-            n = lay[L_ATTN_NORM]
-            _rmsnorm(x, E, vecs[n:n + E], eps, h)
-            _quantize(h, E, a, qk, qk_k)
+        n = lay[L_ATTN_NORM]
+        for t in range(t0, t1):
+            _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
+        _quantize(work[1], E, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         for slot, part in ((L_WQ, q), (L_WK, k), (L_WV, v)):
             t = lay[slot]
             r0, r1 = _share(tensors[t, T_ROWS], tid, n_threads)
-            _matvec(blob, tensors, t, h2, a, _head(part, part.shape[0]), r0, r1, tab, qk, qk_k)
+            _matvec(blob, tensors, t, h, a, part, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache)
+        for t in range(t0, t1):
+            _qk_rope_store(il, lay, cfg, vecs, rope[t * ROPE_ROWS:(t + 1) * ROPE_ROWS], eps,
+                           q[t], k[t], v[t], p0 + t, k_cache, v_cache)
         if not barrier(sync, n_threads):
             return 1
-        h0, h1 = _heads(H, tid, n_threads)
-        _attend(il, cfg, cfg[C_WINDOW] if lay[L_SWA] else 0, q, k_cache, v_cache, scores[tid], h0, h1, att)
+        window = cfg[C_WINDOW] if lay[L_SWA] else 0
+        for item in range(tid, N * H, n_threads):  # (token, head) pairs, dealt in turn
+            t = item // H
+            _attend(il, cfg, window, p0 + t, item % H, q[t], k_cache, v_cache, scores[tid], tab, att[t])
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _quantize(att, H * D, a, qk, qk_k)
+        _quantize(work[3], H * D, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         r0, r1 = _share(E, tid, n_threads)
-        _matvec(blob, tensors, lay[L_WO], att2, a, o2, r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, lay[L_WO], att, a, o, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         # ---- feed-forward
-        if tid == 0:
-            _residual(x, o, E, lay[L_POST_ATTN_NORM], vecs, eps, h)
-            n = lay[L_FFN_NORM]
-            _rmsnorm(x, E, vecs[n:n + E], eps, h)
-            _quantize(h, E, a, qk, qk_k)
+        n = lay[L_FFN_NORM]
+        for t in range(t0, t1):
+            _residual(x[t], o[t], E, lay[L_POST_ATTN_NORM], vecs, eps, h[t])
+            _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
+        _quantize(work[1], E, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         r0, r1 = _share(F, tid, n_threads)
-        _matvec(blob, tensors, lay[L_GATE], h2, a, g2, r0, r1, tab, qk, qk_k)
-        _matvec(blob, tensors, lay[L_UP], h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
-        _glu(g, u, r0, r1, gelu, gelu_table)
+        _matvec(blob, tensors, lay[L_GATE], h, a, g, r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, lay[L_UP], h, a, u, r0, r1, tab, qk, qk_k)
+        for t in range(N):
+            _glu(g[t], u[t], r0, r1, gelu, gelu_table)
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _quantize(g, F, a, qk, qk_k)
+        _quantize(work[4], F, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         r0, r1 = _share(E, tid, n_threads)
-        _matvec(blob, tensors, lay[L_DOWN], g2, a, _head(att, E), r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, lay[L_DOWN], g, a, down, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _residual(x, att, E, lay[L_POST_FFN_NORM], vecs, eps, h)
-    # ---- output
-    if tid == 0:
-        n = cfg[C_OUTPUT_NORM]
-        _rmsnorm(x, E, vecs[n:n + E], eps, h)
-        _quantize(h, E, a, qk, qk_k)
+        for t in range(t0, t1):
+            _residual(x[t], down[t], E, lay[L_POST_FFN_NORM], vecs, eps, h[t])
+    if not barrier(sync, n_threads):  # h rows are the post-norm's scratch until here
+        return 1
+    # ---- output: the last token's logits, or every token's
+    n_out = logits.shape[0]
+    first = N - n_out
+    n = cfg[C_OUTPUT_NORM]
+    for t in range(max(t0, first), t1):
+        _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t - first])
+    _quantize(work[1], E, a, max(t0, first) - first, t1 - first, qk, qk_k)
     if not barrier(sync, n_threads):
         return 1
     r0, r1 = _share(cfg[C_N_VOCAB], tid, n_threads)
-    _matvec(blob, tensors, cfg[C_OUTPUT], h2, a, logits, r0, r1, tab, qk, qk_k)
+    _matvec(blob, tensors, cfg[C_OUTPUT], _rows(work[1], 0, n_out, E), a, logits, r0, r1, tab, qk, qk_k)
     return 0
 
 
 @njit(inline="always")
-def _heads(n_head, tid, n_threads):
-    return n_head * tid // n_threads, n_head * (tid + 1) // n_threads
+def _tokens(n, tid, n_threads):
+    return n * tid // n_threads, n * (tid + 1) // n_threads
 
 
 @njit(inline="always")
@@ -389,10 +415,10 @@ def _signatures() -> dict:
     ro_i64 = nt.Array(nt.int64, 1, "C", readonly=True)
     ro_f32 = nt.Array(nt.float32, 1, "C", readonly=True)
     ro_f32_2d = nt.Array(nt.float32, 2, "C", readonly=True)
-    cache = nt.float32[:, :, :, ::1]
+    cache = nt.uint16[:, :, :, ::1]  # fp16 bit patterns
     return {"decode_token": i64(i64, i64, nt.int64[::1], ro_u8, ro_i64_2d, ro_i64_2d, ro_f32, ro_i64,
                                 ro_f32, ro_f32_2d, ro_f32, ro_f32, cache, cache, f32_2d, f32_2d,
-                                f32_2d, f32_2d)}
+                                f32_2d, f32_2d, ro_i64)}
 
 
 SIGNATURES = _signatures()
