@@ -82,7 +82,7 @@ def test_results_do_not_depend_on_the_thread_count(f32_path, tmp_path):
     ids = _prompt(20, SHAPE["n_vocab"])
     saved, results = backend.pool.n_threads, []
     try:
-        for n in sorted({1, 2, 3, saved}):
+        for n in sorted({1, min(2, saved), saved}):  # at most the pool's threads
             backend.pool.n_threads = n
             results.append(model.forward(ids, model.new_cache(32), all_logits=True))
     finally:
@@ -95,11 +95,12 @@ def test_the_kv_cache_is_float16_and_touched_only_as_it_fills(f32_path):
     """A long context reserves address space, not memory: only the written positions' pages
     become resident (np.zeros maps the kernel's zero pages lazily)."""
     model = load_model(GGUFReader(f32_path))
-    cache = model.new_cache(1 << 16)  # 2 layers x 2 heads x 65536 x 64 x 2 bytes = 32 MiB each
+    model.forward(_prompt(8, SHAPE["n_vocab"]), model.new_cache(16))  # packs the step, sizes its scratch
+    cache = model.new_cache(1 << 18)  # 2 layers x 2 heads x 262144 x 64 x 2 bytes = 128 MiB each
     assert cache.k.dtype == cache.v.dtype == np.float16
     before = _rss_kib()
     model.forward(_prompt(8, SHAPE["n_vocab"]), cache)
-    assert _rss_kib() - before < 16 * 1024  # far below the 64 MiB the two arrays span
+    assert _rss_kib() - before < 16 * 1024  # far below the 256 MiB the two arrays span
 
 
 def _rss_kib() -> int:
