@@ -37,11 +37,12 @@ from ggufile.runtime.container import (
     read_container,
     read_exe,
 )
-from ggufile.runtime.errors import GGUFileError, GGUFFormatError
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, open_regular_file
 from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.gguf.info import describe_gguf
 
 from ggufile.builder import elf
+from ggufile.builder.platforms import select_script
 from ggufile.builder.stub import GZIP_MAGIC, RUNTIME_NAME, stub_info, stub_kind
 
 Progress = Callable[[int], None] | None
@@ -63,14 +64,26 @@ def default_name(path: Path, facts: dict) -> str:
 
 
 # -- output ------------------------------------------------------------------------------------
-def check_output(dest: Path) -> Path:
+def check_output(dest: Path, inputs=()) -> Path:
+    """`dest` can be written, and is none of `inputs` (building M.gguf -o M.gguf would replace
+    the model with the executable)."""
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise GGUFileError(f"output folder {parent} does not exist")
     if dest.is_dir():
         raise GGUFileError(f"{dest} is a directory")
+    for src in inputs:
+        if src is not None and _same_file(dest, Path(src)):
+            raise GGUFileError(f"the output {dest} is the input {src}; choose another output path")
     return dest
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 @contextmanager
@@ -106,7 +119,7 @@ def _unlink(path: str) -> None:
 def copy_window(src: Path, offset: int, size: int, out, progress: Progress = None) -> str:
     """Copy src[offset:offset+size] to `out`, returning the sha256 of the bytes copied."""
     h = hashlib.sha256()
-    with open(src, "rb") as f:
+    with open_regular_file(src) as f:
         f.seek(offset)
         left = size
         while left:
@@ -143,7 +156,7 @@ PROLOGUE = r"""#!/bin/sh
 # A ggufile executable (cached launcher): this sh prologue, the runtime (.tar.gz), the model (GGUF).
 # The runtime is unpacked once into $GGUFILE_CACHE/runtime/<hash> (default ~/.cache/ggufile).
 # `ggufile inspect THIS` describes the model; `ggufile extract THIS -o MODEL.gguf` gets it back.
-h=@HASH@ o=@OFFSET@ n=@SIZE@
+@SELECT@
 case $0 in /*) f=$0 ;; *) f=$PWD/$0 ;; esac
 c=${GGUFILE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ggufile}/runtime
 d=$c/$h
@@ -180,12 +193,12 @@ exec "$d/@RUNTIME@" "$@"
 """
 
 
-def cached_prologue(runtime_sha256: str, size: int) -> bytes:
-    """The sh prologue for a runtime archive of `size` bytes, padded to PROLOGUE_SIZE."""
+def cached_prologue(runtimes: list[dict]) -> bytes:
+    """The sh prologue choosing among runtime archives ({platform, sha256, offset, size}, see
+    platforms.select_script), padded to PROLOGUE_SIZE."""
     text = PROLOGUE
-    for key, value in {"@HASH@": runtime_sha256[:16], "@OFFSET@": str(PROLOGUE_SIZE), "@SIZE@": str(size),
-                       "@DEBUG@": LAUNCHER_DEBUG_ENV, "@RUNTIME@": RUNTIME_NAME, "@MARKER@": MARKER,
-                       "@ENV@": CONTAINER_ENV}.items():
+    for key, value in {"@SELECT@": select_script(runtimes), "@DEBUG@": LAUNCHER_DEBUG_ENV,
+                       "@RUNTIME@": RUNTIME_NAME, "@MARKER@": MARKER, "@ENV@": CONTAINER_ENV}.items():
         text = text.replace(key, value)
     data = text.encode()
     if len(data) > PROLOGUE_SIZE:
@@ -202,30 +215,41 @@ def check_runtime_archive(stub: Path) -> None:
             raise GGUFileError(f"{stub} is not a ggufile runtime archive (.tar.gz)")
 
 
-def write_executable(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
-                     progress: Progress = None, expect_sha256: str | None = None) -> str:
+def write_executable(out: Path, stub: Path | list[tuple[str, Path]], src: Path, offset: int, size: int,
+                     meta: dict, progress: Progress = None, expect_sha256: str | None = None) -> str:
     """Write an executable with the model src[offset:offset+size]; returns its sha256.
-    The stub's kind picks the launcher: a runtime .tar.gz (cached) or a one-file stub."""
+    The stub's kind picks the launcher: a runtime .tar.gz (cached) or a one-file stub; a list of
+    (platform, runtime .tar.gz) gives one cached executable for several platforms."""
     meta = {k: v for k, v in meta.items() if k not in ("stub", "format_version", "launcher")}
-    if stub_kind(Path(stub)) == "cached":
+    if isinstance(stub, list):
         return _write_cached(out, stub, src, offset, size, meta, progress, expect_sha256)
+    if stub_kind(Path(stub)) == "cached":
+        return _write_cached(out, [(None, Path(stub))], src, offset, size, meta, progress, expect_sha256)
     return _write_onefile(out, stub, src, offset, size, meta, progress, expect_sha256)
 
 
-def _write_cached(out: Path, stub: Path, src: Path, offset: int, size: int, meta: dict,
-                  progress: Progress, expect_sha256: str | None) -> str:
-    """[sh prologue][runtime .tar.gz][pad][GGUF = src window][trailer] -> out."""
-    check_runtime_archive(stub)
-    archive = Path(stub).read_bytes()
-    runtime_sha = hashlib.sha256(archive).hexdigest()
-    gguf_offset = align_up(PROLOGUE_SIZE + len(archive))
-    meta = dict(meta, format_version=FORMAT_VERSION, stub=stub_info(Path(stub)),
-                launcher={"kind": "cached", "runtime_offset": PROLOGUE_SIZE, "runtime_size": len(archive),
-                          "runtime_sha256": runtime_sha})
+def _write_cached(out: Path, stubs: list[tuple[str | None, Path]], src: Path, offset: int, size: int,
+                  meta: dict, progress: Progress, expect_sha256: str | None) -> str:
+    """[sh prologue][runtime .tar.gz per platform][pad][GGUF = src window][trailer] -> out."""
+    runtimes, archives, at = [], [], PROLOGUE_SIZE
+    for platform, stub in stubs:
+        check_runtime_archive(stub)
+        archive = Path(stub).read_bytes()
+        info = stub_info(Path(stub))
+        runtimes.append({"platform": platform or info.get("platform", "unknown"), "offset": at,
+                         "size": len(archive), "sha256": hashlib.sha256(archive).hexdigest(), "stub": info})
+        archives.append(archive)
+        at += len(archive)
+    gguf_offset = align_up(at)
+    first = runtimes[0]
+    meta = dict(meta, format_version=FORMAT_VERSION, stub=first["stub"],
+                launcher={"kind": "cached", "runtime_offset": first["offset"], "runtime_size": first["size"],
+                          "runtime_sha256": first["sha256"], "runtimes": runtimes})
     with atomic_output(out, executable=True) as f:
-        f.write(cached_prologue(runtime_sha, len(archive)))
-        f.write(archive)
-        f.write(bytes(gguf_offset - PROLOGUE_SIZE - len(archive)))
+        f.write(cached_prologue(runtimes))
+        for archive in archives:
+            f.write(archive)
+        f.write(bytes(gguf_offset - at))
         digest = copy_window(src, offset, size, f, progress)
         if expect_sha256 and digest != expect_sha256:
             raise GGUFileError(f"{src}: the model's checksum does not match its record "
@@ -255,10 +279,11 @@ def _write_onefile(out: Path, stub: Path, src: Path, offset: int, size: int, met
     return digest
 
 
-def build_executable(model: Path, out: Path, stub: Path, name: str | None = None,
+def build_executable(model: Path, out: Path, stub: Path | list[tuple[str, Path]], name: str | None = None,
                      default_args: list[str] | None = None, progress: Progress = None) -> EmbeddedModel:
+    stubs = [path for _, path in stub] if isinstance(stub, list) else [stub]
+    check_output(out, (model, *stubs))
     facts = validate_model(model)
-    check_output(out)
     meta = {"name": name or default_name(model, facts), "default_args": list(default_args or []),
             "source": Path(model).name, "built_by": __version__}
     write_executable(out, stub, Path(model), 0, Path(model).stat().st_size, meta, progress)
@@ -268,6 +293,7 @@ def build_executable(model: Path, out: Path, stub: Path, name: str | None = None
 def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress = None) -> EmbeddedModel:
     """Swap the launcher of a built executable, keeping its model, name and default args."""
     old = read_exe(path)
+    check_output(out or path, (stub,))
     write_executable(out or path, stub, old.path, old.offset, old.size, old.meta, progress,
                      expect_sha256=old.sha256)
     return read_exe(out or path)
@@ -277,6 +303,7 @@ def restub(path: Path, stub: Path, out: Path | None = None, progress: Progress =
 def extract(path: Path, out: Path, progress: Progress = None) -> EmbeddedModel:
     """Write the embedded GGUF, byte-identical, to `out` (checked against its sha256)."""
     model = read_container(path)
+    check_output(out, (path,))
     with atomic_output(out, executable=False) as f:
         digest = copy_window(model.path, model.offset, model.size, f, progress)
         if digest != model.sha256:

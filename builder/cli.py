@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from ggufile.runtime import __version__
-from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
+from ggufile.builder.signals import termination_unwinds
+from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, printable_line, unexpected_error_line
 
 from ggufile.builder.fetch import MODELS
 
@@ -44,11 +45,15 @@ class GgufileGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with termination_unwinds():  # SIGTERM/SIGHUP clean up partial files like Ctrl-C
+                return super().invoke(ctx)
         except GGUFileError as err:
             raise click.ClickException(str(err)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click itself ends a broken pipe (`ggufile inspect X | head`) quietly
+        except OSError as err:  # e.g. ENOSPC from a write no module turned into a GGUFileError
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(printable_line(f"{where}{err.strerror or err}")) from None
         except Exception as err:  # noqa: BLE001 -- one line, not a traceback (GGUFILE_DEBUG=1 shows it)
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -96,11 +101,19 @@ def launcher_option(help_text: str, default=None):
                         help=help_text)
 
 
-def resolve_stub(stub: Path | None, launcher: str | None = None) -> Path:
+def resolve_stub(stub, launcher: str | None = None):
+    """A stub path (given, else this platform's default), or [(platform, stub)] for --platform."""
+    from ggufile.builder.platforms import default_cached_stub, resolve_stubs
     from ggufile.builder.stub import default_launcher, ensure_stub
 
-    return stub or ensure_stub(echo=lambda msg: click.echo(msg, err=True),
-                               launcher=launcher or default_launcher())
+    echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if isinstance(stub, tuple):
+        _, names, by_platform = stub
+        return resolve_stubs(names, by_platform, echo=echo)
+    launcher = launcher or default_launcher()
+    if stub:
+        return stub
+    return default_cached_stub(echo=echo) if launcher == "cached" else ensure_stub(echo=echo, launcher=launcher)
 
 
 def parse_args(value: str | None) -> list[str]:
@@ -125,14 +138,20 @@ def parse_args(value: str | None) -> list[str]:
 @launcher_option("cached (default on Linux/macOS): unpack the runtime once into ~/.cache/ggufile, "
                  "fast later starts; onefile (default on Windows): PyInstaller one-file, unpacks "
                  "to a temp dir at every start. Ignored with --stub (its kind decides).")
-@stub_option
-def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub: Path | None,
-          quant: str | None, launcher: str | None):
+@click.option("--stub", "stub_args", multiple=True, metavar="[PLATFORM=]PATH",
+              help="Launcher stub to use (default: the prebuilt or cached stub for this platform, built "
+                   "on first use); PLATFORM=PATH gives the stub of one --platform (repeatable).")
+@click.option("--platform", "platforms", metavar="LIST",
+              help="Runtimes to carry, e.g. linux-x86_64,linux-aarch64: one file for all of them, the "
+                   "model stored once; the launcher picks by `uname -sm` (cached launcher only).")
+def build(model: Path, output: Path, args: str | None, name: str | None, fmt: str, stub_args: tuple,
+          quant: str | None, launcher: str | None, platforms: str | None):
     """Pack MODEL (a .gguf file) into one executable file."""
     from ggufile.builder.build import check_output
 
     default_args = parse_args(args)
-    check_output(output)
+    stub = _build_stubs(stub_args, platforms, launcher, fmt)
+    check_output(output, (model, *_stub_paths(stub)))
     if quant is None:
         return _build(model, output, default_args, name, fmt, stub, launcher)
     from ggufile.builder.quantize_model import get_mix, quantize_file
@@ -145,6 +164,28 @@ def build(model: Path, output: Path, args: str | None, name: str | None, fmt: st
             quantize_file(model, quantized, quant, progress=lambda _name: progress(1),
                           warn=lambda msg: click.echo(msg, err=True))
         _build(quantized, output, default_args, name, fmt, stub, launcher)
+
+
+def _build_stubs(stub_args: tuple, platforms: str | None, launcher: str | None, fmt: str):
+    """What `build` writes behind the model: one stub path, a [(platform, stub)] list, or None
+    (resolved later: the default stub is built only once the model has been checked)."""
+    from ggufile.builder.platforms import parse_platforms, parse_stub_args
+
+    plain, by_platform = parse_stub_args(stub_args)
+    names = parse_platforms(platforms)
+    if not names and not by_platform:
+        return plain
+    if fmt == "pyz" or launcher == "onefile" or plain is not None:
+        raise GGUFileError("--platform and --stub PLATFORM=PATH make a cached-launcher executable: "
+                           "drop --format pyz / --launcher onefile / a plain --stub PATH")
+    return ("platforms", names or list(by_platform), by_platform)
+
+
+def _stub_paths(stub) -> list:
+    """The stub files a `_build_stubs` answer names (the build must not overwrite any of them)."""
+    if isinstance(stub, tuple):
+        return list(stub[2].values())
+    return [stub] if stub is not None else []
 
 
 def _reader_tensors(model: Path):
@@ -160,14 +201,16 @@ def _build(model: Path, output: Path, default_args: list[str], name: str | None,
 
     validate_model(model)  # fail on a broken model before building a stub or writing anything
     size = model.stat().st_size
+    stub = None if fmt == "pyz" else resolve_stub(stub, launcher)
     with progress_bar(f"Writing {model.name} into {output.name}", size) as progress:
         if fmt == "pyz":
             result = build_pyz(model, output, name, default_args, progress)
         else:
-            result = build_executable(model, output, resolve_stub(stub, launcher), name, default_args, progress)
+            result = build_executable(model, output, stub, name, default_args, progress)
     total = output.stat().st_size
+    held = f" for {', '.join(p for p, _ in stub)}" if isinstance(stub, list) else ""
     click.echo(f"Built {output} ({total / 1e6:.1f} MB: model {result.size / 1e6:.1f} MB + "
-               f"launcher {(total - result.size) / 1e6:.1f} MB). Try: "
+               f"launcher{held} {(total - result.size) / 1e6:.1f} MB). Try: "
                f"{'python3 ' if fmt == 'pyz' else ''}{_shell_path(output)} --chat")
 
 
@@ -179,10 +222,15 @@ def _shell_path(p: Path) -> str:
 @container_argument
 @click.option("--no-verify", is_flag=True, help="Skip the checksum (reading the whole model).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(path: Path, no_verify: bool, as_json: bool):
+@click.option("--glibc", "symbols", is_flag=True,
+              help="List every versioned GLIBC_/GLIBCXX_ symbol the runtime's ELF files need, and the "
+                   "floor (PATH may also be a bare .runtime.tar.gz stub).")
+def inspect(path: Path, no_verify: bool, as_json: bool, symbols: bool):
     """Show what is inside a ggufile executable or .pyz."""
     from ggufile.runtime.container import read_container
 
+    if symbols:
+        return _inspect_glibc(path, as_json)
     info = read_container(path).describe(verify=not no_verify)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -190,6 +238,23 @@ def inspect(path: Path, no_verify: bool, as_json: bool):
     width = max(map(len, info))
     for key, value in info.items():
         click.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+def _inspect_glibc(path: Path, as_json: bool) -> None:
+    from ggufile.builder import glibc
+
+    report = {}
+    for platform, archive in glibc.runtime_archives(path):
+        scan = glibc.scan_files(glibc.archive_files(archive))
+        report[platform] = {"floor": glibc.floor(scan), "files": glibc.symbol_table(scan)}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for platform, found in report.items():
+        click.echo(f"{platform}: {glibc.describe(found['floor'])}, {found['floor']['elf_files']} ELF files; "
+                   f"GLIBC_{found['floor']['glibc']} needed by {', '.join(found['floor'].get('glibc_needed_by', []))}")
+        for line in found["files"]:
+            click.echo(f"  {line}")
 
 
 @cli.command()
@@ -221,6 +286,10 @@ def restub(path: Path, stub: Path | None, output: Path | None, launcher: str | N
 
     old = read_exe(path)
     size = old.size
+    held = [rt.get("platform") for rt in (old.meta.get("launcher") or {}).get("runtimes", [])]
+    if len(held) > 1:
+        raise GGUFileError(f"{path} holds runtimes for {', '.join(held)}; restub keeps one: rebuild it "
+                           f"with `ggufile build --platform` (extract the model first if needed)")
     stub_path = resolve_stub(stub, launcher or (old.meta.get("launcher") or {}).get("kind"))
     with progress_bar(f"Re-stubbing {path.name}", size) as progress:
         result = do_restub(path, stub_path, output, progress)

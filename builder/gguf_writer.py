@@ -213,7 +213,10 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, object], tensors:
     _validate(tensors)
     alignment = _alignment(metadata)
     header = _header(metadata, tensors, alignment)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as err:
+        raise GGUFileError(f"cannot write to {path.parent}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
@@ -225,6 +228,9 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, object], tensors:
                 if on_tensor is not None:
                     on_tensor(spec)
         os.replace(tmp, path)
+    except OSError as err:  # ENOSPC, EFBIG, EIO: one line, and nothing half-written stays
+        Path(tmp).unlink(missing_ok=True)
+        raise GGUFileError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -35,7 +35,7 @@ from ggufile.runtime.container import (
 )
 from ggufile.runtime.errors import GGUFileError
 
-from ggufile.builder.build import Progress, atomic_output, copy_window, default_name, validate_model
+from ggufile.builder.build import Progress, atomic_output, check_output, copy_window, default_name, validate_model
 
 SHEBANG = b"#!/usr/bin/env python3\n"
 VENDORED = ["click", "jinja2", "markupsafe", "starlette", "anyio", "sniffio", "idna", "h11",
@@ -43,6 +43,15 @@ VENDORED = ["click", "jinja2", "markupsafe", "starlette", "anyio", "sniffio", "i
 MAIN = '''"""ggufile zipapp: run the model stored in this file (python3 THIS.pyz --help)."""
 import os
 import sys
+
+if sys.version_info < (3, 10):
+    sys.exit(f"Error: this ggufile .pyz needs Python 3.10 or newer ({sys.executable} is "
+             f"{sys.version.split()[0]}); or use the native executable (ggufile build --format exe)")
+try:
+    import numpy  # noqa: F401 -- the one dependency not inside the zip
+except ImportError:
+    sys.exit(f"Error: this ggufile .pyz needs NumPy, which {sys.executable} lacks: pip install numpy "
+             f"(Debian/Ubuntu: apt install python3-numpy); or use the native executable")
 
 from ggufile.runtime.launch import launch
 
@@ -100,6 +109,7 @@ def _aligned_info(pos: int, size: int) -> zipfile.ZipInfo:
 def build_pyz(model: Path, out: Path, name: str | None = None, default_args: list[str] | None = None,
               progress: Progress = None) -> EmbeddedModel:
     model = Path(model)
+    check_output(out, (model,))
     facts = validate_model(model)
     size = model.stat().st_size
     meta = {"format_version": FORMAT_VERSION, "name": name or default_name(model, facts),

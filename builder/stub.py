@@ -9,7 +9,8 @@ Two kinds (`ggufile build --launcher`):
 A stub is keyed by ggufile version + platform + Python + a hash of everything frozen into it
 (the runtime sources, web UI, AOT kernels and the recipe in stubs/), so a code change builds a
 new stub while an unchanged tree reuses the cached one. Each stub has a `.json` sidecar that
-`build` copies into the executable's trailer (what `inspect` reports as runtime/platform).
+`build` copies into the executable's trailer (what `inspect` reports as runtime/platform/glibc
+floor: the newest GLIBC_ version the one-dir runtime's ELF files need, see builder/glibc.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ import ggufile.runtime
 import ggufile.stubs
 from ggufile.runtime import __version__
 from ggufile.runtime.errors import GGUFileError
+
+from ggufile.builder import glibc
+from ggufile.builder.platforms import tree_hash
 
 RECIPE_DIR = Path(ggufile.stubs.__file__).parent
 SPEC = RECIPE_DIR / "ggufile-stub.spec"
@@ -136,6 +140,7 @@ def build_stub(echo=print, force: bool = False, launcher: str = "onefile") -> Pa
         if proc.returncode != 0 or not built.exists():
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise GGUFileError(f"PyInstaller failed building the stub: {last[0]}")
+        floor = glibc.floor(glibc.scan_files(glibc.folder_files(built))) if built.is_dir() else None
         part = dest.with_name(dest.name + ".part")
         if launcher == "onefile":
             shutil.copy2(built, part)
@@ -143,7 +148,8 @@ def build_stub(echo=print, force: bool = False, launcher: str = "onefile") -> Pa
             pack_runtime(built, part)
         os.replace(part, dest)
     info = {"ggufile_version": __version__, "platform": stub_platform(), "python": platform.python_version(),
-            "key": dest.name, "size": dest.stat().st_size, "launcher": launcher}
+            "key": dest.name, "size": dest.stat().st_size, "launcher": launcher,
+            "tree": tree_hash(), "glibc_floor": floor}
     dest.with_name(dest.name + ".json").write_text(json.dumps(info, indent=1))
     echo(f"Stub ready: {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return dest

@@ -1,7 +1,9 @@
 """The runtime's command line: `ggufile run -m MODEL …` and, inside a built executable, `./model …`.
 
 Both are the same click command. In an executable the model is embedded (no -m) and the
-build-time default arguments come first, so whatever the user types overrides them.
+build-time default arguments apply on every start, merged with the user's (baked_args.py).
+Started with no mode (-p, --chat, --server, ...) on a terminal it chats there with the server
+in the background, as llamafile does; without a terminal it prints the usage.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
 from ggufile.runtime.sampling import SamplingParams
@@ -67,6 +71,8 @@ def model_options(f):
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Let web pages from this origin call the API (repeatable; default: same origin only).")
 @click.option("--info", is_flag=True, help="Describe the model and exit.")
+@click.option("--verify", "verify_model", is_flag=True,
+              help="Check the embedded model's sha256 first (reads it all); exit 1 if it is corrupted.")
 @click.option("--perplexity", is_flag=True,
               help="Perplexity of the model on the text of -f, like llama-perplexity (-c is the chunk size, default 512).")
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
@@ -74,33 +80,93 @@ def model_options(f):
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, nobrowser, cors_origins, info, perplexity, display_prompt, verbose, **sampling):
-    """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server)."""
+                server, host, port, api_key, nobrowser, cors_origins, info, verify_model, perplexity,
+                display_prompt, verbose, **sampling):
+    """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server).
+
+    With none of these, on a terminal: chat there, with the server in the background."""
     embedded = ctx.obj
+    if verify_model:
+        _verify(embedded, model_path)
+        if prompt is None and prompt_file is None and not (chat or server or info or perplexity):
+            return
     if threads:
         os.environ["GGUFILE_THREADS"] = str(threads)  # read by the kernels' thread pool at import
     if prompt_file is not None:
-        prompt = prompt_file.read()
+        try:
+            prompt = prompt_file.read()
+        except UnicodeDecodeError as err:
+            raise GGUFileError(f"-f {prompt_file.name}: not UTF-8 text (byte offset {err.start})") from None
+    for name, text in (("-p/--prompt", prompt), ("--system", system)):
+        check_utf8(name, text)
     if info:
         _print_info(embedded, model_path)
         return
     if perplexity:
         _perplexity(embedded, model_path, prompt, ctx_size)
         return
-    if prompt is None and not chat and not server:
+    bare = prompt is None and not chat and not server
+    if bare and not (sys.stdin.isatty() and sys.stdout.isatty()):
         click.echo(_short_help(embedded, model_path, ctx))
         return
     engine = _open_engine(embedded, model_path, ctx_size)
+    if ctx_size > engine.n_ctx and ctx.get_parameter_source("ctx_size") is not ParameterSource.DEFAULT:
+        click.echo(f"warning: -c {ctx_size} is past the model's training context ({engine.n_ctx} tokens); "
+                   f"using {engine.n_ctx}", err=True)
     params = SamplingParams(**sampling)
     if server:
         from ggufile.runtime.server.app import serve
 
         serve(engine, host=host, port=port, api_key=api_key, open_browser=not nobrowser,
-              allowed_origins=tuple(cors_origins))
-    elif chat:
-        chat_repl(engine, params, system, n_predict)
+              allowed_origins=tuple(cors_origins), log=_log_line)
+    elif chat or bare:
+        _chat(engine, params, system, n_predict, bare and dict(host=host, port=port, api_key=api_key,
+                                                               allowed_origins=tuple(cors_origins)))
     else:
         complete(engine, prompt, params, n_predict, display_prompt, verbose)
+
+
+def _log_line(text: str) -> None:
+    """The server's lines (its URL first) reach a pipe at once, not when the buffer fills."""
+    print(text, flush=True)
+
+
+def _chat(engine, params, system, n_predict, background_server: dict | None) -> None:
+    """The terminal chat; on a bare start, with the server (and its web page) in the background."""
+    from ggufile.runtime.chat_repl import chat
+
+    if not background_server:
+        chat(engine, params, system, n_predict)
+        return
+    from ggufile.runtime.server.background import BackgroundServer
+
+    server = BackgroundServer(engine, **background_server).start()
+    try:
+        chat(engine, params, system, n_predict,
+             banner_extra=f"Web UI and OpenAI API: {server.url} (open it in a browser; it stops with the chat)")
+    finally:
+        server.stop()
+
+
+def _verify(embedded, model_path) -> None:
+    if embedded is None or model_path is not None:
+        raise GGUFileError("--verify checks the model inside an executable; this run has none")
+    if not embedded.verify():
+        raise GGUFileError(f"{embedded.path}: checksum MISMATCH, the embedded model is corrupted "
+                           "(get a fresh copy)")
+    click.echo(f"{embedded.path}: OK (sha256 {embedded.sha256})", err=True)
+
+
+def check_utf8(option: str, text: str | None) -> None:
+    """Arguments that were not UTF-8 reach Python as lone surrogates; say so in one line."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        raise GGUFileError(f"{option} is not valid UTF-8 (byte 0x{bad.hex()} at character {err.start}); "
+                           "use a UTF-8 terminal or -f FILE") from None
 
 
 def _perplexity(embedded, model_path, text, ctx_size) -> None:
@@ -155,58 +221,6 @@ def complete(engine, prompt: str, params: SamplingParams, n_predict: int, displa
                    f"({n_out / max(decode_s, 1e-9):.1f} tok/s)", err=True)
 
 
-def chat_repl(engine, params: SamplingParams, system: str | None, n_predict: int) -> None:
-    """A terminal chat that keeps the conversation (and the KV cache of it) across turns."""
-    interactive = sys.stdin.isatty()
-    messages = [{"role": "system", "content": system}] if system else []
-    if interactive:
-        click.echo(f"Chatting with {engine.model_name}. /reset starts over, /exit or Ctrl-D quits.", err=True)
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not interactive and not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = messages[:1] if system else []
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = _chat_turn(engine, messages, params, n_predict)
-        messages.append({"role": "assistant", "content": reply})
-
-
-def _chat_turn(engine, messages, params, n_predict) -> str:
-    ids = _fit_history(engine, messages)
-    parts = []
-    try:
-        for chunk in engine.generate(ids, params, max_tokens=n_predict):
-            parts.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass  # stop this answer, keep chatting
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    return "".join(parts).strip()
-
-
-def _fit_history(engine, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation, dropping the oldest turns until a reply has room."""
-    reserve = min(512, engine.n_ctx // 4)
-    while True:
-        ids = engine.chat_ids(messages)
-        first_turn = 1 if messages and messages[0]["role"] == "system" else 0
-        if len(ids) + reserve <= engine.n_ctx or len(messages) - first_turn <= 1:
-            return ids
-        del messages[first_turn:first_turn + 2]  # oldest user/assistant pair
-
-
 def _print_info(embedded, model_path) -> None:
     from ggufile.runtime.gguf.reader import GGUFReader
     from ggufile.runtime.gguf.info import describe_gguf
@@ -224,7 +238,7 @@ def _print_info(embedded, model_path) -> None:
 def _short_help(embedded, model_path, ctx) -> str:
     if embedded is None:
         return ctx.get_help()
-    prog = os.path.basename(sys.argv[0]) or "model"
+    prog = ctx.find_root().info_name or "model"
     name = getattr(embedded, "name", None) or "the embedded model"
     return "\n".join([
         f"{prog}: {name}, packed into one executable by ggufile.",
@@ -253,14 +267,23 @@ def tokenize_command(model_path, no_bos, special, text):
     click.echo(json.dumps(tok.encode(text, add_special=not no_bos, parse_special=special)))
 
 
+def program_name(embedded) -> str:
+    """What usage and error lines call us: the executable's own file name, whichever launcher ran
+    it (the cached launcher's runtime is a file called ggufile-runtime in a cache folder)."""
+    if embedded is not None:
+        return Path(embedded.path).name
+    return os.path.basename(sys.argv[0]) or "ggufile"
+
+
 def main(argv: list[str] | None = None, embedded=None) -> int:
     """Entry point of the executable (embedded model) and of `python -m ggufile.runtime`."""
+    from ggufile.runtime.baked_args import merge, option_table
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if embedded is not None and argv:
-        argv = list(getattr(embedded, "default_args", []) or []) + argv
+    if embedded is not None:
+        argv = merge(list(getattr(embedded, "default_args", []) or []), argv, option_table(run_command))
     try:
-        run_command.main(args=argv, prog_name=os.path.basename(sys.argv[0]) or "ggufile",
-                         standalone_mode=False, obj=embedded)
+        run_command.main(args=argv, prog_name=program_name(embedded), standalone_mode=False, obj=embedded)
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
     except click.ClickException as err:

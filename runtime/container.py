@@ -2,11 +2,12 @@
 
 Executable, `cached` launcher (default on Linux/macOS):
 
-    [#!/bin/sh prologue, PROLOGUE_SIZE bytes][runtime .tar.gz][zero pad to 64 KiB][GGUF][trailer]
+    [#!/bin/sh prologue, PROLOGUE_SIZE bytes][runtime .tar.gz, one per platform][zero pad to 64 KiB][GGUF][trailer]
 
-The prologue (written by ggufile.builder.build) unpacks the runtime archive -- a PyInstaller
-one-*dir* build -- once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and
-execs it with CONTAINER_ENV naming this file; the trailer ends the file.
+The prologue (written by ggufile.builder.build) picks the runtime archive -- a PyInstaller
+one-*dir* build -- for `uname -sm` (the trailer's launcher.runtimes lists them), unpacks it
+once into $GGUFILE_CACHE/runtime/<hash>/ (default ~/.cache/ggufile) and execs it with
+CONTAINER_ENV naming this file; the trailer ends the file.
 
 Executable, `onefile` launcher (a PyInstaller one-file stub with the model inserted before the
 stub's archive; unpacks the runtime to a fresh temp dir at every start):
@@ -38,7 +39,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ggufile.runtime.errors import GGUFileError, GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFileError, GGUFFormatError, open_regular_file, os_errors_as, printable_line
+from ggufile.runtime.gguf.constants import GGUF_MAGIC
 
 FORMAT_VERSION = 1
 ALIGNMENT = 64 * 1024  # GGUF start: page aligned for every page size in use (4K..64K)
@@ -110,16 +112,33 @@ class EmbeddedModel:
     def verify(self, progress=None) -> bool:
         return self.compute_sha256(progress) == self.sha256
 
+    def quick_check(self) -> None:
+        """What every start checks in microseconds (the full sha256 is `--verify`): the file is as
+        long as the trailer says and the GGUF starts where it says. Catches truncated and
+        misassembled copies; a flipped bit inside the weights needs the checksum."""
+        damaged = f"{self.path}: damaged (%s); get a fresh copy, or run it with --verify for details"
+        with os_errors_as(GGUFileError, self.path), open(self.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            if self.offset + self.size > end:
+                raise GGUFFormatError(damaged % f"the model needs {self.offset + self.size} bytes, the file has {end}")
+            f.seek(self.offset)
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise GGUFFormatError(damaged % f"no GGUF model at offset {self.offset}")
+
     def describe(self, verify: bool | None = None) -> dict:
         """What `--info` and `ggufile inspect` print. verify=True checks the sha256 (reads it all)."""
         # a .pyz carries the runtime that built it; an executable, the runtime of its stub
         stub = self.meta.get("stub") or {"ggufile_version": self.meta.get("built_by", "unknown"),
                                          "platform": "any (python zipapp)", "python": "python3 + NumPy"}
+        # a cached-launcher executable may hold one runtime per platform
+        stubs = [dict(rt.get("stub") or {}, platform=rt.get("platform", "unknown"))
+                 for rt in (self.meta.get("launcher") or {}).get("runtimes", [])] or [stub]
         info = {
             "file": str(self.path),
             "format": f"ggufile {self.kind} v{self.meta.get('format_version', FORMAT_VERSION)}",
             "runtime version": stub.get("ggufile_version", "unknown"),
-            "stub platform": stub.get("platform", "unknown"),
+            "stub platform": ", ".join(s.get("platform", "unknown") for s in stubs),
+            "stub glibc floor": ", ".join(_glibc_floor(s) for s in stubs),
             "stub python": stub.get("python", "unknown"),
             "launcher": (self.meta.get("launcher") or {}).get("kind", "-"),
             "model name": self.name or "(unnamed)",
@@ -133,7 +152,16 @@ class EmbeddedModel:
         info["default args"] = " ".join(self.default_args) or "(none)"
         state = "not checked" if not verify else ("ok" if self.verify() else "MISMATCH (corrupted)")
         info["checksum"] = f"sha256 {self.sha256} ({state})"
-        return info
+        # Values quote the file (its trailer and the model): printable and bounded.
+        return {k: printable_line(v, 200) if isinstance(v, str) else v for k, v in info.items()}
+
+
+def _glibc_floor(stub: dict) -> str:
+    """"2.31" (the newest GLIBC_ version the stub's ELF files need, recorded when it was built)."""
+    floor = (stub.get("glibc_floor") or {}).get("glibc")
+    if floor:
+        return floor
+    return "-" if "zipapp" in str(stub.get("platform")) else "unknown"
 
 
 # -- the trailer (executables) -------------------------------------------------------------
@@ -146,7 +174,7 @@ def pack_trailer(gguf_offset: int, gguf_size: int, sha256_hex: str, meta: dict) 
 
 def find_pyinstaller_archive(path: Path) -> int | None:
     """Start offset of the PyInstaller archive in `path` (as the bootloader computes it), or None."""
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         end = f.seek(0, os.SEEK_END)
         start = max(0, end - PYI_TAIL_SCAN)
         f.seek(start)
@@ -162,12 +190,14 @@ def find_pyinstaller_archive(path: Path) -> int | None:
 def read_exe(path: Path) -> EmbeddedModel:
     """The EmbeddedModel of a ggufile executable; GGUFileError if it holds none."""
     path = Path(path)
-    with os_errors_as(GGUFileError, path), open(path, "rb") as f:
+    with open_regular_file(path) as f, os_errors_as(GGUFileError, path):
         end = f.seek(0, os.SEEK_END)
         if end >= FOOTER.size:
             f.seek(end - FOOTER.size)
             if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] == TRAILER_MAGIC:
                 return _read_trailer(f, path, end, "cached")
+    if _is_cached_launcher(path):
+        raise GGUFFormatError(f"{path}: damaged, its end is missing (truncated copy?); get a fresh copy")
     pkg_offset = _archive_offset(path)
     with open(path, "rb") as f:
         if pkg_offset < FOOTER.size:
@@ -176,6 +206,11 @@ def read_exe(path: Path) -> EmbeddedModel:
         if f.read(FOOTER.size)[:len(TRAILER_MAGIC)] != TRAILER_MAGIC:
             raise GGUFileError(f"{path}: no model inside (this is a bare ggufile stub)")
         return _read_trailer(f, path, pkg_offset, "onefile")
+
+
+def _is_cached_launcher(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(40).startswith(b"#!/bin/sh\n# A ggufile executable")
 
 
 def _read_trailer(f, path: Path, trailer_end: int, launcher: str) -> EmbeddedModel:
@@ -252,8 +287,9 @@ def read_pyz(path: Path) -> EmbeddedModel:
 def read_container(path: str | os.PathLike) -> EmbeddedModel:
     """The model inside a ggufile executable or .pyz."""
     path = Path(path)
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError:
-        is_zip = False
+    with open_regular_file(path) as f:  # refuses FIFOs and devices before reading a byte
+        try:
+            is_zip = zipfile.is_zipfile(f)
+        except OSError:
+            is_zip = False
     return read_pyz(path) if is_zip else read_exe(path)

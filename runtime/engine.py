@@ -20,11 +20,12 @@ import numpy as np
 
 from ggufile.runtime.chat_template import ChatTemplate, choose_template
 from ggufile.runtime.gguf.constants import Keys
-from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.errors import Cancelled, GGUFileError, printable_line
 from ggufile.runtime.gguf.reader import GGUFReader
 from ggufile.runtime.sampling import Sampler, SamplingParams
 
 DEFAULT_CTX = 4096
+PREFILL_BATCH = 512  # prompt tokens between two looks at `cancelled` (the model's own batch size)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Chunk:
 class Engine:
     def __init__(self, reader: GGUFReader, n_ctx: int | None = None, name: str | None = None):
         from ggufile.runtime.model.transformer import load_model
+        from ggufile.runtime.model.validate import check_context_budget
         from ggufile.runtime.tokenizer.tokenizer import Tokenizer
 
         self.reader = reader
@@ -49,7 +51,8 @@ class Engine:
         self.n_ctx = min(n_ctx or DEFAULT_CTX, n_ctx_train)
         if self.n_ctx < 8:
             raise GGUFileError(f"context size {self.n_ctx} is too small")
-        self.model_name = name or reader.get(Keys.NAME) or reader.path.stem
+        check_context_budget(self.model.config, self.n_ctx)
+        self.model_name = printable_line(name or reader.get_str(Keys.NAME) or reader.path.stem, 200)
         self._chat_template: ChatTemplate | None = None  # compiled on first use (jinja2 is slow to import)
         self.lock = threading.Lock()
         self._cache = None
@@ -102,8 +105,10 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                 max_tokens: int | None = None, stop: list[str] | tuple = ()) -> Iterator[Chunk]:
-        """Stream the continuation of `prompt_ids`. Closing the iterator stops the generation."""
+                 max_tokens: int | None = None, stop: list[str] | tuple = (),
+                 cancelled: threading.Event | None = None) -> Iterator[Chunk]:
+        """Stream the continuation of `prompt_ids`. Closing the iterator stops the generation;
+        `cancelled` being set stops the prompt processing (errors.Cancelled) between batches."""
         params = params or SamplingParams()
         if not prompt_ids:
             raise GGUFileError("the prompt is empty")
@@ -111,7 +116,7 @@ class Engine:
         if room <= 0:
             raise GGUFileError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.n_ctx}")
         max_tokens = room if max_tokens is None or max_tokens < 0 else min(max_tokens, room)
-        logits = self._prefill(prompt_ids)
+        logits = self._prefill(prompt_ids, cancelled)
         return self._decode_loop(logits, list(prompt_ids), params, max_tokens, list(stop))
 
     def _decode_loop(self, logits, history, params, max_tokens, stop) -> Iterator[Chunk]:
@@ -138,7 +143,7 @@ class Engine:
             logits = self._forward([token])
         yield Chunk(None, stopper.flush() + decoder.flush(), "length")
 
-    def _prefill(self, prompt_ids: list[int]) -> np.ndarray:
+    def _prefill(self, prompt_ids: list[int], cancelled: threading.Event | None = None) -> np.ndarray:
         """Reuse the cached prefix, run the rest of the prompt, return the last logits."""
         if self._cache is None:
             self._cache = self.model.new_cache(self.n_ctx)
@@ -146,12 +151,35 @@ class Engine:
         common = min(common, len(prompt_ids) - 1)  # at least one token to get fresh logits
         self._cache.truncate(common)
         del self._cached_ids[common:]
-        return self._forward(prompt_ids[common:])
+        rest = prompt_ids[common:]
+        if cancelled is None:
+            return self._forward(rest)
+        for at in range(0, len(rest), PREFILL_BATCH):  # a client that hangs up stops us here
+            if cancelled.is_set():
+                raise Cancelled()
+            logits = self._forward(rest[at:at + PREFILL_BATCH])
+        return logits
 
     def _forward(self, ids: list[int]) -> np.ndarray:
-        logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
+        self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
+        try:
+            logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
+        except ZeroDivisionError:  # the compiled quantizers meet inf/NaN activations
+            raise GGUFileError("the model computed infinite or NaN values: its weights are probably "
+                               "corrupt") from None
         self._cached_ids += ids
         return logits
+
+    def cached_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the KV cache already holds (reused, not recomputed)."""
+        return _common_prefix(self._cached_ids, ids)
+
+    def keep_prefix(self, ids: list[int]) -> None:
+        """Drop the cached tokens past the common prefix with `ids` (e.g. an undone chat turn)."""
+        common = self.cached_prefix(ids)
+        del self._cached_ids[common:]
+        if self._cache is not None:
+            self._cache.truncate(common)
 
     def reset(self) -> None:
         """Forget the cached sequence (the next prompt is processed from scratch)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ggufile.runtime.container import CONTAINER_ENV, read_container
 from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.watch import run_watched
 
 
 def frozen_executable() -> Path | None:
@@ -32,9 +33,11 @@ def launch(argv: list[str] | None = None, container: Path | None = None) -> int:
         if path is None:
             raise GGUFileError("not running from a ggufile executable; use `ggufile run -m MODEL`")
         embedded = read_container(path)
+        embedded.quick_check()
         from ggufile.runtime.cli import main  # lazily: the model is located (and errors reported) first
 
-        return main(argv, embedded=embedded)
+        # in a child process, so that a SIGBUS (our file rewritten under the mapping) is reported
+        return run_watched(lambda: main(argv, embedded=embedded), embedded.path)
     except GGUFileError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ggufile.runtime.errors import GGUFileError
+
 
 @dataclass
 class SamplingParams:
@@ -38,11 +40,24 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, recent: list[int]) -> int:
         p = self.params
+        logits = finite_logits(logits)
         logits = apply_penalties(logits, recent[-p.repeat_last_n:] if p.repeat_last_n > 0 else [], p)
         if p.greedy:
             return int(np.argmax(logits))
         ids, probs = candidate_probs(logits, p)
         return int(ids[self.rng.choice(len(ids), p=probs)])
+
+
+def finite_logits(logits: np.ndarray) -> np.ndarray:
+    """Logits every step below can rank: NaN is never chosen, +inf is the largest float.
+    GGUFileError when nothing is left (a corrupt model computes NaN everywhere)."""
+    if np.isfinite(logits).all():
+        return logits
+    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
+    if not np.isfinite(logits).any():
+        raise GGUFileError("the model computed no usable next-token scores (all NaN or -inf): "
+                           "its weights are probably corrupt")
+    return logits
 
 
 def apply_penalties(logits: np.ndarray, recent: list[int], p: SamplingParams) -> np.ndarray:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 from ggufile.runtime.engine import Chunk, StopStrings
-from ggufile.runtime.errors import GGUFileError
+from ggufile.runtime.errors import Cancelled, GGUFileError
 from ggufile.runtime.sampling import SamplingParams
 
 BOS, EOS, OFFSET = 0, 1, 3
@@ -36,6 +36,8 @@ class FakeEngine:
         self.max_active = 0
         self.fail_with: Exception | None = None
         self.gate: threading.Event | None = None  # when set, generations wait for it before token 1
+        self.prefill_delay = 0.0  # seconds of "prompt processing" inside generate()
+        self.prefills_cancelled = 0
 
     # -- text <-> tokens ---------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -52,7 +54,7 @@ class FakeEngine:
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                 max_tokens: int | None = None, stop=()) -> Iterator[Chunk]:
+                 max_tokens: int | None = None, stop=(), cancelled=None) -> Iterator[Chunk]:
         if not prompt_ids:
             raise GGUFileError("the prompt is empty")
         room = self.n_ctx - len(prompt_ids)
@@ -62,6 +64,13 @@ class FakeEngine:
                            "stop": list(stop)})
         if self.fail_with:
             raise self.fail_with
+        if self.prefill_delay:  # "prompt processing": polls `cancelled` like Engine._prefill
+            deadline = time.monotonic() + self.prefill_delay
+            while time.monotonic() < deadline:
+                if cancelled is not None and cancelled.is_set():
+                    self.prefills_cancelled += 1
+                    raise Cancelled()
+                time.sleep(0.01)
         limit = room if max_tokens is None or max_tokens < 0 else min(max_tokens, room)
         return self._run(limit, list(stop))
 

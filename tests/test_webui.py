@@ -165,3 +165,152 @@ def test_browser_chat_with_real_model(page, smollm2_path):
         assert answer.locator(".body").text_content().strip()
         assert page.locator("#model").text_content() == engine.model_name
         assert "tokens/s" in page.locator("#stats").text_content()
+
+
+# -- conversations, settings, rendering, tools ---------------------------------------------------------
+
+CODE_REPLY = """Here you go:
+
+```python
+def greet(name):  # say hi
+    return "hi " + name * 2
+```
+
+| language | typing |
+|---|---|
+| Python | dynamic |
+| Rust | static |
+
+- one
+- two
+
+1. first
+2. second
+"""
+
+
+def send_and_wait(page, message: str, n_answers: int, timeout_ms: int = 60_000):
+    page.fill("#input", message)
+    page.press("#input", "Enter")
+    page.wait_for_function(f"document.querySelectorAll('.msg.assistant').length === {n_answers}", timeout=timeout_ms)
+    page.wait_for_selector("#send:not([hidden])", timeout=timeout_ms)
+    return page.locator(".msg.assistant").last
+
+
+def open_page(page, url: str):
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== '…'")
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name))
+
+
+@pytest.mark.slow
+def test_browser_conversations_survive_reload_and_switch(page):
+    engine = FakeEngine(reply="first answer", n_ctx=2048)
+    with running_server(create_app(engine)) as url:
+        open_page(page, url)
+        send_and_wait(page, "first question", 1)
+        page.click("#newchat")
+        engine.reply = "second answer"
+        send_and_wait(page, "second question", 1)
+        page.reload()
+        page.wait_for_selector(".msg.assistant")
+        titles = page.locator("#chats .chat button.open").all_text_contents()
+        assert titles == ["second question", "first question"]  # newest first
+        assert page.locator(".msg .body").all_text_contents() == ["second question", "second answer"]
+        page.click("#chats .chat >> nth=1 >> button.open")
+        assert page.locator(".msg .body").all_text_contents() == ["first question", "first answer"]
+        assert "current" in page.locator("#chats .chat").nth(1).get_attribute("class")
+        screenshot(page, "webui_conversations.png")
+        engine.reply = "third answer"
+        send_and_wait(page, "follow-up", 2)
+        # the restored conversation went to the model whole
+        prompt = engine.detokenize(engine.calls[-1]["prompt_ids"])
+        assert prompt == "<user>first question\n<assistant>first answer\n<user>follow-up\n<assistant>"
+        page.hover("#chats .chat >> nth=0")
+        page.click("#chats .chat >> nth=0 >> button.del")
+        assert page.locator("#chats .chat").count() == 1
+
+
+@pytest.mark.slow
+def test_browser_system_prompt_and_sampling_settings(page):
+    engine = FakeEngine(reply="Arr.", n_ctx=2048)
+    with running_server(create_app(engine)) as url:
+        open_page(page, url)
+        page.fill("#system", "You are a pirate.")
+        settings = {"#top_p": "0.5", "#top_k": "7", "#min_p": "0.1", "#repeat_penalty": "1.3", "#maxtok": "33",
+                    "#seed": "42"}
+        for selector, value in settings.items():
+            page.fill(selector, value)
+        page.locator("#temp").evaluate("e => { e.value = '0.2'; e.dispatchEvent(new Event('input')); }")
+        send_and_wait(page, "Who are you?", 1)
+        call = engine.calls[-1]
+        assert engine.detokenize(call["prompt_ids"]).startswith("<system>You are a pirate.\n<user>Who are you?")
+        params = call["params"]
+        assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repeat_penalty, params.seed) == \
+            (pytest.approx(0.2), 0.5, 7, pytest.approx(0.1), pytest.approx(1.3), 42)
+        assert call["max_tokens"] == 33
+        # per-reply figures: tokens, speed, context use against the model's n_ctx
+        meta = page.locator(".msg.assistant .meta").text_content()
+        assert re.fullmatch(r"\d+ tokens( · [\d.]+ tokens/s)? · context \d+/2048", meta), meta
+        page.reload()
+        page.wait_for_selector(".msg.assistant")
+        assert page.input_value("#system") == "You are a pirate."
+        assert {s: page.input_value(s) for s in settings} == settings
+        assert page.locator("#tempval").text_content() == "0.20"
+        screenshot(page, "webui_settings.png")
+
+
+@pytest.mark.slow
+def test_browser_markdown_code_highlight_and_copy_buttons(page):
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    engine = FakeEngine(reply=CODE_REPLY, n_ctx=2048)
+    with running_server(create_app(engine)) as url:
+        open_page(page, url)
+        answer = send_and_wait(page, "Show me code", 1)
+        code = answer.locator(".codeblock pre code")
+        assert code.text_content() == 'def greet(name):  # say hi\n    return "hi " + name * 2'
+        assert code.locator(".tok-kw").all_text_contents() == ["def", "return"]
+        assert code.locator(".tok-fn").all_text_contents() == ["greet"]
+        assert code.locator(".tok-str").all_text_contents() == ['"hi "']
+        assert code.locator(".tok-com").all_text_contents() == ["# say hi"]
+        assert code.locator(".tok-num").all_text_contents() == ["2"]
+        assert answer.locator(".codebar span").text_content() == "python"
+        assert answer.locator("table th").all_text_contents() == ["language", "typing"]
+        assert answer.locator("table tbody tr").count() == 2
+        assert answer.locator("ul li").all_text_contents() == ["one", "two"]
+        assert answer.locator("ol li").all_text_contents() == ["first", "second"]
+        screenshot(page, "webui_code.png")
+        answer.locator(".codebar button.copy").click()
+        assert page.evaluate("navigator.clipboard.readText()") == 'def greet(name):  # say hi\n    return "hi " + name * 2'
+        assert answer.locator(".codebar button.copy").text_content() == "Copied"
+        answer.locator(".head button.copy").click()
+        assert page.evaluate("navigator.clipboard.readText()") == CODE_REPLY
+
+
+@pytest.mark.slow
+def test_browser_regenerate_and_edit_and_resend(page):
+    engine = FakeEngine(reply="answer one", n_ctx=2048)
+    with running_server(create_app(engine)) as url:
+        open_page(page, url)
+        send_and_wait(page, "question", 1)
+        engine.reply = "answer two"
+        page.click(".msg.assistant >> text=Regenerate")
+        page.wait_for_selector(".msg.assistant .body >> text=answer two")
+        page.wait_for_selector("#send:not([hidden])")
+        assert page.locator(".msg .body").all_text_contents() == ["question", "answer two"]
+        assert engine.calls[-1]["prompt_ids"] == engine.calls[-2]["prompt_ids"]  # the same question again
+        engine.reply = "answer three"
+        page.click(".msg.user >> text=Edit")
+        page.fill(".msg.user textarea.edit", "better question")
+        page.click(".msg.user >> text=Send")
+        page.wait_for_selector(".msg.assistant .body >> text=answer three")
+        page.wait_for_selector("#send:not([hidden])")
+        assert page.locator(".msg .body").all_text_contents() == ["better question", "answer three"]
+        assert engine.detokenize(engine.calls[-1]["prompt_ids"]) == "<user>better question\n<assistant>"
+        page.reload()
+        page.wait_for_selector(".msg.assistant")
+        assert page.locator(".msg .body").all_text_contents() == ["better question", "answer three"]

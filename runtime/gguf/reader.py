@@ -36,7 +36,8 @@ from ggufile.runtime.gguf.constants import (
     GGUFValueType,
     Keys,
 )
-from ggufile.runtime.errors import GGUFFormatError, os_errors_as
+from ggufile.runtime.errors import GGUFFormatError, open_regular_file, os_errors_as
+from ggufile.runtime.watch import FileIdentity
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -207,7 +208,7 @@ class GGUFReader:
         # string arrays (kernels.string_scanner()), passed in so the format layer needs no kernels.
         self._scan_strings = scan_strings
         self.path = Path(path)
-        self._mmap = _map_file(self.path)
+        self._mmap, self._identity = _map_file(self.path)
         file_size = len(self._mmap)
         if size is None:
             size = file_size - offset
@@ -372,6 +373,11 @@ class GGUFReader:
             key = key.format(arch=self.architecture)
         return self.metadata.get(key, default)
 
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A metadata string; `default` when the key is absent or holds anything else."""
+        value = self.get(key)
+        return value if isinstance(value, str) else default
+
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The tensor's raw bytes: a read-only uint8 view on the mapping."""
         info = self.tensors[name]
@@ -388,8 +394,16 @@ class GGUFReader:
             return arr if len(info.shape) == 1 else arr.reshape(info.n_rows, info.shape[0])
         return raw.reshape(info.n_rows, info.row_bytes)
 
+    def check_unchanged(self) -> None:
+        """GGUFileError if the file was rewritten since it was mapped (reading it now could SIGBUS)."""
+        if self._identity is not None:
+            self._identity.check()
+
     def close(self) -> None:
         # Views into the map may outlive us (NumPy keeps the mmap alive); closing is best effort.
+        identity, self._identity = getattr(self, "_identity", None), None
+        if identity is not None:
+            identity.close()
         self.buffer = None
         mm, self._mmap = getattr(self, "_mmap", None), None
         if mm is not None:
@@ -405,8 +419,8 @@ class GGUFReader:
         self.close()
 
 
-def _map_file(path: Path) -> mmap.mmap:
-    with os_errors_as(GGUFFormatError, path, "map"), open(path, "rb") as f:
+def _map_file(path: Path) -> tuple[mmap.mmap, FileIdentity]:
+    with open_regular_file(path, GGUFFormatError) as f, os_errors_as(GGUFFormatError, path, "map"):
         if os.fstat(f.fileno()).st_size == 0:
             raise GGUFFormatError(f"{path}: empty file, not a GGUF model")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), FileIdentity(f.fileno(), path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ggufile.runtime import kernels
 from ggufile.runtime.model import ops
+from ggufile.runtime.errors import GGUFFormatError
 from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
@@ -113,6 +114,7 @@ class CompiledStep:
         cfg_f[S.F_EPS], cfg_f[S.F_EMBD_SCALE] = c.rms_eps, c.embd_scale
         tensors = np.array(packer.tensors, dtype=np.int64).reshape(-1, S.TENSOR_COLS)
         vecs = np.concatenate(packer.vectors).astype(np.float32)
+        _assert_shapes(c, tensors, layers, cfg, packer.vectors)
         return cls(model, backend, packer.blob, _readonly(tensors), _readonly(layers), _readonly(vecs), cfg, cfg_f)
 
     def supports(self, cache) -> bool:
@@ -188,6 +190,39 @@ def _layer_row(packer: _Packer, L, swa: bool) -> list[int]:
         row[col] = packer.vector(v)
     row[S.L_SWA] = int(swa)
     return row
+
+
+def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
+    """What the compiled step indexes without bounds checks, asserted once here: every matrix has
+    the (rows, k) the config promises, every norm vector its length, rope covers <= one head."""
+    E, F, D = c.n_embd, c.n_ff, c.head_dim
+    QD, KVD = c.n_head * D, c.n_head_kv * D
+    expected = {S.L_WQ: (QD, E), S.L_WK: (KVD, E), S.L_WV: (KVD, E), S.L_WO: (E, QD),
+                S.L_GATE: (F, E), S.L_UP: (F, E), S.L_DOWN: (E, F)}
+    vec_len = {S.L_ATTN_NORM: E, S.L_FFN_NORM: E, S.L_Q_NORM: D, S.L_K_NORM: D,
+               S.L_POST_ATTN_NORM: E, S.L_POST_FFN_NORM: E}
+    starts = np.cumsum([0] + [v.size for v in vectors])
+    sizes = dict(zip(starts[:-1].tolist(), (v.size for v in vectors)))
+
+    def matrix(row: int, shape: tuple[int, int], what: str) -> None:
+        if tuple(tensors[row, [S.T_ROWS, S.T_COLS]]) != shape:
+            raise GGUFFormatError(f"compiled step: {what} is {tuple(tensors[row, [S.T_ROWS, S.T_COLS]])}, "
+                                  f"expected {shape}")
+
+    def vector(at: int, n: int, what: str) -> None:
+        if at >= 0 and sizes.get(int(at)) != n:
+            raise GGUFFormatError(f"compiled step: {what} has {sizes.get(int(at))} values, expected {n}")
+
+    for il, row in enumerate(layers):
+        for col, shape in expected.items():
+            matrix(row[col], shape, f"layer {il} matrix {col}")
+        for col, n in vec_len.items():
+            vector(row[col], n, f"layer {il} norm {col}")
+    matrix(cfg[S.C_EMBD], (c.n_vocab, E), "token embeddings")
+    matrix(cfg[S.C_OUTPUT], (c.n_vocab, E), "output")
+    vector(cfg[S.C_OUTPUT_NORM], E, "output norm")
+    if not (0 < c.n_rot <= D and c.n_rot % 2 == 0) or len(layers) != c.n_layer:
+        raise GGUFFormatError(f"compiled step: rope dimensions {c.n_rot} / head {D} / layers {len(layers)}")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

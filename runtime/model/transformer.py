@@ -62,7 +62,7 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, metadata: dict) -> "ModelConfig":
         arch = metadata.get(Keys.ARCHITECTURE)
-        if arch not in SUPPORTED_ARCHS:
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(
                 f"unsupported model architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
 
@@ -363,5 +363,7 @@ class Model:
 
 def load_model(reader) -> Model:
     """Build a Model over an open GGUFReader (weights stay mmap views into the file)."""
-    config = ModelConfig.from_gguf(reader.metadata)
+    from ggufile.runtime.model.validate import checked_config
+
+    config = checked_config(reader.metadata, reader.tensors)
     return Model(config, _load_weights(reader, config))

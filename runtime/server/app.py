@@ -39,7 +39,8 @@ from ggufile.runtime.errors import GGUFileError
 from ggufile.runtime.server.schema import (ApiError, GenerationRequest, parse_chat_request, parse_completion_request,
                             parse_detokenize, parse_tokenize)
 from ggufile.runtime.server.format import DONE_EVENT, Completion, sse, timings
-from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback
+from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback, log_unexpected
+from ggufile.runtime.server.limits import UnencodableText, bounded_protocol, check_encodable
 from ggufile.runtime.server.queue import GenerationQueue, Job, QueueFull
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: far more than any context's worth of text
@@ -128,7 +129,7 @@ async def http_error(request: Request, err: HTTPException) -> Response:
 
 
 async def internal_error(request: Request, err: Exception) -> Response:
-    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=err)
+    log_unexpected(f"internal error on {request.method} {request.url.path}", err)
     return error_response(ApiError(500, "internal server error", type="server_error", code="internal_error"))
 
 
@@ -149,9 +150,14 @@ async def read_json(request: Request):
             raise too_large
         body.append(part)
     try:
-        return json.loads(b"".join(body))
+        data = json.loads(b"".join(body))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    try:
+        check_encodable(data)
+    except UnencodableText as err:
+        raise ApiError(400, str(err), code="invalid_text") from None
+    return data
 
 
 # -- simple routes ---------------------------------------------------------------------------------
@@ -284,7 +290,7 @@ def _check_prompt(engine, ids: list[int], req: GenerationRequest) -> None:
 def _generation_error(err: BaseException) -> ApiError:
     if isinstance(err, GGUFileError):
         return ApiError(400, str(err))
-    logger.error("generation failed", exc_info=err)
+    log_unexpected("generation failed", err)
     return ApiError(500, "generation failed (internal error)", type="server_error", code="internal_error")
 
 
@@ -414,7 +420,7 @@ def make_server(app, sock: socket.socket):
             await super().shutdown(sockets=sockets)
 
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, host=host, port=port, http="h11", loop="asyncio", ws="none",
+    config = uvicorn.Config(app, host=host, port=port, http=bounded_protocol(), loop="asyncio", ws="none",
                             lifespan="on", log_level="warning", access_log=False, server_header=False,
                             timeout_graceful_shutdown=3, timeout_keep_alive=30)
     return Server(config)

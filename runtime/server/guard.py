@@ -14,10 +14,17 @@ Why each check:
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import logging
+import os
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
+
+from ggufile.runtime.errors import DEBUG_ENV, printable_line
+
+logger = logging.getLogger("ggufile.server")
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 OPEN_PATHS = frozenset({"/", "/index.html", "/health", "/favicon.ico"})
@@ -26,7 +33,19 @@ CORS_HEADERS = "Authorization, Content-Type"
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """Exactly a loopback name or address: '127.0.0.1.evil.example' is not one."""
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def log_unexpected(what: str, err: BaseException) -> None:
+    """One log line for an error nobody foresaw; the traceback only with GGUFILE_DEBUG=1."""
+    debug = bool(os.environ.get(DEBUG_ENV))
+    logger.error("%s: %s", what, printable_line(f"{type(err).__name__}: {err}"), exc_info=err if debug else None)
 
 
 def _hostname(host_header: str) -> str:
@@ -65,7 +84,7 @@ class Guard:
                                extra=[(b"www-authenticate", b"Bearer")])
         if granted:
             send = _with_cors(send, origin)
-        return await self.app(scope, receive, send)
+        return await _answered(self.app, scope, receive, send)
 
     def _host_ok(self, host: str) -> bool:
         name = _hostname(host).lower()
@@ -74,6 +93,23 @@ class Guard:
     def _key_ok(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), self.api_key)
+
+
+async def _answered(app, scope, receive, send) -> None:
+    """Run the app; an exception that escapes it ends here instead of in uvicorn's traceback log.
+    Starlette re-raises every exception after its 500 handler (app.internal_error) has logged
+    it in one line and answered, so here only a 500 is sent if nothing was sent yet."""
+    started = False
+
+    async def tracked(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+    try:
+        await app(scope, receive, tracked)
+    except Exception:  # noqa: BLE001 -- the last stop before uvicorn's traceback logging
+        if not started:
+            await _deny(send, 500, "internal server error", "server_error", "internal_error")
 
 
 def _key_message(headers: Headers) -> str:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ggufile.runtime.errors import Cancelled
 from ggufile.runtime.sampling import SamplingParams
 
 _DONE = object()  # end of a job's output
@@ -160,6 +161,8 @@ class GenerationQueue:
             try:
                 with self.engine.lock:
                     self._generate(job)
+            except Cancelled:
+                pass  # the client hung up while its prompt was processed: nobody to tell
             except Exception as err:  # reported to that request; the worker keeps serving
                 job.post(err)
             finally:
@@ -168,7 +171,8 @@ class GenerationQueue:
                 job.post(_DONE)
 
     def _generate(self, job: Job) -> None:
-        chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop)
+        chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
+                                      cancelled=job.cancelled)
         try:
             for chunk in chunks:
                 if not job.timings.first_token:

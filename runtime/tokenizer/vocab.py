@@ -20,6 +20,7 @@ from ggufile.runtime.gguf.constants import Keys, TokenType
 from ggufile.runtime.errors import GGUFFormatError, UnsupportedModelError
 from ggufile.runtime.tokenizer.pretokenize import PreTokenizer, pre_tokenizer_for
 from ggufile.runtime.tokenizer.bpe import parse_merges
+from ggufile.runtime.model.validate import check_tokenizer_metadata
 
 class Attr:
     """llama.cpp's llama_token_attr bits (a token can gain CONTROL/UNUSED from its text).
@@ -105,6 +106,7 @@ class Vocab:
 
 
 def load_vocab(metadata: Mapping) -> Vocab:
+    check_tokenizer_metadata(metadata)
     model = metadata.get(Keys.TOKENIZER_MODEL)
     texts = _token_texts(metadata)
     n = len(texts)
