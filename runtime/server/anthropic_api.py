@@ -179,15 +179,7 @@ async def messages(request: Request) -> Response:
     if req.stream:
         return core.EventStream(_events(job, s.engine, req, spec, message_id, len(ids), plan), job,
                                 on_close=s.queue.forget)
-    try:
-        states, n_tokens = await openai_api.collect(request, job, plan)
-    finally:
-        job.cancel()
-        s.queue.forget(job)
-    state = states[0]
-    text, calls = "".join(state.text), []
-    if spec is not None:
-        text, calls = tools.parse_output(text, spec)
+    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
     blocks = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_block(c) for c in calls]
     finish = "tool_calls" if calls else state.finish_reason or "length"
     stop_reason, stop_sequence = _stop(finish, state, req, s.engine)

@@ -159,15 +159,8 @@ async def _run(request: Request, s, req, spec, chat: bool) -> Response:
     model = s.engine.model_name
     if req.stream:
         return NDJSONStream(_lines(job, model, spec, chat, len(ids), started), job, on_close=s.queue.forget)
-    try:
-        states, n_tokens = await openai_api.collect(request, job, plan)
-    finally:
-        job.cancel()
-        s.queue.forget(job)
-    text, calls = "".join(states[0].text), []
-    if spec is not None:
-        text, calls = tools.parse_output(text, spec)
-    out = _final(model, job, len(ids), n_tokens, states[0].finish_reason, started)
+    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
+    out = _final(model, job, len(ids), n_tokens, state.finish_reason, started)
     out.update(_piece(text, calls, chat))
     return JSONResponse(out)
 

@@ -185,6 +185,20 @@ async def collect(request: Request, job: Job, plan: Plan) -> tuple[list[ChoiceSt
     return choices, n_tokens
 
 
+async def collect_one(request: Request, job: Job, plan: Plan, spec, queue) -> tuple[ChoiceState, str, list, int]:
+    """A one-choice job run to its end and handed back to the queue: (its state, its text and the
+    tool calls parsed out of it, tokens generated) -- what every non-streamed dialect answers from."""
+    try:
+        states, n_tokens = await collect(request, job, plan)
+    finally:
+        job.cancel()
+        queue.forget(job)
+    text, calls = "".join(states[0].text), []
+    if spec is not None:
+        text, calls = tools.parse_output(text, spec)
+    return states[0], text, calls, n_tokens
+
+
 async def whole_response(request: Request, job: Job, plan: Plan, completion: Completion, engine,
                          n_prompt: int, echo: str, spec=None) -> dict:
     states, n_tokens = await collect(request, job, plan)

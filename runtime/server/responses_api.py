@@ -163,16 +163,9 @@ async def responses(request: Request) -> Response:
     reply = Reply(s, body, req)
     if req.stream:
         return core.EventStream(_events(job, reply, spec, len(ids), plan), job, on_close=s.queue.forget)
-    try:
-        states, n_tokens = await openai_api.collect(request, job, plan)
-    finally:
-        job.cancel()
-        s.queue.forget(job)
-    text, calls = "".join(states[0].text), []
-    if spec is not None:
-        text, calls = tools.parse_output(text, spec)
+    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
     output = ([reply.message(text)] if text or not calls else []) + [reply.function_call(c) for c in calls]
-    incomplete = "max_output_tokens" if states[0].finish_reason == "length" and not calls else None
+    incomplete = "max_output_tokens" if state.finish_reason == "length" and not calls else None
     return JSONResponse(reply.obj("incomplete" if incomplete else "completed", output,
                                   reply.usage(len(ids), n_tokens, plan.cached_tokens), incomplete))
 
