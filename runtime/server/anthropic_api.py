@@ -179,13 +179,13 @@ async def messages(request: Request) -> Response:
     if req.stream:
         return core.EventStream(_events(job, s.engine, req, spec, message_id, len(ids), plan), job,
                                 on_close=s.queue.forget)
-    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
+    state, text, calls = await openai_api.collect_one(request, job, plan, spec, s.queue)
     blocks = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_block(c) for c in calls]
     finish = "tool_calls" if calls else state.finish_reason or "length"
     stop_reason, stop_sequence = _stop(finish, state, req, s.engine)
     return JSONResponse({"id": message_id, "type": "message", "role": "assistant", "model": s.engine.model_name,
                          "content": blocks, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                         "usage": _usage(len(ids), n_tokens, plan.cached_tokens)})
+                         "usage": _usage(len(ids), state.n_generated, plan.cached_tokens)})
 
 
 def _tool_block(call: dict) -> dict:
@@ -217,7 +217,7 @@ async def _events(job, engine, req, spec, message_id: str, n_prompt: int, plan) 
         "stop_reason": None, "stop_sequence": None, "usage": _usage(n_prompt, 0, 0)}})
     splitter = tools.CallSplitter() if spec is not None else None
     state = openai_api.ChoiceState(0)
-    index, text_open, n_tokens = 0, False, 0
+    index, text_open = 0, False
 
     def text_delta(text: str):
         nonlocal text_open
@@ -229,12 +229,8 @@ async def _events(job, engine, req, spec, message_id: str, n_prompt: int, plan) 
         return out + _event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                     "delta": {"type": "text_delta", "text": text}})
     try:
-        async for step in job.chunks():
-            n_tokens += step.token_id is not None
-            state.feed(step)
-            text = splitter.feed(step.text) if splitter else step.text
-            if text:
-                yield text_delta(text)
+        async for text in openai_api.visible_text(job, state, splitter):
+            yield text_delta(text)
     except Exception as err:
         yield _event("error", {"type": "error", "error": {"type": "api_error",
                                                           "message": core._generation_error(err).message}})
@@ -263,5 +259,5 @@ async def _events(job, engine, req, spec, message_id: str, n_prompt: int, plan) 
     stop_reason, stop_sequence = _stop(finish, state, req, engine)
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                   "usage": {"output_tokens": n_tokens}})
+                                   "usage": {"output_tokens": state.n_generated}})
     yield _event("message_stop", {"type": "message_stop"})

@@ -159,8 +159,8 @@ async def _run(request: Request, s, req, spec, chat: bool) -> Response:
     model = s.engine.model_name
     if req.stream:
         return NDJSONStream(_lines(job, model, spec, chat, len(ids), started), job, on_close=s.queue.forget)
-    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
-    out = _final(model, job, len(ids), n_tokens, state.finish_reason, started)
+    state, text, calls = await openai_api.collect_one(request, job, plan, spec, s.queue)
+    out = _final(model, job, len(ids), state.n_generated, state.finish_reason, started)
     out.update(_piece(text, calls, chat))
     return JSONResponse(out)
 
@@ -177,14 +177,10 @@ def _piece(text: str, calls: list, chat: bool) -> dict:
 
 async def _lines(job, model: str, spec, chat: bool, n_prompt: int, started: float) -> AsyncIterator[bytes]:
     splitter = tools.CallSplitter() if spec is not None else None
-    n_tokens, finish = 0, None
+    state = openai_api.ChoiceState(0)
     try:
-        async for step in job.chunks():
-            n_tokens += step.token_id is not None
-            finish = step.finish_reason or finish
-            text = splitter.feed(step.text) if splitter else step.text
-            if text:
-                yield _line({"model": model, "created_at": _stamp(), **_piece(text, [], chat), "done": False})
+        async for text in openai_api.visible_text(job, state, splitter):
+            yield _line({"model": model, "created_at": _stamp(), **_piece(text, [], chat), "done": False})
     except Exception as err:
         yield _line({"error": core._generation_error(err).message})
         return
@@ -193,7 +189,7 @@ async def _lines(job, model: str, spec, chat: bool, n_prompt: int, started: floa
     rest, calls = splitter.finish(spec) if splitter else ("", [])
     if rest or calls:
         yield _line({"model": model, "created_at": _stamp(), **_piece(rest, calls, chat), "done": False})
-    yield _line(dict(_final(model, job, n_prompt, n_tokens, finish, started), **_piece("", [], chat)))
+    yield _line(dict(_final(model, job, n_prompt, state.n_generated, state.finish_reason, started), **_piece("", [], chat)))
 
 
 # -- /api/tags, /api/show, /api/version -----------------------------------------------------------

@@ -141,9 +141,11 @@ class ChoiceState:
     tokens: list[int] = field(default_factory=list)  # drawn, the end token excepted
     finish_reason: str | None = None
     ended_by_token: bool = False  # the model's end token (not a stop string) ended it
+    n_generated: int = 0  # tokens drawn, the end token included (what usage reports)
 
     def feed(self, step) -> None:
         self.text.append(step.text)
+        self.n_generated += step.token_id is not None
         if step.token_id is not None and not step.end_of_generation:
             self.tokens.append(step.token_id)
         self.ended_by_token = self.ended_by_token or step.end_of_generation
@@ -185,18 +187,28 @@ async def collect(request: Request, job: Job, plan: Plan) -> tuple[list[ChoiceSt
     return choices, n_tokens
 
 
-async def collect_one(request: Request, job: Job, plan: Plan, spec, queue) -> tuple[ChoiceState, str, list, int]:
+async def visible_text(job: Job, state: ChoiceState, splitter) -> AsyncIterator[str]:
+    """A one-choice job's text as a streaming client may see it: every step fed to `state`,
+    tool-call markup held back by `splitter` (None: no tools)."""
+    async for step in job.chunks():
+        state.feed(step)
+        text = splitter.feed(step.text) if splitter else step.text
+        if text:
+            yield text
+
+
+async def collect_one(request: Request, job: Job, plan: Plan, spec, queue) -> tuple[ChoiceState, str, list]:
     """A one-choice job run to its end and handed back to the queue: (its state, its text and the
-    tool calls parsed out of it, tokens generated) -- what every non-streamed dialect answers from."""
+    tool calls parsed out of it) -- what every non-streamed dialect answers from."""
     try:
-        states, n_tokens = await collect(request, job, plan)
+        states, _ = await collect(request, job, plan)
     finally:
         job.cancel()
         queue.forget(job)
     text, calls = "".join(states[0].text), []
     if spec is not None:
         text, calls = tools.parse_output(text, spec)
-    return states[0], text, calls, n_tokens
+    return states[0], text, calls
 
 
 async def whole_response(request: Request, job: Job, plan: Plan, completion: Completion, engine,

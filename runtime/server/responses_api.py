@@ -163,11 +163,11 @@ async def responses(request: Request) -> Response:
     reply = Reply(s, body, req)
     if req.stream:
         return core.EventStream(_events(job, reply, spec, len(ids), plan), job, on_close=s.queue.forget)
-    state, text, calls, n_tokens = await openai_api.collect_one(request, job, plan, spec, s.queue)
+    state, text, calls = await openai_api.collect_one(request, job, plan, spec, s.queue)
     output = ([reply.message(text)] if text or not calls else []) + [reply.function_call(c) for c in calls]
     incomplete = "max_output_tokens" if state.finish_reason == "length" and not calls else None
     return JSONResponse(reply.obj("incomplete" if incomplete else "completed", output,
-                                  reply.usage(len(ids), n_tokens, plan.cached_tokens), incomplete))
+                                  reply.usage(len(ids), state.n_generated, plan.cached_tokens), incomplete))
 
 
 async def _events(job, reply: Reply, spec, n_prompt: int, plan) -> AsyncIterator[bytes]:
@@ -183,7 +183,7 @@ async def _events(job, reply: Reply, spec, n_prompt: int, plan) -> AsyncIterator
     yield event("response.in_progress", response=reply.obj("in_progress", []))
     splitter = tools.CallSplitter() if spec is not None else None
     state = openai_api.ChoiceState(0)
-    text_parts, opened, n_tokens = [], False, 0
+    text_parts, opened = [], False
     where = {"item_id": reply.message_id, "output_index": 0, "content_index": 0}
 
     def delta(text: str) -> bytes:
@@ -196,12 +196,8 @@ async def _events(job, reply: Reply, spec, n_prompt: int, plan) -> AsyncIterator
         text_parts.append(text)
         return out + event("response.output_text.delta", delta=text, logprobs=[], **where)
     try:
-        async for step in job.chunks():
-            n_tokens += step.token_id is not None
-            state.feed(step)
-            text = splitter.feed(step.text) if splitter else step.text
-            if text:
-                yield delta(text)
+        async for text in openai_api.visible_text(job, state, splitter):
+            yield delta(text)
     except Exception as err:
         yield event("error", code="server_error", message=core._generation_error(err).message, param=None)
         return
@@ -232,5 +228,5 @@ async def _events(job, reply: Reply, spec, n_prompt: int, plan) -> AsyncIterator
         yield event("response.output_item.done", output_index=index, item=item)
     incomplete = "max_output_tokens" if state.finish_reason == "length" and not calls else None
     final = reply.obj("incomplete" if incomplete else "completed", output,
-                      reply.usage(n_prompt, n_tokens, plan.cached_tokens), incomplete)
+                      reply.usage(n_prompt, state.n_generated, plan.cached_tokens), incomplete)
     yield event("response.incomplete" if incomplete else "response.completed", response=final)
