@@ -154,6 +154,35 @@ def _measure(prefill, decode_step, n_vocab: int, repeats: int) -> dict:
     return result
 
 
+def bandwidth_gbs(threads: int, size: int = 1 << 30, repeats: int = 3) -> float:
+    """STREAM-like read bandwidth: `threads` threads each summing its slice of one 1 GB buffer
+    (NumPy's reductions release the GIL), best of `repeats`, in GB/s."""
+    import threading
+
+    words = np.ones(size // 8, dtype=np.int64)  # written once, so every page is resident
+    parts = np.array_split(words, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return size / best / 1e9
+
+
+def decode_bytes(model: str) -> int:
+    """Weight bytes one decoded token reads: every tensor but the token embedding (only one row
+    of which is read), which counts when it doubles as the output matrix."""
+    from ggufile.runtime.gguf.reader import GGUFReader
+
+    tensors = GGUFReader(model).tensors
+    tied = "output.weight" not in tensors
+    return sum(t.nbytes for name, t in tensors.items() if name != "token_embd.weight" or tied)
+
+
 def _timed(fn, arg) -> float:
     t0 = time.perf_counter()
     fn(arg)
@@ -212,20 +241,41 @@ METRICS = [("load_s", "load (s)", ".2f"), ("pp128", "prefill 128 (tok/s)", ".1f"
            ("peak_rss_mib", "peak RSS (MiB)", ".0f")]
 
 
-def format_table(model: str, results: list[dict]) -> str:
-    """A Markdown table, one column per engine, plus one ratio column ggufile / each other engine."""
+def format_table(model: str, rounds: list[list[dict]], bandwidth: float | None = None) -> str:
+    """A Markdown table, one column per engine (the median over rounds), plus one ratio column
+    ggufile / each other engine: the median of the rounds' ratios, and their range when there
+    are several rounds (each round runs the engines one after the other, so a ratio compares
+    figures measured under the same load)."""
+    results = [_median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     names = [r["engine"] for r in results]
-    base, others = (results[0], results[1:]) if names[0] == "ggufile" else (None, [])
-    ratio_heads = [f"ggufile/{r['engine']}" for r in others]
-    lines = [f"model: {os.path.basename(model)}; threads: {results[0]['threads']}; "
+    n_others = len(results) - 1 if names[0] == "ggufile" else 0
+    ratio_heads = [f"ggufile/{r['engine']}" for r in results[1:n_others + 1]]
+    lines = [f"model: {os.path.basename(model)}; threads: {results[0]['threads']}; rounds: {len(rounds)}; "
              + "; ".join(f"{r['engine']}: {r.get('backend')}" for r in results), "",
              "| metric | " + " | ".join(names + ratio_heads) + " |",
              "|---" * (len(names) + len(ratio_heads) + 1) + "|"]
     for key, label, fmt in METRICS:
         row = [format(r[key], fmt) for r in results]
-        row += [f"{base[key] / r[key]:.2f}×" for r in others]
+        for i in range(1, n_others + 1):
+            ratios = sorted(r[0][key] / r[i][key] for r in rounds)
+            spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+            row.append(f"{float(np.median(ratios)):.2f}×{spread}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    if bandwidth:
+        per_token = decode_bytes(model)
+        tg = f"tg{DECODE_TOKENS}"
+        lines += ["", f"memory bandwidth ({results[0]['threads']} threads, 1 GB read): {bandwidth:.1f} GB/s; "
+                  f"weights read per token: {per_token / 1e9:.3f} GB; decode at "
+                  + ", ".join(f"{r['engine']} {r[tg] * per_token / 1e9 / bandwidth:.0%}" for r in results)
+                  + " of it"]
     return "\n".join(lines)
+
+
+def _median_result(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for key, _, _ in METRICS:
+        out[key] = float(np.median([r[key] for r in runs]))
+    return out
 
 
 @click.command("bench")
@@ -239,7 +289,11 @@ def format_table(model: str, results: list[dict]) -> str:
               envvar="GGUFILE_BENCH_TRANSFORMERS_PYTHON",
               help="A Python interpreter with torch + transformers (e.g. a separate venv): also run "
                    "the transformers CPU path, which dequantizes the GGUF to float32 at load.")
-def bench_command(model_path, threads, repeats, compare, transformers_python):
+@click.option("--rounds", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run the engines this many times, interleaved; report medians and the ratios' range.")
+@click.option("--bandwidth/--no-bandwidth", default=False, show_default=True,
+              help="Also measure the memory read bandwidth and the share of it decoding reaches.")
+def bench_command(model_path, threads, repeats, compare, transformers_python, rounds, bandwidth):
     """Benchmark MODEL: load time, prefill 128/512 and decode 128 tokens/s, peak RSS.
 
     With llama-cpp-python installed, llama.cpp runs on the same file and thread count in the
@@ -252,11 +306,17 @@ def bench_command(model_path, threads, repeats, compare, transformers_python):
                    "(pip install 'ggufile[bench]' for the side-by-side run)", err=True)
     if transformers_python:
         engines.append("transformers")
-    results = [r for r in (_run_worker(e, model_path, threads, repeats, transformers_python)
-                           for e in engines) if r]
-    if not results:
-        raise click.ClickException("no engine could be measured")
-    click.echo(format_table(model_path, results))
+    all_rounds = []
+    for _ in range(rounds):
+        results = [r for r in (_run_worker(e, model_path, threads, repeats, transformers_python)
+                               for e in engines) if r]
+        if not results:
+            raise click.ClickException("no engine could be measured")
+        if all_rounds and len(results) != len(all_rounds[0]):
+            continue  # an engine failed this round: its ratios would not be comparable
+        all_rounds.append(results)
+    gbs = bandwidth_gbs(threads) if bandwidth else None
+    click.echo(format_table(model_path, all_rounds, gbs))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,19 @@ def _fake(engine: str, scale: float) -> dict:
 
 
 def test_table_has_a_ratio_column_per_other_engine():
-    table = bench.format_table("m.gguf", [_fake("ggufile", 1), _fake("llama.cpp", 2), _fake("transformers", 4)])
+    table = bench.format_table("m.gguf", [[_fake("ggufile", 1), _fake("llama.cpp", 2), _fake("transformers", 4)]])
     header = table.splitlines()[2]
     assert header == "| metric | ggufile | llama.cpp | transformers | ggufile/llama.cpp | ggufile/transformers |"
     assert "| prefill 128 (tok/s) | 100.0 | 200.0 | 400.0 | 0.50× | 0.25× |" in table
 
 
+def test_rounds_give_medians_and_the_ratios_range():
+    rounds = [[_fake("ggufile", 1), _fake("llama.cpp", s)] for s in (1, 2, 4)]
+    assert "| prefill 128 (tok/s) | 100.0 | 200.0 | 0.50× (0.25-1.00) |" in bench.format_table("m.gguf", rounds)
+
+
 def test_no_ratio_without_ggufile():
-    table = bench.format_table("m.gguf", [_fake("llama.cpp", 1), _fake("transformers", 2)])
+    table = bench.format_table("m.gguf", [[_fake("llama.cpp", 1), _fake("transformers", 2)]])
     assert "ggufile/" not in table
 
 

@@ -102,8 +102,8 @@ def test_step_results_do_not_depend_on_the_thread_count(tiny, backend):
 
 
 def test_forward_uses_the_step_for_one_token(tiny):
-    """Model.forward takes the step for single tokens when the kernels have it, the Python pass
-    for float16 caches (and everything else)."""
+    """Model.forward takes the step when the kernels have it, the Python pass for float32
+    caches (and everything else)."""
     if kernels.step_backend() is None:
         assert tiny._compiled_step() is None
         return
@@ -111,11 +111,13 @@ def test_forward_uses_the_step_for_one_token(tiny):
     cache = tiny.new_cache(16)
     tiny.forward(PROMPT, cache)
     via_forward = tiny.forward(np.array([9], dtype=np.int32), cache)
-    np.testing.assert_array_equal(via_forward, _decode(tiny, tiny._compiled_step(), [9], n_ctx=16)[0][0])
-    c16 = tiny.new_cache(16, dtype=np.float16)
-    tiny.forward(PROMPT, c16)
-    assert not tiny._compiled_step().supports(c16)
-    np.testing.assert_allclose(tiny.forward(np.array([9], dtype=np.int32), c16), via_forward, atol=5e-3)
+    direct = tiny.new_cache(16)
+    tiny._compiled_step().forward(PROMPT, direct)
+    np.testing.assert_array_equal(via_forward, tiny._compiled_step().step(9, direct))
+    c32 = tiny.new_cache(16, dtype=np.float32)
+    tiny.forward(PROMPT, c32)
+    assert not tiny._compiled_step().supports(c32)
+    np.testing.assert_allclose(tiny.forward(np.array([9], dtype=np.int32), c32), via_forward, atol=5e-3)
 
 
 def test_step_refuses_a_cache_it_would_overrun(tiny, backend):

@@ -200,13 +200,15 @@ def test_incremental_decode_equals_batched_forward(tiny):
 
 
 def test_float16_cache_gives_the_same_logits(tiny):
-    """K/V are rounded to float16 either way (as llama.cpp stores them), so a half-size cache is exact."""
+    """K/V are rounded to float16 either way (as llama.cpp stores them): the default float16
+    cache (the compiled step, where there is one) and a float32 one (the Python pass) agree, up
+    to the two passes' summation orders (float weights: nothing amplifies them)."""
     ids = np.arange(9, dtype=np.int32)
-    c16, c32 = tiny.new_cache(16, dtype=np.float16), tiny.new_cache(16)
+    c16, c32 = tiny.new_cache(16), tiny.new_cache(16, dtype=np.float32)
     assert c16.k.dtype == np.float16 and c32.k.dtype == np.float32
     for part in (ids[:6], ids[6:]):
         np.testing.assert_allclose(tiny.forward(part, c16, all_logits=True),
-                                   tiny.forward(part, c32, all_logits=True), rtol=0, atol=1e-5)
+                                   tiny.forward(part, c32, all_logits=True), rtol=0, atol=2e-3)
 
 
 def test_sliding_window_changes_only_long_contexts():

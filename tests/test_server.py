@@ -487,10 +487,8 @@ QUESTION = [{"role": "system", "content": "You are a concise assistant."},
 
 
 def warm_up(api, **request):
-    """Run a prompt once so the engine's KV cache holds it. Tests that compare answers across
-    requests need every compared request to start from the same cache state: today the engine's
-    batched prefill and its one-token steps disagree slightly in the logits, so a cold prompt and a
-    cached one can differ even greedily (reported to the engine's owner)."""
+    """Run a prompt once so the engine's KV cache holds it (the tests below then time cached
+    prompts; a cold and a cached prompt give the same logits: test_real_repeat_is_deterministic)."""
     if "messages" in request:
         api.chat.completions.create(**request, max_tokens=1)
     else:
@@ -519,6 +517,17 @@ def test_real_chat_stream_matches_non_stream(api, real_server):
     assert "".join(parts) == text  # greedy: streaming changes the transport, not the answer
     assert finish == out.choices[0].finish_reason
     assert usage.completion_tokens == out.usage.completion_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_real_repeat_is_deterministic(api):
+    """The same temperature-0 request three times, the first on a cold cache (the whole prompt
+    prefilled), the repeats on a cached prompt (only its last token recomputed): one text."""
+    question = [{"role": "user", "content": "Name three colours of the rainbow, then count to ten."}]
+    texts = [api.chat.completions.create(model="default", messages=question, max_tokens=24, temperature=0)
+             .choices[0].message.content for _ in range(3)]
+    assert texts[0].strip() and texts == [texts[0]] * 3
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ The step takes the whole model as a few flat arrays, so one exported signature f
   tensors  int64 (n_tensors, TENSOR_COLS): where each weight matrix lies in the file's bytes
   layers   int64 (n_layer, LAYER_COLS): each layer's matrices (tensor rows) and norm vectors
            (offsets into one float32 array of all norm weights; -1 when the model has none)
-  cfg      int64 (CFG_LEN,): dimensions, flags and the token/position of this step
+  cfg      int64 (CFG_LEN,): dimensions and flags (the tokens, their positions and sequences
+           come as arrays of their own)
   cfg_f    float32 (CFG_F_LEN,): the float settings
   sync     int64 (SYNC_LEN,): the threads' barrier and the abort flag
 Both the Numba source and the runtime's driver import these names; nothing else spells them.
@@ -27,15 +28,14 @@ LAYER_COLS = 17
 
 # cfg
 (C_N_EMBD, C_N_HEAD, C_N_KV, C_HEAD_DIM, C_N_FF, C_N_VOCAB, C_N_ROT, C_NEOX, C_GELU, C_WINDOW,
- C_N_LAYER, C_TOKEN, C_POS, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_N_EXPERT,
- C_N_EXPERT_USED) = range(20)
-CFG_LEN = 20
+ C_N_LAYER, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_N_EXPERT, C_N_EXPERT_USED) = range(18)
+CFG_LEN = 18
 
 # cfg_f
 F_EPS, F_EMBD_SCALE, F_ATTN_SOFTCAP = range(3)  # soft-cap 0: none
 CFG_F_LEN = 3
 
-# rope: float32 (ROPE_ROWS, n_rot), this position's cos and signed sin, laid out per dimension
+# rope: float32 (ROPE_ROWS, n_rot) per token, its position's cos and signed sin, laid out per dimension
 R_COS_Q, R_SIN_Q, R_COS_K, R_SIN_K = range(4)  # global layers; + ROPE_SWA for sliding-window layers
 ROPE_SWA = 4
 ROPE_ROWS = 8

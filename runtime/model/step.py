@@ -1,10 +1,12 @@
-"""Decode one token with the compiled step: the whole model packed into the step's flat tables.
+"""Run tokens through the compiled step: the whole model packed into the step's flat tables.
 
 `CompiledStep.for_model(model)` packs a Model once (where each weight lies in the mapped file,
-the norm weights in one float32 array, the dimensions) and `step(token, cache)` then runs one
-token as a single call per pool thread (kernels/src/step.py), instead of ~120 pool rounds
-and the Python glue between them. It gives None where it cannot run the model (the NumPy
-backend, a kernel build without the step, a weight type it lacks, a float16 KV cache), and the
+the norm weights in one float32 array, the dimensions); `step(token, cache)` then runs one
+token, and `forward(ids, cache)` a prompt, as a single call per pool thread and chunk of
+CHUNK tokens (kernels/src/step.py), instead of ~120 pool rounds and the Python glue between
+them. Both go through the same compiled code, token by token in the same order, so a prompt's
+logits are the same bits whether it came in one piece, in chunks or one token at a time. It gives None where it cannot run the model (the NumPy
+backend, a kernel build without the step, a weight type it lacks, a float32 KV cache), and the
 caller keeps the Python forward pass.
 """
 from __future__ import annotations
@@ -21,6 +23,10 @@ from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.kernels.reference import row_elements
 from ggufile.runtime.kernels.types import WEIGHT_TYPES as STEP_WEIGHT_TYPES  # its dispatch covers them all (tested)
+
+# Tokens per step call in a prompt: the scratch (activations, their 8-bit blocks) grows with it
+# (~0.5 MB a token at 8B), and the matmul kernels' token tiles are about this size anyway.
+CHUNK = 64
 
 
 def _root(a: np.ndarray) -> np.ndarray:
@@ -74,15 +80,18 @@ class CompiledStep:
         c = model.config
         self._blob, self._tensors, self._layers, self._vecs = blob, tensors, layers, vecs
         self._cfg, self._cfg_f = cfg, cfg_f
-        k = max(1, c.n_expert_used)  # the experts of one token side by side
-        width = max(c.n_embd * (k + 1), 2 * c.n_ff * k, (c.n_head + 2 * c.n_head_kv) * c.head_dim,
-                    c.n_expert + 2 * k)
-        self._work = np.zeros((S.WORK_ROWS, width), dtype=np.float32)
-        self._acts = np.zeros((6, max(c.n_embd, c.n_ff * k, c.n_head * c.head_dim)), dtype=np.float32)
-        self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by step()
+        k = max(1, c.n_expert_used)
+        # one token's width in each work row (a (n, width) matrix per row, see decode_token);
+        # a mixture-of-experts layer keeps one token's router, gate|up and outputs in W_MOE
+        self._width = max(c.n_embd, 2 * c.n_ff, (c.n_head + 2 * c.n_head_kv) * c.head_dim,
+                          c.n_expert + 2 * k + 2 * c.n_ff * k + c.n_embd * k)
+        self._max_k = max(c.n_embd, c.n_ff * k, c.n_head * c.head_dim)
+        self._work = self._acts = np.zeros((0, 0), dtype=np.float32)  # sized per call (_scratch)
+        self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by _run()
         self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
         self._gelu = ops.gelu_f16_table()
-        self._rope = np.zeros((S.ROPE_ROWS, c.n_rot), dtype=np.float32)
+        self._rope = np.zeros((0, S.ROPE_ROWS, c.n_rot), dtype=np.float32)  # by position, grown
+        self._rope_freqs = None  # the global layers' frequencies self._rope was built with
         self._lock = threading.Lock()
 
     @classmethod
@@ -115,44 +124,80 @@ class CompiledStep:
         return cls(model, backend, packer.blob, _readonly(tensors), _readonly(layers), _readonly(vecs), cfg, cfg_f)
 
     def supports(self, cache) -> bool:
-        """Whether the step can write this cache: float32, C order, this model's shape (the
+        """Whether the step can write this cache: float16, C order, this model's shape (the
         compiled code trusts the shape: it has no bounds checks)."""
         c = self.model.config
-        shape = (c.n_layer, c.n_head_kv, cache.n_ctx, c.head_dim)
-        return all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == shape
-                   for a in (cache.k, cache.v)) and 0 <= cache.n_tokens < cache.n_ctx
+        k_shape = (c.n_layer, c.n_head_kv, cache.n_ctx, c.head_dim)
+        v_shape = (c.n_layer, c.n_head_kv, c.head_dim, cache.n_ctx)
+        return all(a.dtype == np.float16 and a.flags.c_contiguous and a.shape == shape
+                   for a, shape in ((cache.k, k_shape), (cache.v, v_shape))) and 0 <= cache.n_tokens < cache.n_ctx
 
     def step(self, token: int, cache) -> np.ndarray:
         """Logits (n_vocab,) after token `token` at position cache.n_tokens; appends its K/V."""
-        with self._lock:  # one token at a time: the scratch, tables and rope rows are shared
-            return self._step(token, cache)
+        return self.forward(np.array([token], dtype=np.int64), cache)
 
-    def _step(self, token: int, cache) -> np.ndarray:
-        pos = cache.n_tokens
-        self._cfg[S.C_TOKEN], self._cfg[S.C_POS] = token, pos
+    def forward(self, ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
+        """Tokens `ids` at positions cache.n_tokens..; appends their K/V. Returns the last
+        token's logits (n_vocab,), or every token's (n, n_vocab) with all_logits."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if not 0 < len(ids) <= cache.n_ctx - cache.n_tokens:
+            raise ValueError(f"{len(ids)} tokens do not fit a cache of {cache.n_ctx} holding {cache.n_tokens}")
+        parts = []
+        with self._lock:  # one call at a time: the scratch, tables and rope rows are shared
+            for i in range(0, len(ids), CHUNK):
+                chunk, pos = ids[i:i + CHUNK], cache.n_tokens
+                n = len(chunk)
+                positions = np.arange(pos, pos + n, dtype=np.int64)
+                outputs = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], dtype=np.int64)
+                parts.append(self._run(chunk, positions, np.zeros(n, dtype=np.int64), outputs,
+                                       cache.k, cache.v, cache))
+                cache.n_tokens = pos + n
+        logits = np.concatenate(parts) if all_logits else parts[-1][0]
+        return ops.softcap(logits, self.model.config.final_softcap)
+
+    def _run(self, ids, positions, seqs, outputs, k, v, cache) -> np.ndarray:
+        """One compiled call: tokens ids at positions of sequences seqs (layer seq * n_layer + il
+        of the caches k, v, float16 (seqs * n_layer, n_kv, n_ctx, head_dim)); the logits of the
+        tokens `outputs`. `cache` stands for the caches' size (and LongRoPE's choice)."""
+        n = len(ids)
+        self._fill_rope(int(positions.max()) + 1, cache)
         n_threads = self.backend.pool.n_threads
         if self._scores.shape[0] != n_threads or self._scores.shape[1] < cache.n_ctx:
             # one row of attention scores per thread (the step trusts this shape: no bounds checks)
             self._scores = np.zeros((n_threads, cache.n_ctx), dtype=np.float32)
-        logits = np.empty((1, self.model.config.n_vocab), dtype=np.float32)
-        self._fill_rope(pos, cache)
+        if self._work.shape[1] < n * self._width:
+            self._work = np.zeros((S.WORK_ROWS, n * self._width), dtype=np.float32)
+            self._acts = np.zeros((6, n * self._max_k), dtype=np.float32)
+        logits = np.empty((len(outputs), self.model.config.n_vocab), dtype=np.float32)
+        rope = np.ascontiguousarray(self._rope[positions].reshape(n * S.ROPE_ROWS, -1))
         self.backend.run_step(self._sync, (
-            self._blob, self._tensors, self._layers, self._vecs, self._cfg, self._cfg_f, self._rope,
-            self._gelu, F16_TABLE, cache.k, cache.v, self._work, self._scores, self._acts,
-            logits))
-        cache.n_tokens = pos + 1
-        return ops.softcap(logits[0], self.model.config.final_softcap)
+            self._blob, self._tensors, self._layers, self._vecs, self._cfg, self._cfg_f, rope,
+            self._gelu, F16_TABLE, k.view(np.uint16), v.view(np.uint16), self._work, self._scores,
+            self._acts, logits, _readonly(ids), _readonly(positions), _readonly(seqs), _readonly(outputs)))
+        return logits
 
-    def _fill_rope(self, pos: int, cache) -> None:
-        """This position's cos/sin rows, exactly as the Python pass builds them (ops.rope_tables)."""
+    def _fill_rope(self, end: int, cache) -> None:
+        """The cos/sin rows of every position below `end`, each computed once, alone, exactly
+        as the Python pass builds them (ops.rope_tables): NumPy's vector cos/sin may round an
+        element differently depending on where in an array it sits. Rebuilt when the cache's
+        size picks other frequencies (LongRoPE)."""
         m, c = self.model, self.model.config
-        at = np.array([pos])
-        rope = m.rope_for(cache)
-        freqs = ((0, rope), (S.ROPE_SWA, m.rope_freqs_swa)) if c.sliding_window else ((0, rope),)
-        for base, f in freqs:
-            rows = (ops.rope_tables(at, f, c.rope_neox, c.attn_scale) + ops.rope_tables(at, f, c.rope_neox))
-            for i, table in enumerate(rows):  # cos q, sin q, cos k, sin k
-                self._rope[base + i] = table.reshape(-1)
+        freqs = m.rope_for(cache)
+        if freqs is not self._rope_freqs:
+            self._rope, self._rope_freqs = self._rope[:0], freqs
+        have = self._rope.shape[0]
+        if end <= have:
+            return
+        grown = np.zeros((max(end, 2 * have), S.ROPE_ROWS, c.n_rot), dtype=np.float32)
+        grown[:have] = self._rope
+        tables = ((0, freqs), (S.ROPE_SWA, m.rope_freqs_swa)) if c.sliding_window else ((0, freqs),)
+        for pos in range(have, grown.shape[0]):
+            at = np.array([pos])
+            for base, f in tables:
+                rows = (ops.rope_tables(at, f, c.rope_neox, c.attn_scale) + ops.rope_tables(at, f, c.rope_neox))
+                for i, table in enumerate(rows):  # cos q, sin q, cos k, sin k
+                    grown[pos, base + i] = table.reshape(-1)
+        self._rope = grown
 
 
 def _layer_row(packer: _Packer, L, swa: bool) -> list[int]:

@@ -8,6 +8,7 @@ The forward pass only sees arrays: `load_model` takes an open GGUFReader and kee
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -314,25 +315,41 @@ def _load_weights(reader, cfg: ModelConfig) -> Weights:
 class KVCache:
     """Keys and values of every layer for positions 0..n_tokens-1, preallocated for n_ctx.
 
-    Stored head-major, (n_layer, n_head_kv, n_ctx, head_dim), so that one head's keys
-    k[il, h, :n] are a contiguous (n, head_dim) matrix for the attention matmuls.
-    Pages are only touched as positions fill, so a large n_ctx costs address space, not RAM.
+    Stored head-major: keys (n_layer, n_head_kv, n_ctx, head_dim), so that one head's keys
+    k[il, h, :n] are a contiguous (n, head_dim) matrix; values transposed, (n_layer, n_head_kv,
+    head_dim, n_ctx), as llama.cpp keeps them without flash attention, so that each output
+    dimension is one dot product over positions (in its order, see kernels/src/step._attend); in float16,
+    as llama.cpp keeps them (the values are fp16-rounded anyway; float32 still works in the
+    Python pass). np.zeros maps fresh zero pages: only the positions written cost RAM, so a
+    32k context or `-c 0` (the training context) reserves address space, not memory.
     """
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype=np.float32):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype=np.float16):
         if n_ctx < 1:
             raise GGUFileError(f"context size must be positive, got {n_ctx}")
         self.n_ctx = n_ctx
         self.n_tokens = 0
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, dtype=dtype)  # (n_layer, n_head_kv, n_ctx, head_dim)
-        self.v = np.zeros(shape, dtype=dtype)  # (n_layer, n_head_kv, n_ctx, head_dim)
+        self.k = _lazy_zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype)
+        self.v = _lazy_zeros((cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx), dtype)
 
     def truncate(self, n: int) -> None:
         """Forget every position >= n (a chat turn keeps the prompt prefix it shares with the last one)."""
         if not 0 <= n <= self.n_tokens:
             raise GGUFileError(f"cannot truncate a cache of {self.n_tokens} tokens to {n}")
         self.n_tokens = n
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in fresh anonymous pages that become resident one 4 KiB page at a time. Plain
+    np.zeros would do, but transparent huge pages fault in 2 MiB at once, and writing one
+    position touches every row of the transposed V cache: a 32k context would be resident
+    from the first token."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 # --------------------------------------------------------------------------- model
@@ -362,7 +379,7 @@ class Model:
             return self.rope_freqs_long
         return self.rope_freqs
 
-    def new_cache(self, n_ctx: int | None = None, dtype=np.float32) -> KVCache:
+    def new_cache(self, n_ctx: int | None = None, dtype=np.float16) -> KVCache:
         return KVCache(self.config, n_ctx or self.config.n_ctx_train, dtype)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -380,10 +397,9 @@ class Model:
         if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
             raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
         ids = ids.astype(np.int32)
-        if n == 1 and not all_logits:
-            step = self._compiled_step()
-            if step is not None and step.supports(cache):
-                return step.step(int(ids[0]), cache)
+        step = self._compiled_step()
+        if step is not None and step.supports(cache):  # prompts and decode alike: the same bits
+            return step.forward(ids, cache, all_logits)
         if n <= MAX_BATCH:
             return self._forward_batch(ids, cache, all_logits)
         # Long prompts go in slices, like llama.cpp's micro-batches: bounds the (n, n_keys) scores.
@@ -435,8 +451,8 @@ class Model:
                 # doing the same (even in a float32 cache) keeps our logits next to its logits.
                 q = ops.round_f16(q)
                 cache.k[il, :, p0:T] = ops.round_f16(k).transpose(1, 0, 2)
-                cache.v[il, :, p0:T] = ops.round_f16(v).transpose(1, 0, 2)
-                a = ops.causal_attention(q, cache.k[il, :, :T], cache.v[il, :, :T], p0,
+                cache.v[il, :, :, p0:T] = ops.round_f16(v).transpose(1, 2, 0)
+                a = ops.causal_attention(q, cache.k[il, :, :T], cache.v[il, :, :, :T].transpose(0, 2, 1), p0,
                                          c.sliding_window if swa else 0, c.attn_softcap)  # (n, n_head*head_dim)
                 o = kernels.matmul(L.wo.data, L.wo.qtype, a)  # (n, n_embd)
                 if c.post_norms:

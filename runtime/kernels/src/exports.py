@@ -112,16 +112,33 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) f
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 
 
+# A tile of rows (ROW_TILE_BYTES of weights, in L1) meets a tile of tokens (COL_TILE_BYTES of
+# their 8-bit values, in L2) before the next rows are read: many tokens (a prompt) read each
+# weight once per token tile instead of once per token. Every output is still one row dot.
+ROW_TILE_BYTES = 16 * 1024
+COL_TILE_BYTES = 256 * 1024
+
+
 @njit(inline="always")
 def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
-    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes.py row dot each;
-    qtype is a constant (each kernel below passes its own), which picks the dot's IR."""
-    x8 = np.empty(xq.shape[1], np.int8)
-    for t in range(xq.shape[0]):
-        for j in range(xq.shape[1]):  # integer-valued float32 -> the int8 the lanes read
-            x8[j] = np.int8(xq[t, j])
-        for r in range(r0, r1):
-            out[t, r] = lanes.dot_row(qtype, w[r], x8, xd[t], xs[t], tab, xq.shape[1] // block)
+    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes.py row dot each
+    (whatever the number of tokens, so a token's outputs do not depend on its batch); qtype is
+    a constant (each kernel below passes its own), which picks the dot's IR."""
+    n_tok, k = xq.shape
+    x8 = np.empty((n_tok, k), np.int8)
+    for t in range(n_tok):
+        for j in range(k):  # integer-valued float32 -> the int8 the lanes read
+            x8[t, j] = np.int8(xq[t, j])
+    nb = k // block
+    rows_per_tile = max(1, ROW_TILE_BYTES // w.shape[1])
+    tokens_per_tile = max(1, COL_TILE_BYTES // k)
+    for c0 in range(0, n_tok, tokens_per_tile):
+        c1 = min(n_tok, c0 + tokens_per_tile)
+        for a in range(r0, r1, rows_per_tile):
+            b = min(r1, a + rows_per_tile)
+            for t in range(c0, c1):
+                for r in range(a, b):
+                    out[t, r] = lanes.dot_row(qtype, w[r], x8[t], xd[t], xs[t], tab, nb)
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):

@@ -19,13 +19,14 @@ from numba import njit
 
 from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.src import exports
-from ggufile.runtime.kernels.src.exports import _round_f16, gelu_f16
+from ggufile.runtime.kernels.src.exports import _f16_bits, _round_f16, gelu_f16
+from ggufile.runtime.kernels.src.lanes import dot_f16
 from ggufile.runtime.kernels.step_layout import (
     C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED, C_N_FF, C_N_HEAD, C_N_KV,
-    C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_POS, C_QK, C_QK_K, C_TOKEN,
-    C_WINDOW, F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS, L_FFN_NORM,
-    L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER, L_SWA,
-    L_UP, L_WK, L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_SWA, T_COLS, T_OFFSET,
+    C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_WINDOW,
+    F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS, L_FFN_NORM, L_GATE,
+    L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER, L_SWA, L_UP, L_WK,
+    L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_ROWS, ROPE_SWA, T_COLS, T_OFFSET,
     T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H, W_MOE, W_QKV, W_X)
 from ggufile.runtime.kernels.src.sync import barrier
 
@@ -64,18 +65,19 @@ def _bytes(blob, tensors, t):
 
 
 @njit(inline="always")
-def _head(flat, n):
-    """The first n values of a flat buffer as a (1, n) matrix (the kernels' row layout)."""
-    return flat[:n].reshape((1, n))
+def _rows(flat, t0, t1, n):
+    """Rows t0..t1-1 of the (tokens, n) matrix laid out at the start of a flat buffer (the
+    kernels' row layout)."""
+    return flat[t0 * n:t1 * n].reshape((t1 - t0, n))
 
 
 @njit
 def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
-    """out[0, r0:r1] = rows r0..r1-1 of tensor t times x (1, k), on x's 8-bit blocks in `acts`
-    where the type has them (see _quantize)."""
+    """out[:, r0:r1] = rows r0..r1-1 of tensor t times each token's x (n, k), on x's 8-bit blocks
+    in `acts` where the type has them (see _quantize)."""
     if r1 <= r0:
         return
-    qt, k = tensors[t, T_TYPE], tensors[t, T_COLS]
+    qt, k, n = tensors[t, T_TYPE], tensors[t, T_COLS], x.shape[0]
     w = _bytes(blob, tensors, t)
     if qt == _F16:
         _mv_f16(w.view(np.uint16), x, out, r0, r1, tab)
@@ -84,7 +86,7 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
     elif qt == _F32:
         _mv_f32(w.view(np.float32), x, out, r0, r1)
     elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K:
-        xq, xd, xs = _head(acts[3], k), _head(acts[4], k // qk_k), _head(acts[5], k // 16)
+        xq, xd, xs = _rows(acts[3], 0, n, k), _rows(acts[4], 0, n, k // qk_k), _rows(acts[5], 0, n, k // 16)
         if qt == _Q2_K:
             _mv_q2_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _Q3_K:
@@ -96,7 +98,7 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
         elif qt == _Q6_K:
             _mv_q6_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
     elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0:
-        xq, xd, xs = _head(acts[0], k), _head(acts[1], k // qk), _head(acts[2], k // qk)
+        xq, xd, xs = _rows(acts[0], 0, n, k), _rows(acts[1], 0, n, k // qk), _rows(acts[2], 0, n, k // qk)
         if qt == _Q4_0:
             _mv_q4_0(w, xq, xd, out, r0, r1, tab, qk)
         elif qt == _Q4_1:
@@ -188,13 +190,18 @@ def _rope(x, n_rot, cos, sin, neox):
 
 
 @njit
-def _quantize(x, k, acts, qk, qk_k):
-    """x[:k] -> its 8-bit blocks in acts = (Q8_0/Q8_1 values, scales, d*sums, Q8_K values,
-    scales, group sums), flat buffers; the Q8_K ones only when k holds whole super-blocks."""
-    row = _head(x, k)
-    _quantize_q8_0(row, _head(acts[0], k), _head(acts[1], k // qk), _head(acts[2], k // qk), qk)
+def _quantize(x, k, acts, t0, t1, qk, qk_k):
+    """Tokens t0..t1-1 of x ((tokens, k) at the start of a flat buffer) -> their 8-bit blocks in
+    acts = (Q8_0/Q8_1 values, scales, d*sums, Q8_K values, scales, group sums), flat buffers
+    laid out (tokens, ...); the Q8_K ones only when k holds whole super-blocks."""
+    if t1 <= t0:
+        return
+    row = _rows(x, t0, t1, k)
+    _quantize_q8_0(row, _rows(acts[0], t0, t1, k), _rows(acts[1], t0, t1, k // qk),
+                   _rows(acts[2], t0, t1, k // qk), qk)
     if k % qk_k == 0:
-        _quantize_q8_k(row, _head(acts[3], k), _head(acts[4], k // qk_k), _head(acts[5], k // 16), qk_k)
+        _quantize_q8_k(row, _rows(acts[3], t0, t1, k), _rows(acts[4], t0, t1, k // qk_k),
+                       _rows(acts[5], t0, t1, k // 16), qk_k)
 
 
 @njit(inline="always")
@@ -204,10 +211,11 @@ def _acts_at(a, o, qk, qk_k):
 
 
 @njit
-def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
-    """Per head: q/k RMSNorm (gemma3), RoPE (attention scale folded into q's table), float16
-    rounding; K and V written into the cache at this position."""
-    H, KV, D, n_rot, pos = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_ROT], cfg[C_POS]
+def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, cache_layer, pos, k_cache, v_cache):
+    """One token's heads (q, k, v: its rows): q/k RMSNorm (gemma3), RoPE (attention scale folded
+    into q's table; rope: this position's ROPE_ROWS rows), float16 rounding; K and V written into
+    the cache's layer `cache_layer` (this layer of the token's sequence) at position pos."""
+    H, KV, D, n_rot = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_ROT]
     neox = cfg[C_NEOX] != 0
     base = ROPE_SWA if lay[L_SWA] else 0
     normed = np.empty(D, np.float32)
@@ -227,171 +235,215 @@ def _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache):
         if not is_q:
             kv = h - H
             for i in range(D):
-                k_cache[il, kv, pos, i] = head[i]
-                v_cache[il, kv, pos, i] = _round_f16(v[kv * D + i])
+                k_cache[cache_layer, kv, pos, i] = np.uint16(_f16_bits(head[i]))
+                v_cache[cache_layer, kv, i, pos] = np.uint16(_f16_bits(v[kv * D + i]))
 
 
 @njit
-def _attend(il, cfg, window, softcap, q, k_cache, v_cache, scores, h0, h1, out):
-    """Heads h0..h1-1 of softmax(q.K) V over the visible keys (ops.attention with one query):
-    scores soft-capped where softcap > 0 (ops.softcap); probabilities rounded to float16 before
-    they weight V, as llama.cpp's float16 V cache has them."""
-    H, KV, D, pos = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_POS]
+def _split_qkv(fused, q, k, v):
+    """One token's q, k, v rows from its fused q|k|v product."""
+    nq, nk = q.shape[0], k.shape[0]
+    q[:] = fused[:nq]
+    k[:] = fused[nq:nq + nk]
+    v[:] = fused[nq + nk:nq + 2 * nk]
+
+
+@njit
+def _add_bias(bias, vecs, q, k, v):
+    """The q|k|v bias (qwen2) added to one token's rows."""
+    nq, nk = q.shape[0], k.shape[0]
+    for i in range(nq):
+        q[i] += vecs[bias + i]
+    for i in range(nk):
+        k[i] += vecs[bias + nq + i]
+        v[i] += vecs[bias + nq + nk + i]
+
+
+@njit
+def _attend(cache_layer, cfg, window, softcap, pos, h, q, k_cache, v_cache, scores, tab, out):
+    """Head h of softmax(q.K) V for the query at position pos over the keys it sees (ops.attention
+    with one query; q, out: the token's rows; the cache holds fp16 bit patterns). q.k is
+    ggml_vec_dot_f16 of the fp16 key and the fp16-rounded query, as llama.cpp's KQ product on
+    its float16 K cache; scores soft-capped where softcap > 0 (ops.softcap); the probabilities
+    rounded to float16 and dotted with each row of the transposed V cache (n_kv, head_dim, n_ctx)."""
+    H, KV, D = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM]
     first = max(0, pos - window + 1) if window > 0 else 0
-    group = H // KV
-    for h in range(h0, h1):
-        kv = h // group
-        qh = q[h * D:(h + 1) * D]
-        best = -np.inf
-        for j in range(first, pos + 1):
-            s = np.float32(0.0)
-            key = k_cache[il, kv, j]
-            for i in range(D):
-                s += qh[i] * key[i]
-            if softcap > 0:
-                s = np.float32(np.tanh(s * np.float32(1.0 / softcap))) * softcap
-            scores[j] = s
-            best = max(best, s)
-        total = 0.0
-        for j in range(first, pos + 1):
-            e = np.exp(scores[j] - best)
-            scores[j] = e
-            total += np.float64(e)
-        inv = np.float32(1.0 / total)
-        o = out[h * D:(h + 1) * D]
-        o[:] = 0
-        for j in range(first, pos + 1):
-            p = _round_f16(scores[j] * inv)
-            val = v_cache[il, kv, j]
-            for i in range(D):
-                o[i] += p * val[i]
+    kv = h // (H // KV)
+    qh = q[h * D:(h + 1) * D]
+    q16 = np.empty(D, np.uint16)
+    for i in range(D):
+        q16[i] = np.uint16(_f16_bits(qh[i]))
+    best = -np.inf
+    for j in range(first, pos + 1):
+        s = dot_f16(k_cache[cache_layer, kv, j], q16, tab, D)
+        if softcap > 0:
+            s = np.float32(np.tanh(s * np.float32(1.0 / softcap))) * softcap
+        scores[j] = s
+        best = max(best, s)
+    total = 0.0
+    for j in range(first, pos + 1):
+        e = np.exp(scores[j] - best)
+        scores[j] = e
+        total += np.float64(e)
+    inv = np.float32(1.0 / total)
+    # V^T times the fp16 probabilities: ggml_vec_dot_f16 over the cache's cells, which
+    # llama.cpp pads to a multiple of 32 (zero probabilities past pos and before the window)
+    n_kv = min((pos + 1 + 31) // 32 * 32, v_cache.shape[3])
+    p16 = np.zeros(n_kv, np.uint16)
+    for j in range(first, pos + 1):
+        p16[j] = np.uint16(_f16_bits(scores[j] * inv))
+    o = out[h * D:(h + 1) * D]
+    for i in range(D):
+        o[i] = dot_f16(v_cache[cache_layer, kv, i], p16, tab, n_kv)
 
 
 @njit(inline="always")
-def _glu(g, u, r0, r1, use_gelu, gelu_table):
-    """g[r0:r1] = act(g) * u: GELU (gemma) or SiLU (llama), as ops.gelu_tanh / ops.silu."""
+def _glu(out, g, u, r0, r1, use_gelu, gelu_table):
+    """out[r0:r1] = act(g) * u: GELU (gemma) or SiLU (llama), as ops.gelu_tanh / ops.silu."""
     for i in range(r0, r1):
         v = g[i]
         if use_gelu:
             a = gelu_f16(v, gelu_table)
         else:
             a = v / (np.float32(1.0) + np.exp(-v))
-        g[i] = a * u[i]
+        out[i] = a * u[i]
 
 
 # --- the step ----------------------------------------------------------------------------------
 
 def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, rope, gelu_table,
-                 tab, k_cache, v_cache, work, scores, acts, logits):
-    """Thread tid's part of one token's forward pass; every pool thread calls it with the same
-    arguments but tid. Writes logits (1, n_vocab) and this position's K/V; returns 0, or 1 if
-    the round was aborted (a thread never came).
+                 tab, k_cache, v_cache, work, scores, acts, logits, tokens, positions, seqs, outputs):
+    """Thread tid's part of the forward pass of `tokens` (n of them); every pool thread calls it
+    with the same arguments but tid. Token t sits at position positions[t] of sequence seqs[t],
+    whose layer il is the caches' layer seqs[t] * n_layer + il (one sequence, or several slots'
+    caches stacked); writes every token's K/V and the logits of tokens `outputs` (one row each).
+    Returns 0, or 1 if the round was aborted (a thread never came).
 
-    work: float32 scratch (WORK_ROWS, width), the rows x | h | q,k,v | attention (and the
-    experts' outputs) | out,gate,up (per expert) | router logits, weights, choices.
-    scores: (n_threads, n_ctx). acts: (6, max k) the 8-bit activation blocks, flat (see _quantize).
+    Every token goes through the same operations in the same order whatever n is (a prompt of
+    hundreds, one token of a decode, or one token of each of several sequences): each matrix
+    product output is one lanes.py row dot of that token's 8-bit blocks, each norm, RoPE and
+    attention one token's own loop, an expert layer one token at a time. So a token's logits do
+    not depend on how it was batched or whether its prompt was cached. Threads split matrix
+    rows, tokens and (token, head) pairs, never a sum.
+
+    rope: (n * ROPE_ROWS, n_rot), each token's rows. work: float32 scratch (WORK_ROWS, n *
+    width), each row a (n, dim) matrix of x | h | q,k,v | attention, fused products, down | out,
+    gate, up | one token's experts (see _experts). scores: (n_threads, n_ctx). acts: (6, n *
+    max k), the 8-bit activation blocks (see _quantize).
     """
+    N = tokens.shape[0]
     E, H, KV, D, F = cfg[C_N_EMBD], cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM], cfg[C_N_FF]
-    qk, qk_k = cfg[C_QK], cfg[C_QK_K]
+    qk, qk_k, n_layer = cfg[C_QK], cfg[C_QK_K], cfg[C_N_LAYER]
     eps, gelu, softcap = cfg_f[F_EPS], cfg[C_GELU] != 0, cfg_f[F_ATTN_SOFTCAP]
-    x, h, qkv, att, ffn = work[W_X], work[W_H], work[W_QKV], work[W_ATT], work[W_FFN]
-    q, k, v = qkv[:H * D], qkv[H * D:(H + KV) * D], qkv[(H + KV) * D:(H + 2 * KV) * D]
-    o, g, u = ffn[:E], ffn[:F], ffn[F:2 * F]  # o is done with before gate/up start
     a = (acts[0], acts[1], acts[2], acts[3], acts[4], acts[5])
-    h2, att2, o2, g2 = _head(h, E), _head(att, H * D), _head(o, E), _head(g, F)
-    if tid == 0:
-        _get_row(blob, tensors, cfg[C_EMBD], cfg[C_TOKEN], _head(x, E), tab, qk, qk_k)
+    x, h = _rows(work[W_X], 0, N, E), _rows(work[W_H], 0, N, E)
+    q = _rows(work[W_QKV], 0, N, H * D)
+    k = _rows(work[W_QKV][N * H * D:], 0, N, KV * D)
+    v = _rows(work[W_QKV][N * (H + KV) * D:], 0, N, KV * D)
+    att, down = _rows(work[W_ATT], 0, N, H * D), _rows(work[W_ATT], 0, N, E)
+    fused_qkv, fused_gu = _rows(work[W_ATT], 0, N, (H + 2 * KV) * D), _rows(work[W_ATT], 0, N, 2 * F)
+    o, g, u = _rows(work[W_FFN], 0, N, E), _rows(work[W_FFN], 0, N, F), _rows(work[W_FFN][N * F:], 0, N, F)
+    t0, t1 = _tokens(N, tid, n_threads)  # this thread's tokens in the per-token stages
+    for t in range(t0, t1):
+        _get_row(blob, tensors, cfg[C_EMBD], tokens[t], _rows(work[W_X], t, t + 1, E), tab, qk, qk_k)
         embd_scale = cfg_f[F_EMBD_SCALE]
         if embd_scale != 1.0:
             for i in range(E):
-                x[i] *= embd_scale
-    for il in range(cfg[C_N_LAYER]):
+                x[t, i] *= embd_scale
+    for il in range(n_layer):
         lay = layers[il]
         # ---- attention
-        if tid == 0:
-            n = lay[L_ATTN_NORM]
-            _rmsnorm(x, E, vecs[n:n + E], eps, h)
-            _quantize(h, E, a, qk, qk_k)
+        n = lay[L_ATTN_NORM]
+        for t in range(t0, t1):
+            _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
+        _quantize(work[W_H], E, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        if lay[L_WK] < 0:  # one fused q|k|v matrix
-            t = lay[L_WQ]
-            r0, r1 = _share(tensors[t, T_ROWS], tid, n_threads)
-            _matvec(blob, tensors, t, h2, a, _head(qkv, (H + 2 * KV) * D), r0, r1, tab, qk, qk_k)
-        else:
-            for slot, part in ((L_WQ, q), (L_WK, k), (L_WV, v)):
-                t = lay[slot]
-                r0, r1 = _share(tensors[t, T_ROWS], tid, n_threads)
-                _matvec(blob, tensors, t, h2, a, _head(part, part.shape[0]), r0, r1, tab, qk, qk_k)
+        fused = lay[L_WK] < 0  # one q|k|v matrix
+        for slot in (L_WQ, L_WK, L_WV):
+            wt = lay[slot]
+            if wt >= 0:
+                r0, r1 = _share(tensors[wt, T_ROWS], tid, n_threads)
+                part = fused_qkv if fused else (q if slot == L_WQ else (k if slot == L_WK else v))
+                _matvec(blob, tensors, wt, h, a, part, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            bias = lay[L_QKV_BIAS]
+        bias = lay[L_QKV_BIAS]
+        for t in range(t0, t1):
+            if fused:
+                _split_qkv(fused_qkv[t], q[t], k[t], v[t])
             if bias >= 0:
-                for i in range((H + 2 * KV) * D):
-                    qkv[i] += vecs[bias + i]
-            _qk_rope_store(il, lay, cfg, vecs, rope, eps, q, k, v, k_cache, v_cache)
+                _add_bias(bias, vecs, q[t], k[t], v[t])
+            _qk_rope_store(il, lay, cfg, vecs, rope[t * ROPE_ROWS:(t + 1) * ROPE_ROWS], eps,
+                           q[t], k[t], v[t], seqs[t] * n_layer + il, positions[t], k_cache, v_cache)
         if not barrier(sync, n_threads):
             return 1
-        h0, h1 = _heads(H, tid, n_threads)
-        _attend(il, cfg, cfg[C_WINDOW] if lay[L_SWA] else 0, softcap, q, k_cache, v_cache, scores[tid],
-                h0, h1, att)
+        window = cfg[C_WINDOW] if lay[L_SWA] else 0
+        for item in range(tid, N * H, n_threads):  # (token, head) pairs, dealt in turn
+            t = item // H
+            _attend(seqs[t] * n_layer + il, cfg, window, softcap, positions[t], item % H, q[t],
+                    k_cache, v_cache, scores[tid], tab, att[t])
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _quantize(att, H * D, a, qk, qk_k)
+        _quantize(work[W_ATT], H * D, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         r0, r1 = _share(E, tid, n_threads)
-        _matvec(blob, tensors, lay[L_WO], att2, a, o2, r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, lay[L_WO], att, a, o, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         # ---- feed-forward
-        if tid == 0:
-            _residual(x, o, E, lay[L_POST_ATTN_NORM], vecs, eps, h)
-            n = lay[L_FFN_NORM]
-            _rmsnorm(x, E, vecs[n:n + E], eps, h)
-            _quantize(h, E, a, qk, qk_k)
+        n = lay[L_FFN_NORM]
+        for t in range(t0, t1):
+            _residual(x[t], o[t], E, lay[L_POST_ATTN_NORM], vecs, eps, h[t])
+            _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
+        _quantize(work[W_H], E, a, t0, t1, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
         if lay[L_EXPERTS] >= 0:
-            if not _experts(tid, n_threads, sync, blob, tensors, lay, cfg, h2, a, work, gelu, gelu_table,
-                            tab, qk, qk_k):
-                return 1
-        elif lay[L_GATE] < 0:  # one fused gate|up matrix: a thread's gate rows are not its up rows
-            r0, r1 = _share(2 * F, tid, n_threads)
-            _matvec(blob, tensors, lay[L_UP], h2, a, _head(ffn, 2 * F), r0, r1, tab, qk, qk_k)
-            if not barrier(sync, n_threads):
-                return 1
-            r0, r1 = _share(F, tid, n_threads)
-            _glu(g, u, r0, r1, gelu, gelu_table)
+            for t in range(N):
+                if not _experts(tid, n_threads, sync, blob, tensors, lay, cfg, work[W_H][t * E:], a,
+                                work[W_MOE], down[t], gelu, gelu_table, tab, qk, qk_k):
+                    return 1
         else:
-            r0, r1 = _share(F, tid, n_threads)
-            _matvec(blob, tensors, lay[L_GATE], h2, a, g2, r0, r1, tab, qk, qk_k)
-            _matvec(blob, tensors, lay[L_UP], h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
-            _glu(g, u, r0, r1, gelu, gelu_table)
-        if lay[L_EXPERTS] < 0:
+            if lay[L_GATE] < 0:  # one fused gate|up matrix: a thread's gate rows are not its up rows
+                r0, r1 = _share(2 * F, tid, n_threads)
+                _matvec(blob, tensors, lay[L_UP], h, a, fused_gu, r0, r1, tab, qk, qk_k)
+                if not barrier(sync, n_threads):
+                    return 1
+                r0, r1 = _share(F, tid, n_threads)
+                for t in range(N):
+                    _glu(g[t], fused_gu[t, :F], fused_gu[t, F:], r0, r1, gelu, gelu_table)
+            else:
+                r0, r1 = _share(F, tid, n_threads)
+                _matvec(blob, tensors, lay[L_GATE], h, a, g, r0, r1, tab, qk, qk_k)
+                _matvec(blob, tensors, lay[L_UP], h, a, u, r0, r1, tab, qk, qk_k)
+                for t in range(N):
+                    _glu(g[t], g[t], u[t], r0, r1, gelu, gelu_table)
             if not barrier(sync, n_threads):
                 return 1
-            if tid == 0:
-                _quantize(g, F, a, qk, qk_k)
+            _quantize(work[W_FFN], F, a, t0, t1, qk, qk_k)
             if not barrier(sync, n_threads):
                 return 1
             r0, r1 = _share(E, tid, n_threads)
-            _matvec(blob, tensors, lay[L_DOWN], g2, a, _head(att, E), r0, r1, tab, qk, qk_k)
+            _matvec(blob, tensors, lay[L_DOWN], g, a, down, r0, r1, tab, qk, qk_k)
         if not barrier(sync, n_threads):
             return 1
-        if tid == 0:
-            _residual(x, att, E, lay[L_POST_FFN_NORM], vecs, eps, h)
-    # ---- output
-    if tid == 0:
-        n = cfg[C_OUTPUT_NORM]
-        _rmsnorm(x, E, vecs[n:n + E], eps, h)
-        _quantize(h, E, a, qk, qk_k)
+        for t in range(t0, t1):
+            _residual(x[t], down[t], E, lay[L_POST_FFN_NORM], vecs, eps, h[t])
+    if not barrier(sync, n_threads):  # h rows are the post-norm's scratch until here
+        return 1
+    # ---- output: the logits of the tokens asked for, row j for token outputs[j]
+    n_out = outputs.shape[0]
+    n = cfg[C_OUTPUT_NORM]
+    j0, j1 = _tokens(n_out, tid, n_threads)
+    for j in range(j0, j1):
+        _rmsnorm(x[outputs[j]], E, vecs[n:n + E], eps, h[j])
+    _quantize(work[W_H], E, a, j0, j1, qk, qk_k)
     if not barrier(sync, n_threads):
         return 1
     r0, r1 = _share(cfg[C_N_VOCAB], tid, n_threads)
-    _matvec(blob, tensors, cfg[C_OUTPUT], h2, a, logits, r0, r1, tab, qk, qk_k)
+    _matvec(blob, tensors, cfg[C_OUTPUT], _rows(work[W_H], 0, n_out, E), a, logits, r0, r1, tab, qk, qk_k)
     return 0
 
 
@@ -425,18 +477,26 @@ def _route(logits, n_expert, n_used, wts, chosen):
 
 
 @njit
-def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, h2, a, work, gelu, gelu_table, tab, qk, qk_k):
-    """The mixture-of-experts FFN of one token (transformer._moe), reading only the chosen
-    experts' rows: route (thread 0), every chosen expert's gate/up rows split over the threads,
-    their activations quantized one expert per thread, the down rows split, the weighted sum
-    left in work[W_ATT][:E] for the residual. False if a barrier was aborted."""
+def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, x, a, moe, out, gelu, gelu_table, tab, qk, qk_k):
+    """The mixture-of-experts FFN of one token (transformer._moe; x: its normed row at the start
+    of a flat buffer, out: its (E,) result), reading only the chosen experts' rows: x quantized
+    and routed (thread 0), every chosen expert's gate/up rows split over the threads, their
+    activations quantized one expert per thread, the down rows split, the weighted sum (thread 0).
+    moe: scratch [router logits | weights | choices | gate, up per expert | outputs per expert].
+    False if a barrier was aborted."""
     E, F = cfg[C_N_EMBD], cfg[C_N_FF]
     n_expert, k = cfg[C_N_EXPERT], cfg[C_N_EXPERT_USED]
     first = lay[L_EXPERTS]
-    moe, ffn, att = work[W_MOE], work[W_FFN], work[W_ATT]
     router, wts, chosen = moe[:n_expert], moe[n_expert:n_expert + k], moe[n_expert + k:n_expert + 2 * k]
+    ffn = moe[n_expert + 2 * k:]
+    outs = ffn[2 * k * F:]
+    x2 = _rows(x, 0, 1, E)
+    if tid == 0:
+        _quantize(x, E, a, 0, 1, qk, qk_k)
+    if not barrier(sync, n_threads):
+        return False
     r0, r1 = _share(n_expert, tid, n_threads)
-    _matvec(blob, tensors, lay[L_ROUTER], h2, a, _head(router, n_expert), r0, r1, tab, qk, qk_k)
+    _matvec(blob, tensors, lay[L_ROUTER], x2, a, _rows(router, 0, 1, n_expert), r0, r1, tab, qk, qk_k)
     if not barrier(sync, n_threads):
         return False
     if tid == 0:
@@ -447,37 +507,35 @@ def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, h2, a, work, gelu, g
     for j in range(k):
         e = np.int64(chosen[j])
         g, u = ffn[2 * j * F:(2 * j + 1) * F], ffn[(2 * j + 1) * F:(2 * j + 2) * F]
-        _matvec(blob, tensors, first + e, h2, a, _head(g, F), r0, r1, tab, qk, qk_k)
-        _matvec(blob, tensors, first + n_expert + e, h2, a, _head(u, F), r0, r1, tab, qk, qk_k)
-        _glu(g, u, r0, r1, gelu, gelu_table)
+        _matvec(blob, tensors, first + e, x2, a, _rows(g, 0, 1, F), r0, r1, tab, qk, qk_k)
+        _matvec(blob, tensors, first + n_expert + e, x2, a, _rows(u, 0, 1, F), r0, r1, tab, qk, qk_k)
+        _glu(g, g, u, r0, r1, gelu, gelu_table)
     if not barrier(sync, n_threads):
         return False
     for j in range(tid, k, n_threads):
-        _quantize(ffn[2 * j * F:(2 * j + 1) * F], F, _acts_at(a, j * F, qk, qk_k), qk, qk_k)
+        _quantize(ffn[2 * j * F:], F, _acts_at(a, j * F, qk, qk_k), 0, 1, qk, qk_k)
     if not barrier(sync, n_threads):
         return False
     r0, r1 = _share(E, tid, n_threads)
     for j in range(k):
         e = np.int64(chosen[j])
-        g2 = _head(ffn[2 * j * F:(2 * j + 1) * F], F)
-        out = _head(att[(j + 1) * E:(j + 2) * E], E)
-        _matvec(blob, tensors, first + 2 * n_expert + e, g2, _acts_at(a, j * F, qk, qk_k), out, r0, r1,
-                tab, qk, qk_k)
+        _matvec(blob, tensors, first + 2 * n_expert + e, _rows(ffn[2 * j * F:], 0, 1, F),
+                _acts_at(a, j * F, qk, qk_k), _rows(outs[j * E:], 0, 1, E), r0, r1, tab, qk, qk_k)
     if not barrier(sync, n_threads):
         return False
     if tid == 0:
         for i in range(E):
-            att[i] = att[E + i] * wts[0]
+            out[i] = outs[i] * wts[0]
         for j in range(1, k):
             w = wts[j]
             for i in range(E):
-                att[i] += att[(j + 1) * E + i] * w
+                out[i] += outs[j * E + i] * w
     return True
 
 
 @njit(inline="always")
-def _heads(n_head, tid, n_threads):
-    return n_head * tid // n_threads, n_head * (tid + 1) // n_threads
+def _tokens(n, tid, n_threads):
+    return n * tid // n_threads, n * (tid + 1) // n_threads
 
 
 @njit(inline="always")
@@ -502,10 +560,10 @@ def _signatures() -> dict:
     ro_i64 = nt.Array(nt.int64, 1, "C", readonly=True)
     ro_f32 = nt.Array(nt.float32, 1, "C", readonly=True)
     ro_f32_2d = nt.Array(nt.float32, 2, "C", readonly=True)
-    cache = nt.float32[:, :, :, ::1]
+    cache = nt.uint16[:, :, :, ::1]  # fp16 bit patterns
     return {"decode_token": i64(i64, i64, nt.int64[::1], ro_u8, ro_i64_2d, ro_i64_2d, ro_f32, ro_i64,
                                 ro_f32, ro_f32_2d, ro_f32, ro_f32, cache, cache, f32_2d, f32_2d,
-                                f32_2d, f32_2d)}
+                                f32_2d, f32_2d, ro_i64, ro_i64, ro_i64, ro_i64)}
 
 
 SIGNATURES = _signatures()
