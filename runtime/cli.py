@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from ggufile.runtime.errors import DEBUG_ENV, GGUFileError, unexpected_error_line
 from ggufile.runtime.sampling import SamplingParams
+from ggufile.runtime.server.slots import DEFAULT_PARALLEL
 
 
 def sampling_options(f):
@@ -68,6 +69,8 @@ def model_options(f):
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require this Bearer key on API requests.")
 @click.option("-a", "--alias", default=None, help="The model name the server reports (default: the model's own).")
+@click.option("-np", "--parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
+              help="Server slots: requests answered at once, their tokens batched in one step.")
 @click.option("--embeddings", is_flag=True, help="Also serve /v1/embeddings (mean-pooled hidden states).")
 @click.option("--nobrowser", is_flag=True, help="Do not open a browser when the server starts.")
 @click.option("--cors-origin", "cors_origins", multiple=True,
@@ -82,7 +85,7 @@ def model_options(f):
 @click.option("-v", "--verbose", is_flag=True, help="Print timings to stderr.")
 @click.pass_context
 def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predict, chat, system,
-                server, host, port, api_key, alias, embeddings, nobrowser, cors_origins, info, verify_model,
+                server, host, port, api_key, alias, parallel, embeddings, nobrowser, cors_origins, info, verify_model,
                 perplexity, display_prompt, verbose, **sampling):
     """Run a GGUF model: complete a prompt (-p), chat (--chat) or serve (--server).
 
@@ -119,7 +122,7 @@ def run_command(ctx, model_path, ctx_size, threads, prompt, prompt_file, n_predi
     if alias:
         engine.model_name = alias
     # The sampling flags and -n are the defaults of API requests that leave them out (llama-server).
-    api_defaults = dict(defaults=_api_defaults(params, n_predict), embeddings=embeddings)
+    api_defaults = dict(defaults=_api_defaults(params, n_predict), embeddings=embeddings, parallel=parallel)
     if server:
         from ggufile.runtime.server.app import serve
 

@@ -11,6 +11,7 @@ the last sequence, so a chat turn only processes the tokens that are new since t
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -53,11 +54,24 @@ class Engine:
             raise GGUFileError(f"context size {self.n_ctx} is too small")
         check_context_budget(self.model.config, self.n_ctx)
         self.model_name = printable_line(name or reader.get_str(Keys.NAME) or reader.path.stem, 200)
-        self._chat_template: ChatTemplate | None = None  # compiled on first use (jinja2 is slow to import)
+        # compiled on first use (jinja2 is slow to import); a box the slot engines share
+        self._template_box: list[ChatTemplate | None] = [None]
         self.lock = threading.Lock()
         self._cache = None
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
         self.cached_prompt_tokens = 0  # of the last prompt, found in the cache
+        self.last_prompt_processed = 0  # of the last prompt, run through the model
+        self._run_model = None  # (ids, cache, cancelled) -> logits instead of model.forward (a slot's batcher)
+
+    def for_slot(self, cache, run_model) -> "Engine":
+        """An engine sharing this one's model, tokenizer and chat template, with a KV cache and
+        prompt prefix of its own, whose model calls go through `run_model(ids, cache,
+        cancelled)` (the server's batcher, which runs several slots' calls together)."""
+        slot = copy.copy(self)
+        slot.lock = threading.Lock()
+        slot._cache, slot._cached_ids, slot.cached_prompt_tokens = cache, [], 0
+        slot._run_model = run_model
+        return slot
 
     @classmethod
     def open(cls, path: str | os.PathLike, offset: int = 0, size: int | None = None,
@@ -70,13 +84,13 @@ class Engine:
     @property
     def chat_template(self) -> ChatTemplate:
         """The model's chat template (or a built-in one), compiled the first time it is needed."""
-        if self._chat_template is None:
-            self._chat_template = self._load_template()
-        return self._chat_template
+        if self._template_box[0] is None:
+            self._template_box[0] = self._load_template()
+        return self._template_box[0]
 
     @chat_template.setter
     def chat_template(self, template: ChatTemplate) -> None:
-        self._chat_template = template
+        self._template_box[0] = template
 
     def _load_template(self) -> ChatTemplate:
         tok = self.tokenizer
@@ -161,6 +175,7 @@ class Engine:
         common = _common_prefix(self._cached_ids, prompt_ids)
         common = min(common, len(prompt_ids) - 1)  # at least one token to get fresh logits
         self.cached_prompt_tokens = common  # reported as usage.prompt_tokens_details.cached_tokens
+        self.last_prompt_processed = len(prompt_ids) - common
         self._cache.truncate(common)
         del self._cached_ids[common:]
         rest = prompt_ids[common:]
@@ -169,10 +184,14 @@ class Engine:
         for at in range(0, len(rest), PREFILL_BATCH):  # a client that hangs up stops us here
             if cancelled.is_set():
                 raise Cancelled()
-            logits = self._forward(rest[at:at + PREFILL_BATCH])
+            logits = self._forward(rest[at:at + PREFILL_BATCH], cancelled)
         return logits
 
-    def _forward(self, ids: list[int]) -> np.ndarray:
+    def _forward(self, ids: list[int], cancelled: threading.Event | None = None) -> np.ndarray:
+        if self._run_model is not None:  # the batcher checks the file and maps NaN errors itself
+            logits = self._run_model(ids, self._cache, cancelled)
+            self._cached_ids += ids
+            return logits
         self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
         try:
             logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)

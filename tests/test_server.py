@@ -472,7 +472,8 @@ def real_server(smollm2_path):
     from ggufile.runtime.engine import Engine
 
     engine = CountingEngine(Engine.open(smollm2_path, n_ctx=1024))
-    with running_server(create_app(engine)) as url:
+    # one slot: the wrapper's generate is what runs (slots of a real engine are views of it)
+    with running_server(create_app(engine, parallel=1)) as url:
         yield url, engine
 
 

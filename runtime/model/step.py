@@ -148,12 +148,35 @@ class CompiledStep:
                 chunk, pos = ids[i:i + CHUNK], cache.n_tokens
                 n = len(chunk)
                 positions = np.arange(pos, pos + n, dtype=np.int64)
-                outputs = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], dtype=np.int64)
+                if all_logits:
+                    outputs = np.arange(n, dtype=np.int64)
+                else:  # only the prompt's last token needs the output matrix
+                    outputs = np.array([n - 1] if i + n == len(ids) else [], dtype=np.int64)
                 parts.append(self._run(chunk, positions, np.zeros(n, dtype=np.int64), outputs,
                                        cache.k, cache.v, cache))
                 cache.n_tokens = pos + n
         logits = np.concatenate(parts) if all_logits else parts[-1][0]
         return ops.softcap(logits, self.model.config.final_softcap)
+
+    def forward_batch(self, items) -> list[np.ndarray]:
+        """items = [(ids, cache)], the caches distinct slots of one SlotCaches (model/slots.py):
+        every item's tokens in one call (in CHUNK-token calls when there are more), each at its
+        own cache's positions; returns each item's last-token logits."""
+        pool = items[0][1].pool
+        ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i, _ in items])
+        positions = np.concatenate([np.arange(c.n_tokens, c.n_tokens + len(i), dtype=np.int64) for i, c in items])
+        seqs = np.concatenate([np.full(len(i), c.seq, dtype=np.int64) for i, c in items])
+        last = np.cumsum([len(i) for i, _ in items]) - 1  # each item's last token
+        rows = []
+        with self._lock:
+            for a in range(0, len(ids), CHUNK):
+                b = min(a + CHUNK, len(ids))
+                outputs = last[(last >= a) & (last < b)] - a
+                rows += list(self._run(ids[a:b], positions[a:b], seqs[a:b], outputs.astype(np.int64),
+                                       pool.k, pool.v, items[0][1]))
+        for i, cache in items:
+            cache.n_tokens += len(i)
+        return [ops.softcap(r, self.model.config.final_softcap) for r in rows]
 
     def _run(self, ids, positions, seqs, outputs, k, v, cache) -> np.ndarray:
         """One compiled call: tokens ids at positions of sequences seqs (layer seq * n_layer + il

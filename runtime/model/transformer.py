@@ -329,8 +329,8 @@ class KVCache:
             raise GGUFileError(f"context size must be positive, got {n_ctx}")
         self.n_ctx = n_ctx
         self.n_tokens = 0
-        self.k = _lazy_zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype)
-        self.v = _lazy_zeros((cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx), dtype)
+        self.k = lazy_zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype)
+        self.v = lazy_zeros((cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx), dtype)
 
     def truncate(self, n: int) -> None:
         """Forget every position >= n (a chat turn keeps the prompt prefix it shares with the last one)."""
@@ -339,7 +339,7 @@ class KVCache:
         self.n_tokens = n
 
 
-def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """Zeros in fresh anonymous pages that become resident one 4 KiB page at a time. Plain
     np.zeros would do, but transparent huge pages fault in 2 MiB at once, and writing one
     position touches every row of the transposed V cache: a 32k context would be resident
@@ -405,6 +405,26 @@ class Model:
         # Long prompts go in slices, like llama.cpp's micro-batches: bounds the (n, n_keys) scores.
         parts = [self._forward_batch(ids[i:i + MAX_BATCH], cache, all_logits) for i in range(0, n, MAX_BATCH)]
         return np.concatenate(parts) if all_logits else parts[-1]
+
+    def forward_batch(self, items: list[tuple[np.ndarray, KVCache]]) -> list[np.ndarray]:
+        """Several sequences at once: items = [(ids, cache)], each cache a different slot of one
+        SlotCaches; appends each item's keys/values to its cache and returns each item's
+        last-token logits. Every token's logits are the bits forward() gives it alone (the
+        compiled step's operations are per token; without the step, the items run one by one)."""
+        c = self.config
+        for ids, cache in items:
+            ids = np.asarray(ids).reshape(-1)
+            if len(ids) == 0 or cache.n_tokens + len(ids) > cache.n_ctx:
+                raise GGUFileError(f"{len(ids)} tokens do not fit a cache of {cache.n_ctx} holding {cache.n_tokens}")
+            if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
+                raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
+        pools = {id(getattr(cache, "pool", None)) for _, cache in items}
+        step = self._compiled_step()
+        if (step is not None and len(pools) == 1 and getattr(items[0][1], "pool", None) is not None
+                and len({cache.seq for _, cache in items}) == len(items)
+                and all(step.supports(cache) for _, cache in items)):
+            return step.forward_batch(items)
+        return [self.forward(ids, cache) for ids, cache in items]
 
     def _compiled_step(self):
         if not self._step_packed:

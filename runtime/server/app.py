@@ -11,8 +11,9 @@ endpoints themselves live in one module per API dialect (openai_api.py, ...).
 The server serves one model, so the `model` field may name anything ("gpt-4o", "any"), as in
 llama-server and llamafile: the answer reports the served model's name (--alias sets it).
 
-Generation runs on one worker thread, one request at a time in arrival order (server/queue.py);
-this module is the HTTP side: validate, tokenize, queue, stream back, and stop the generation
+Generation runs on parallel slots, requests in arrival order (server/queue.py, slots.py), the
+slots' tokens batched into one model step (batcher.py); GET /slots and /metrics say what they
+are doing. This module is the HTTP side: validate, tokenize, queue, stream back, and stop the generation
 when the client goes away. Errors always have OpenAI's shape and never carry a traceback.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ggufile.runtime.server.schema import ApiError, Defaults, GenerationRequest,
 from ggufile.runtime.server.guard import LOOPBACK_HOSTS, Guard, is_loopback, log_unexpected
 from ggufile.runtime.server.limits import UnencodableText, bounded_protocol, check_encodable
 from ggufile.runtime.server.queue import GenerationQueue, Job
+from ggufile.runtime.server.slots import DEFAULT_PARALLEL
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: far more than any context's worth of text
 DEFAULT_MAX_WAITING = 8
@@ -54,10 +56,10 @@ class ServerState:
     """What every handler needs: the engine, the generation queue and the limits."""
 
     def __init__(self, engine, max_body_bytes: int, max_waiting: int, defaults: Defaults | None = None,
-                 embeddings: bool = False):
+                 embeddings: bool = False, parallel: int = DEFAULT_PARALLEL):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
-        self.queue = GenerationQueue(engine, max_waiting=max_waiting)
+        self.queue = GenerationQueue(engine, max_waiting=max_waiting, parallel=parallel)
         self.defaults = defaults or Defaults()
         self.embeddings = embeddings
         self.fingerprint = fingerprint(engine)
@@ -77,20 +79,23 @@ def fingerprint(engine) -> str:
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_waiting: int = DEFAULT_MAX_WAITING, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
                allowed_origins: Iterable[str] = (), defaults: Defaults | None = None,
-               embeddings: bool = False) -> Guard:
+               embeddings: bool = False, parallel: int = DEFAULT_PARALLEL) -> Guard:
     """The ASGI app (Starlette wrapped in the Host/Origin/API-key guard).
 
     allowed_hosts: Host header names accepted (None: any; use when listening beyond loopback).
     allowed_origins: foreign web origins allowed to call the API (CORS); default none.
     max_waiting: requests that may wait behind the running one before new ones get 503.
     defaults: sampling and max_tokens for requests that leave them out (the command line's).
-    embeddings: serve /v1/embeddings (llama-server's --embeddings)."""
-    state = ServerState(engine, max_body_bytes, max_waiting, defaults, embeddings)
+    embeddings: serve /v1/embeddings (llama-server's --embeddings).
+    parallel: generation slots (requests served at once, their tokens batched)."""
+    state = ServerState(engine, max_body_bytes, max_waiting, defaults, embeddings, parallel)
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/index.html", index, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/health", health, methods=["GET"]),
+        Route("/slots", slots, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         *api_routes(),
     ]
@@ -186,7 +191,38 @@ async def index(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     s = _state(request)
-    return JSONResponse({"status": "ok", "model": s.engine.model_name, "queued": s.queue.pending})
+    busy = sum(slot.job is not None for slot in s.queue.slots)
+    return JSONResponse({"status": "ok", "model": s.engine.model_name, "queued": s.queue.pending,
+                         "slots_idle": len(s.queue.slots) - busy, "slots_processing": busy})
+
+
+async def slots(request: Request) -> Response:
+    s = _state(request)
+    return JSONResponse([slot.describe(s.engine.n_ctx) for slot in s.queue.slots])
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text, llama-server's metric names."""
+    q = _state(request).queue
+    m = q.metrics
+    busy = sum(slot.job is not None for slot in q.slots)
+    rows = [
+        ("requests_total", "counter", "Requests answered.", m.requests),
+        ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
+        ("prompt_seconds_total", "counter", "Prompt processing time.", round(m.prompt_seconds, 6)),
+        ("tokens_predicted_total", "counter", "Generated tokens.", m.predicted_tokens),
+        ("tokens_predicted_seconds_total", "counter", "Generation time.", round(m.predicted_seconds, 6)),
+        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
+         round(m.prompt_tokens / m.prompt_seconds, 3) if m.prompt_seconds else 0),
+        ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s (per request).",
+         round(m.predicted_tokens / m.predicted_seconds, 3) if m.predicted_seconds else 0),
+        ("requests_processing", "gauge", "Requests on a slot.", busy),
+        ("requests_deferred", "gauge", "Requests waiting for a slot.", q.waiting),
+        ("n_decode_total", "counter", "Batched model steps.", q.batcher.steps if q.batcher else 0),
+    ]
+    text = "".join(f"# HELP llamacpp:{name} {help_}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n"
+                   for name, kind, help_, value in rows)
+    return Response(text, media_type="text/plain; version=0.0.4")
 
 
 def _model_card(engine) -> dict:
@@ -379,12 +415,12 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None
           open_browser: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
           log: Callable[[str], None] = print, allowed_origins: Iterable[str] = (),
           max_waiting: int = DEFAULT_MAX_WAITING, defaults: Defaults | None = None,
-          embeddings: bool = False) -> None:
+          embeddings: bool = False, parallel: int = DEFAULT_PARALLEL) -> None:
     """Serve `engine` until Ctrl-C or SIGTERM. Prints the URL; opens a browser unless told not to."""
     loopback = is_loopback(host)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, max_waiting=max_waiting,
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, allowed_origins=allowed_origins,
-                     defaults=defaults, embeddings=embeddings)
+                     defaults=defaults, embeddings=embeddings, parallel=parallel)
     sock = bind_socket(host, port)
     server = make_server(app, sock)
     url = _url(host, sock.getsockname()[1])

@@ -20,9 +20,11 @@ START_TIMEOUT = 30.0
 
 class BackgroundServer:
     def __init__(self, engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-                 allowed_origins: Iterable[str] = (), defaults=None, embeddings: bool = False):
+                 allowed_origins: Iterable[str] = (), defaults=None, embeddings: bool = False,
+                 parallel: int = 1):
         app = create_app(engine, api_key=api_key, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None,
-                         allowed_origins=allowed_origins, defaults=defaults, embeddings=embeddings)
+                         allowed_origins=allowed_origins, defaults=defaults, embeddings=embeddings,
+                         parallel=parallel)
         self.sock = _bind_near(host, port)
         self.server = make_server(app, self.sock)
         self.url = _url(host, self.sock.getsockname()[1])

@@ -162,7 +162,7 @@ async def props(request: Request) -> Response:
     return JSONResponse({
         "default_generation_settings": {"params": params_json(s.defaults.params, s.defaults.max_tokens),
                                         "n_ctx": engine.n_ctx},
-        "total_slots": 1, "model_alias": engine.model_name, "model_path": str(path and Path(path).name or ""),
+        "total_slots": len(s.queue.slots), "model_alias": engine.model_name, "model_path": str(path and Path(path).name or ""),
         "modalities": {"vision": False, "video": False, "audio": False},
         "chat_template": getattr(template, "source", ""),
         "bos_token": getattr(template, "bos_token", ""), "eos_token": getattr(template, "eos_token", ""),

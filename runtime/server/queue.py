@@ -1,17 +1,20 @@
-"""One generation at a time, first come first served, on a worker thread.
+"""Generations on parallel slots, first come first served.
 
-The engine is blocking numpy code and not thread-safe, so a single worker thread runs every
-generation (under `engine.lock`, in case anything else shares the engine) while the asyncio side
-only waits on a queue. Requests wait in a FIFO; the FIFO is bounded so a flood of clients gets a
-quick "busy" answer instead of an ever-growing backlog. A job is cancelled when its client goes
-away: waiting, it is dropped; running, the worker stops after the current token.
+The engine is blocking numpy code and not thread-safe, so each slot (server/slots.py: an engine
+view with its own KV cache) runs one generation at a time on its own worker thread, under the
+slot's `lock`; with several slots their model calls meet in one batched step (server/batcher.py).
+Requests wait in a FIFO for a free slot, the one holding the longest prefix of their prompt
+(else the least recently used); the FIFO is bounded so a flood of clients gets a quick "busy"
+answer instead of an ever-growing backlog. A job is cancelled when its client goes away:
+waiting, it is dropped; running, its slot stops after the current token (or prompt chunk) and
+takes the next job.
 """
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -98,38 +101,51 @@ class Job:
 
 
 class GenerationQueue:
-    def __init__(self, engine, max_waiting: int = 8, log: Callable[[str], None] | None = None):
+    def __init__(self, engine, max_waiting: int = 8, log: Callable[[str], None] | None = None,
+                 parallel: int = 1):
+        from ggufile.runtime.server.slots import make_slots
+
         self.engine = engine
         self.max_waiting = max_waiting
         self.log = log or (lambda msg: None)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._count_lock = threading.Lock()
+        self.slots, self.batcher = make_slots(engine, parallel)
+        self._lock = threading.RLock()  # a job released while dispatching comes back through _released
+        self._waiting: deque[Job] = deque()
         self._pending = 0  # submitted and not yet released (waiting + running)
         self._live: set[Job] = set()  # jobs whose requests are still being answered
-        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.metrics = Metrics()
 
     @property
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
                stop: list[str], work: Callable | None = None) -> Job:
         """Queue a generation; call from the event loop. Raises QueueFull."""
-        with self._count_lock:
-            if self._pending > self.max_waiting:  # one running plus max_waiting waiting
+        with self._lock:
+            if self._pending >= len(self.slots) + self.max_waiting:  # every slot busy, the FIFO full
                 raise QueueFull()
             self._pending += 1
         job = Job(prompt_ids, params, max_tokens, stop, loop=asyncio.get_running_loop(),
                   on_release=self._released, work=work)
         job.timings.queued = time.perf_counter()
         self._live.add(job)
-        self._ensure_worker()
-        self._jobs.put(job)
+        with self._lock:
+            self._stopped = False
+            self._waiting.append(job)
+            self._dispatch()
         return job
 
     def _released(self, job: Job) -> None:
-        with self._count_lock:
+        with self._lock:
             self._pending -= 1
+            if job in self._waiting:
+                self._waiting.remove(job)
 
     def forget(self, job: Job) -> None:
         """The request is answered (call from the event loop)."""
@@ -140,45 +156,59 @@ class GenerationQueue:
         for job in list(self._live):
             job.cancel()
 
-    def _ensure_worker(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._work, name="ggufile-generate", daemon=True)
-            self._thread.start()
-
     def stop(self) -> None:
-        """Let the worker exit once the job in hand (if any) ends."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
+        """Let the workers exit once the jobs in hand (if any) end."""
+        with self._lock:
+            self._stopped = True
+            for slot in self.slots:
+                slot.stop()
 
-    # -- worker thread -------------------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
+    def _dispatch(self) -> None:
+        """Hand waiting jobs to free slots (with self._lock held)."""
+        while self._waiting:
+            free = [slot for slot in self.slots if slot.job is None]
+            if not free:
                 return
+            job = self._waiting.popleft()
             if job.cancelled.is_set():
                 job.release()
                 continue
-            job.timings.started = time.perf_counter()
-            try:
-                with self.engine.lock:
-                    self._generate(job)
-            except Cancelled:
-                pass  # the client hung up while its prompt was processed: nobody to tell
-            except Exception as err:  # reported to that request; the worker keeps serving
-                job.post(err)
-            finally:
-                job.timings.finished = time.perf_counter()
-                job.release()
-                job.post(_DONE)
+            best = max(free, key=lambda slot: (slot.engine_prefix(job.prompt_ids), -slot.last_used))
+            best.start(job, self._work)
 
-    def _generate(self, job: Job) -> None:
+    # -- worker threads ------------------------------------------------------------------------
+    def _work(self, slot, job: Job) -> None:
+        """Run `job` on `slot` (its worker thread), then take the next waiting job."""
+        job.timings.started = time.perf_counter()
+        try:
+            with slot.engine.lock:
+                if self.batcher is not None:
+                    self.batcher.enter()
+                try:
+                    self._generate(slot.engine, job)
+                finally:
+                    if self.batcher is not None:
+                        self.batcher.leave()
+        except Cancelled:
+            pass  # the client hung up while its prompt was processed: nobody to tell
+        except Exception as err:  # reported to that request; the worker keeps serving
+            job.post(err)
+        finally:
+            job.timings.finished = time.perf_counter()
+            self.metrics.record(job.timings, slot.engine)
+            with self._lock:  # free before the client hears the end: its next turn finds this slot
+                slot.finish()
+            job.release()
+            job.post(_DONE)
+            with self._lock:
+                self._dispatch()
+
+    def _generate(self, engine, job: Job) -> None:
         if job.work is not None:
-            chunks = job.work(self.engine, job.cancelled)
+            chunks = job.work(engine, job.cancelled)
         else:
-            chunks = self.engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
-                                          cancelled=job.cancelled)
+            chunks = engine.generate(job.prompt_ids, job.params, job.max_tokens, job.stop,
+                                     cancelled=job.cancelled)
         try:
             for chunk in chunks:
                 if not job.timings.first_token:
@@ -193,3 +223,24 @@ class GenerationQueue:
             close = getattr(chunks, "close", None)
             if close:
                 close()
+
+
+class Metrics:
+    """Totals for /metrics (llama-server's names): requests, tokens and the time they took."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.prompt_tokens = 0  # processed (not found in a slot's cache)
+        self.prompt_seconds = 0.0
+        self.predicted_tokens = 0
+        self.predicted_seconds = 0.0
+
+    def record(self, t: Timings, engine) -> None:
+        with self._lock:
+            self.requests += 1
+            if t.first_token:
+                self.prompt_seconds += max(t.first_token - t.started, 0.0)
+                self.predicted_seconds += max(t.finished - t.first_token, 0.0)
+            self.prompt_tokens += getattr(engine, "last_prompt_processed", 0)
+            self.predicted_tokens += t.n_generated
