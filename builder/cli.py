@@ -25,6 +25,7 @@ LAZY_COMMANDS = {
     "perplexity": ("ggufile.runtime.perplexity", "perplexity_command"),
     "quantize": ("ggufile.builder.quantize_model", "quantize_command"),
     "bench": ("ggufile.builder.bench", "bench_command"),
+    "bench-server": ("ggufile.builder.bench_server", "bench_server_command"),
 }
 
 

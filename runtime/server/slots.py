@@ -19,6 +19,7 @@ class Slot:
         self.job = None  # the Job running here
         self.last_used = 0.0  # monotonic time its last job started or ended
         self.n_jobs = 0
+        self.last_decoded = 0  # tokens its last finished job generated
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -37,6 +38,8 @@ class Slot:
         self._inbox.put((job, work))
 
     def finish(self) -> None:
+        if self.job is not None:
+            self.last_decoded = self.job.timings.n_generated
         self.job, self.last_used = None, time.monotonic()
 
     def stop(self) -> None:
@@ -59,7 +62,7 @@ class Slot:
         cache = getattr(self.engine, "_cache", None)
         return {"id": self.index, "n_ctx": n_ctx, "is_processing": job is not None,
                 "n_cached_tokens": getattr(cache, "n_tokens", 0),
-                "next_token": {"n_decoded": job.timings.n_generated if job is not None else 0},
+                "next_token": {"n_decoded": job.timings.n_generated if job is not None else self.last_decoded},
                 "n_requests": self.n_jobs}
 
 

@@ -136,7 +136,16 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
         c1 = min(n_tok, c0 + tokens_per_tile)
         for a in range(r0, r1, rows_per_tile):
             b = min(r1, a + rows_per_tile)
-            for t in range(c0, c1):
+            t = c0
+            while t + 4 <= c1:  # 4 tokens per unpacked row, then 2, then 1: the same bits
+                for r in range(a, b):
+                    lanes.dot_rows(qtype, 4, w[r], x8, xd, xs, tab, nb, t, out, r)
+                t += 4
+            if t + 2 <= c1:
+                for r in range(a, b):
+                    lanes.dot_rows(qtype, 2, w[r], x8, xd, xs, tab, nb, t, out, r)
+                t += 2
+            if t < c1:
                 for r in range(a, b):
                     out[t, r] = lanes.dot_row(qtype, w[r], x8[t], xd[t], xs[t], tab, nb)
 

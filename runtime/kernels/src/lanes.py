@@ -293,8 +293,38 @@ def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
     body = _BODIES[qtype.literal_value]
 
     def codegen(context, builder, sig, args):
-        return body(_Emit(context, builder), _pointers(context, builder, sig, args)[1:])
+        row_p, x8_p, xd_p, xs_p, tab_p, nb_v = _pointers(context, builder, sig, args)[1:]
+        return body(_Emit(context, builder), (row_p, [(x8_p, xd_p, xs_p)], tab_p, nb_v))[0]
     return types.float32(qtype, row, x8, xd, xs, tab, types.int64), codegen
+
+
+@intrinsic
+def dot_rows(typingctx, qtype, ncols, row, x8, xd, xs, tab, nb, t, out, r):
+    """dot_row of one weight row with ncols tokens at once: out[t + c, r] = the row . token t + c
+    (x8, xd, xs: every token's activations, one row each), for c < ncols (a constant). The
+    row's values are unpacked once per block for all of them; each token's sum is built in
+    the very order dot_row builds it, so the bits are dot_row's."""
+    for lit in (qtype, ncols):
+        if not isinstance(lit, types.IntegerLiteral):
+            raise errors.RequireLiteralValue(lit)
+    body, n_cols = _BODIES[qtype.literal_value], ncols.literal_value
+
+    def codegen(context, builder, sig, args):
+        arrays = {k: context.make_array(sig.args[k])(context, builder, args[k]) for k in (2, 3, 4, 5, 6, 9)}
+        t_v, r_v = args[8], args[10]
+
+        def item(k, i, j):
+            return cgutils.get_item_pointer(context, builder, sig.args[k], arrays[k], [i, j])
+        cols = []
+        for c in range(n_cols):
+            tc = builder.add(t_v, ir.Constant(I64, c))
+            zero = ir.Constant(I64, 0)
+            cols.append((item(3, tc, zero), item(4, tc, zero), item(5, tc, zero)))
+        sums = body(_Emit(context, builder), (arrays[2].data, cols, arrays[6].data, args[7]))
+        for c, value in enumerate(sums):
+            builder.store(value, item(9, builder.add(t_v, ir.Constant(I64, c)), r_v))
+        return context.get_dummy_value()
+    return types.void(qtype, ncols, row, x8, xd, xs, tab, types.int64, types.int64, out, types.int64), codegen
 
 
 @intrinsic
@@ -321,14 +351,18 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (QUANT_TA
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 
 
-def _simple_row(e, row, x8, xd, tab, nb, block_bytes, values):
+def _simple_row(e, row, cols, tab, nb, block_bytes, values):
     """The Q4_0/Q5_0/Q8_0 loop: per block, lanes of values(o) . y, FMA-added with d_w * d_x."""
     def block(i, accs):
         o = e.index(i, block_bytes)
-        y = e.load(x8, e.index(i, QK), I8, 32)
-        d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
-        return [e.fma_lanes(d, e.dot_i8(values(o), y), accs[0])]
-    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+        q, dw = values(o), e.f16(tab, row, o)
+        out = []
+        for (x8, xd, _), acc in zip(cols, accs):
+            y = e.load(x8, e.index(i, QK), I8, 32)
+            d = e.b.fmul(dw, e.b.load(e.b.gep(xd, [i])))
+            out.append(e.fma_lanes(d, e.dot_i8(q, y), acc))
+        return out
+    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
 
 
 def _high_bits(e, row, at):
@@ -339,37 +373,41 @@ def _high_bits(e, row, at):
 
 def _dot_q4_0(e, p):
     """ggml_vec_dot_q4_0_q8_0: nibbles - 8."""
-    row, x8, xd, _, tab, nb = p
-    return _simple_row(e, row, x8, xd, tab, nb, _Q4_0,
+    row, cols, tab, nb = p
+    return _simple_row(e, row, cols, tab, nb, _Q4_0,
                        lambda o: e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8)))
 
 
 def _dot_q5_0(e, p):
     """ggml_vec_dot_q5_0_q8_0: nibbles | 0xF0 where the block's high bit is clear (= value - 16)."""
-    row, x8, xd, _, tab, nb = p
-    return _simple_row(e, row, x8, xd, tab, nb, _Q5_0, lambda o: e.b.or_(
+    row, cols, tab, nb = p
+    return _simple_row(e, row, cols, tab, nb, _Q5_0, lambda o: e.b.or_(
         e.nibbles(e.load(row, e.plus(o, 6), I8, 16)), e.either(_high_bits(e, row, e.plus(o, 2)), 0, 0xF0)))
 
 
 def _dot_q8_0(e, p):
     """ggml_vec_dot_q8_0_q8_0."""
-    row, x8, xd, _, tab, nb = p
-    return _simple_row(e, row, x8, xd, tab, nb, _Q8_0, lambda o: e.load(row, e.plus(o, 2), I8, 32))
+    row, cols, tab, nb = p
+    return _simple_row(e, row, cols, tab, nb, _Q8_0, lambda o: e.load(row, e.plus(o, 2), I8, 32))
 
 
 def _min_row(e, p, block_bytes, values):
     """The Q4_1/Q5_1 loop: lanes of values(o) . y times d_w * d_x, plus the scalar sum of
     m_w * s_x (s_x: Q8_1's fp16 d * sum) added after the lanes."""
-    row, x8, xd, xs, tab, nb = p
+    row, cols, tab, nb = p
 
     def block(i, accs):
-        acc, summs = accs
         o = e.index(i, block_bytes)
-        summs = e.fmuladd(e.f16(tab, row, e.plus(o, 2)), e.b.load(e.b.gep(xs, [i])), summs)
-        d = e.b.fmul(e.f16(tab, row, o), e.b.load(e.b.gep(xd, [i])))
-        return [e.fma_lanes(d, e.dot_u8(values(o), e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
-    acc, summs = e.block_loop(nb, [_zeros(8), _zeros(0)], block)
-    return e.b.fadd(e.hsum8(acc), summs)
+        q, dw, mw = values(o), e.f16(tab, row, o), e.f16(tab, row, e.plus(o, 2))
+        out = []
+        for c, (x8, xd, xs) in enumerate(cols):
+            acc, summs = accs[2 * c:2 * c + 2]
+            summs = e.fmuladd(mw, e.b.load(e.b.gep(xs, [i])), summs)
+            d = e.b.fmul(dw, e.b.load(e.b.gep(xd, [i])))
+            out += [e.fma_lanes(d, e.dot_u8(q, e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
+        return out
+    accs = e.block_loop(nb, [_zeros(8), _zeros(0)] * len(cols), block)
+    return [e.b.fadd(e.hsum8(accs[2 * c]), accs[2 * c + 1]) for c in range(len(cols))]
 
 
 def _dot_q4_1(e, p):
@@ -433,13 +471,13 @@ def _k4_min_products(e, sm, bsums, i):
 
 
 def _k4_sumi(e, x8, i, sm, values):
-    """Q4_K/Q5_K: <8 x i32> lanes of the sum over the 8 sub-blocks s of scale_s * (values(s) . y),
-    values(s) the 32 unsigned values of sub-block s (get_scale_shuffle_k4)."""
+    """Q4_K/Q5_K: <8 x i32> lanes of the sum over the 8 sub-blocks s of scale_s * (values[s] . y),
+    values[s] the 32 unsigned values of sub-block s (get_scale_shuffle_k4)."""
     b = e.b
     sumi = ir.Constant(_vec(I32, 8), [0] * 8)
     for j in range(QK_K // 64):
         p0, p1 = (e.madd(e.shuffle(sm, None, [s] * 16),
-                         e.maddubs(values(s), e.load(x8, e.index(i, QK_K, 32 * s), I8, 32)))
+                         e.maddubs(values[s], e.load(x8, e.index(i, QK_K, 32 * s), I8, 32)))
                   for s in (2 * j, 2 * j + 1))
         sumi = b.add(sumi, b.add(p0, p1))
     return sumi
@@ -469,56 +507,67 @@ def _k16_sumi(e, x8, i, scales, pairs):
     return sumi
 
 
+def _quarters(values):
+    """values(j, k) of every quarter of a super-block, computed once for all columns."""
+    return {(j, k): values(j, k) for j in range(QK_K // 128) for k in range(4)}
+
+
 def _crumbs(e, bits, k):
     """Bits 2k, 2k+1 of each byte (Q2_K/Q3_K's low 2 bits of quarter k)."""
     return e.b.and_(e.b.lshr(bits, _splat(I8, 32, 2 * k)), _splat(I8, 32, 3))
 
 
-def _k_scale(e, xd, tab, row, i, at, negate=False):
-    """Super-block i's d_x times the fp16 at byte offset `at` of the row: d = d_x * d_w, or
-    with negate, dmin = -d_x * dmin_w (as ggml writes it)."""
+def _k_scale(e, xd, i, w, negate=False):
+    """Super-block i's d_x times the weight's fp16 scale w (a float): d = d_x * d_w, or with
+    negate, dmin = -d_x * dmin_w (as ggml writes it)."""
     dx = e.b.load(e.b.gep(xd, [i]))
-    return e.b.fmul(e.b.fneg(dx) if negate else dx, e.f16(tab, row, at))
+    return e.b.fmul(e.b.fneg(dx) if negate else dx, w)
 
 
 def _dot_q2_k(e, p):
     """ggml_vec_dot_q2_K_q8_K: per super-block, first the mins into the same 8 lanes (lane k:
     groups 2k, 2k+1 of mins . bsums) times -d_x * dmin_w, then lanes of scale * (2-bit values . y)
     times d = d_x * d_w."""
-    row, x8, xd, bsums, tab, nb = p
+    row, cols, tab, nb = p
     b = e.b
 
     def block(i, accs):
         o = e.index(i, _Q2_K)
-        d = _k_scale(e, xd, tab, row, i, e.plus(o, 80))
-        dmin = _k_scale(e, xd, tab, row, i, e.plus(o, 82), negate=True)
+        dw, dminw = e.f16(tab, row, e.plus(o, 80)), e.f16(tab, row, e.plus(o, 82))
         packed = e.load(row, o, I8, 16)
         scales = b.zext(b.and_(packed, _splat(I8, 16, 15)), _vec(I16, 16))
         mins = b.zext(b.lshr(packed, _splat(I8, 16, 4)), _vec(I16, 16))
-        acc = e.fma_lanes(dmin, e.madd(mins, b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))), accs[0])
-
-        def pairs(j, k, y):
-            return e.maddubs(_crumbs(e, e.load(row, e.plus(o, 16 + 32 * j), I8, 32), k), y)
-        return [e.fma_lanes(d, _k16_sumi(e, x8, i, scales, pairs), acc)]
-    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+        q = _quarters(lambda j, k: _crumbs(e, e.load(row, e.plus(o, 16 + 32 * j), I8, 32), k))
+        out = []
+        for (x8, xd, bsums), acc in zip(cols, accs):
+            acc = e.fma_lanes(_k_scale(e, xd, i, dminw, negate=True),
+                              e.madd(mins, b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))), acc)
+            sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(q[j, k], y))
+            out.append(e.fma_lanes(_k_scale(e, xd, i, dw), sumi, acc))
+        return out
+    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
 
 
 def _dot_q3_k(e, p):
     """ggml_vec_dot_q3_K_q8_K: lanes of scale * (3-bit values . y), times d = d_x * d_w; a value
     is its 2 low bits, less 4 where its hmask bit is clear (ggml subtracts those products in i16)."""
-    row, x8, xd, _, tab, nb = p
+    row, cols, tab, nb = p
     b = e.b
 
     def block(i, accs):
         o = e.index(i, _Q3_K)
-        d = _k_scale(e, xd, tab, row, i, e.plus(o, 108))
+        dw = e.f16(tab, row, e.plus(o, 108))
         hmask = e.load(row, o, I8, 32)
+        scales = _q3_k_scales(e, row, o)
 
-        def pairs(j, k, y):
+        def values(j, k):
             low = _crumbs(e, e.load(row, e.plus(o, 32 + 32 * j), I8, 32), k)
-            return e.mul_i8_pairs(b.or_(low, e.either(e.bit_set(hmask, 4 * j + k), 0, 0xFC)), y)
-        return [e.fma_lanes(d, _k16_sumi(e, x8, i, _q3_k_scales(e, row, o), pairs), accs[0])]
-    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+            return b.or_(low, e.either(e.bit_set(hmask, 4 * j + k), 0, 0xFC))
+        q = _quarters(values)
+        return [e.fma_lanes(_k_scale(e, xd, i, dw),
+                            _k16_sumi(e, x8, i, scales, lambda j, k, y: e.mul_i8_pairs(q[j, k], y)), acc)
+                for (x8, xd, _), acc in zip(cols, accs)]
+    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
 
 
 def _k4_row(e, p, block_bytes, values, mins):
@@ -526,19 +575,22 @@ def _k4_row(e, p, block_bytes, values, mins):
     times d = d_x * d_w. The mins' products (<4 x i32>, see _k4_min_products) times
     dmin = -d_x * dmin_w go to an accumulator of their own, as ggml keeps it:
     mins = (its initial value, add(dmin, products, acc) -> acc, the float it adds in the end)."""
-    row, x8, xd, bsums, tab, nb = p
+    row, cols, tab, nb = p
     init, add, final = mins
 
     def block(i, accs):
-        acc, acc_m = accs
         o = e.index(i, block_bytes)
-        d = _k_scale(e, xd, tab, row, i, o)
-        dmin = _k_scale(e, xd, tab, row, i, e.plus(o, 2), negate=True)
+        dw, dminw = e.f16(tab, row, o), e.f16(tab, row, e.plus(o, 2))
         sm = _k4_scales_mins(e, row, o)
-        acc_m = add(dmin, _k4_min_products(e, sm, bsums, i), acc_m)
-        return [e.fma_lanes(d, _k4_sumi(e, x8, i, sm, lambda s: values(o, s)), acc), acc_m]
-    acc, acc_m = e.block_loop(nb, [_zeros(8), init], block)
-    return e.b.fadd(e.hsum8(acc), final(acc_m))
+        q = [values(o, s) for s in range(QK_K // 32)]
+        out = []
+        for c, (x8, xd, bsums) in enumerate(cols):
+            acc, acc_m = accs[2 * c:2 * c + 2]
+            acc_m = add(_k_scale(e, xd, i, dminw, negate=True), _k4_min_products(e, sm, bsums, i), acc_m)
+            out += [e.fma_lanes(_k_scale(e, xd, i, dw), _k4_sumi(e, x8, i, sm, q), acc), acc_m]
+        return out
+    accs = e.block_loop(nb, [_zeros(8), init] * len(cols), block)
+    return [e.b.fadd(e.hsum8(accs[2 * c]), final(accs[2 * c + 1])) for c in range(len(cols))]
 
 
 def _dot_q4_k(e, p):
@@ -576,18 +628,22 @@ def _q6_k_quarter(e, row, o, j, k):
 def _dot_q6_k(e, p):
     """ggml_vec_dot_q6_K_q8_K: lanes of sum of scale * (6-bit values . y) less
     32 * (bsums . scales) of groups 2j, 2j+1, times d = d_x * d_w."""
-    row, x8, xd, bsums, tab, nb = p
+    row, cols, tab, nb = p
     b = e.b
 
     def block(i, accs):
         o = e.index(i, _Q6_K)
-        d = _k_scale(e, xd, tab, row, i, e.plus(o, 208))
+        dw = e.f16(tab, row, e.plus(o, 208))
         scales = b.sext(e.load(row, e.plus(o, 192), I8, 16), _vec(I16, 16))
-        sums = b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))
-        offset = b.shl(e.madd(sums, scales), _splat(I32, 8, 5))
-        sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(_q6_k_quarter(e, row, o, j, k), y))
-        return [e.fma_lanes(d, b.sub(sumi, offset), accs[0])]
-    return e.hsum8(e.block_loop(nb, [_zeros(8)], block)[0])
+        q = _quarters(lambda j, k: _q6_k_quarter(e, row, o, j, k))
+        out = []
+        for (x8, xd, bsums), acc in zip(cols, accs):
+            sums = b.trunc(_group_sums(e, bsums, i), _vec(I16, 16))
+            offset = b.shl(e.madd(sums, scales), _splat(I32, 8, 5))
+            sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(q[j, k], y))
+            out.append(e.fma_lanes(_k_scale(e, xd, i, dw), b.sub(sumi, offset), acc))
+        return out
+    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
 
 
 # GGML_F16_STEP elements a step, GGML_F16_EPR per accumulator (the 256-bit AVX mapping; ggml's
