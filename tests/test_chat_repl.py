@@ -48,8 +48,8 @@ def last_reply_tokens(t: Terminal) -> tuple[int, int, int]:
 def test_two_turn_chat_keeps_the_conversation(smollm2_path):
     with chat_terminal(smollm2_path, "-n", "24") as t:
         assert "/help lists the commands" in t.screen()
-        first = send(t, "What is the capital of France?")
-        assert "Paris" in first
+        first = send(t, "What is 2+2?")
+        assert "4" in first  # llama.cpp's own answer, word for word: "The answer to this classic math problem is 4."
         _, prompt1, _ = last_reply_tokens(t)
         second = send(t, "What did I just ask you about?")
         assert second.strip().count("\n") >= 1  # an answer under the question
