@@ -49,7 +49,8 @@ ATTN_CHUNK = 32
 # Float32 elements of one dequantized prefill tile (per thread, 2 MB): big enough for BLAS to be efficient.
 TILE_ELEMENTS = 512 * 1024
 
-F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # its signalling-NaN entries raise FE_INVALID on aarch64 (a warning)
+    F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 F16_TABLE.flags.writeable = False
 
 T = GGMLType

@@ -227,8 +227,9 @@ def gelu_f16_table() -> np.ndarray:
     """gelu_tanh of every fp16 value, indexed by its bit pattern (ggml's table, as float32)."""
     global _gelu_table
     if _gelu_table is None:
-        every_f16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-        with np.errstate(all="ignore"):  # inf and NaN entries: never read (|x| >= 10 is handled apart)
+        with np.errstate(all="ignore"):  # inf and NaN entries: never read (|x| >= 10 is handled apart);
+            # casting the signalling NaNs raises FE_INVALID on aarch64
+            every_f16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
             table = gelu_tanh(every_f16)
         table.flags.writeable = False
         _gelu_table = table
