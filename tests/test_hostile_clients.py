@@ -169,10 +169,10 @@ def test_engine_prefill_stops_between_batches_when_cancelled(tmp_path):
     batches = []
     real_forward = engine._forward
 
-    def forward(ids):
+    def forward(ids, cancelled_too=None):
         batches.append(len(ids))
         cancelled.set()  # the client hangs up while the first batch runs
-        return real_forward(ids)
+        return real_forward(ids, cancelled_too)
 
     engine._forward = forward
     prompt = [5 + i % 200 for i in range(3 * engine_mod.PREFILL_BATCH)]
