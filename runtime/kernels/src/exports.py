@@ -120,6 +120,18 @@ COL_TILE_BYTES = 256 * 1024
 
 
 @njit(inline="always")
+def _tile_rows(qtype, nrows, ncols, w, a, b, x8, xd, xs, tab, nb, t, out):
+    """Rows a..b-1 times tokens t..t+ncols-1, nrows rows per lanes.dot_tile (then one by one)."""
+    r = a
+    while r + nrows <= b:
+        lanes.dot_tile(qtype, nrows, ncols, w, r, x8, xd, xs, tab, nb, t, out)
+        r += nrows
+    while r < b:
+        lanes.dot_tile(qtype, 1, ncols, w, r, x8, xd, xs, tab, nb, t, out)
+        r += 1
+
+
+@njit(inline="always")
 def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
     """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes.py row dot each
     (whatever the number of tokens, so a token's outputs do not depend on its batch); qtype is
@@ -136,18 +148,27 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
         c1 = min(n_tok, c0 + tokens_per_tile)
         for a in range(r0, r1, rows_per_tile):
             b = min(r1, a + rows_per_tile)
+            # Q2_K/Q3_K/Q6_K keep a super-block's 8 unpacked quarters in registers: a second
+            # row would spill them (measured slower), so they tile tokens only
+            one_row = qtype == _Q2_K or qtype == _Q3_K or qtype == _Q6_K
             t = c0
-            while t + 4 <= c1:  # 4 tokens per unpacked row, then 2, then 1: the same bits
-                for r in range(a, b):
-                    lanes.dot_rows(qtype, 4, w[r], x8, xd, xs, tab, nb, t, out, r)
+            while t + 4 <= c1:
+                if one_row:
+                    _tile_rows(qtype, 1, 4, w, a, b, x8, xd, xs, tab, nb, t, out)
+                else:
+                    _tile_rows(qtype, 2, 4, w, a, b, x8, xd, xs, tab, nb, t, out)
                 t += 4
             if t + 2 <= c1:
-                for r in range(a, b):
-                    lanes.dot_rows(qtype, 2, w[r], x8, xd, xs, tab, nb, t, out, r)
+                if one_row:
+                    _tile_rows(qtype, 1, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
+                else:
+                    _tile_rows(qtype, 2, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
                 t += 2
-            if t < c1:
-                for r in range(a, b):
-                    out[t, r] = lanes.dot_row(qtype, w[r], x8[t], xd[t], xs[t], tab, nb)
+            if t < c1:  # one token (a decode): 4 rows share its loads
+                if one_row:
+                    _tile_rows(qtype, 1, 1, w, a, b, x8, xd, xs, tab, nb, t, out)
+                else:
+                    _tile_rows(qtype, 4, 1, w, a, b, x8, xd, xs, tab, nb, t, out)
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):

@@ -41,6 +41,8 @@ bf16 -> float is a 16-bit left shift of the integer: the same IR on every target
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from llvmlite import ir
 from numba import types
@@ -294,37 +296,41 @@ def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
 
     def codegen(context, builder, sig, args):
         row_p, x8_p, xd_p, xs_p, tab_p, nb_v = _pointers(context, builder, sig, args)[1:]
-        return body(_Emit(context, builder), (row_p, [(x8_p, xd_p, xs_p)], tab_p, nb_v))[0]
+        return _tile(_Emit(context, builder), body, [row_p], [(x8_p, xd_p, xs_p)], tab_p, nb_v)[0][0]
     return types.float32(qtype, row, x8, xd, xs, tab, types.int64), codegen
 
 
 @intrinsic
-def dot_rows(typingctx, qtype, ncols, row, x8, xd, xs, tab, nb, t, out, r):
-    """dot_row of one weight row with ncols tokens at once: out[t + c, r] = the row . token t + c
-    (x8, xd, xs: every token's activations, one row each), for c < ncols (a constant). The
-    row's values are unpacked once per block for all of them; each token's sum is built in
-    the very order dot_row builds it, so the bits are dot_row's."""
-    for lit in (qtype, ncols):
+def dot_tile(typingctx, qtype, nrows, ncols, w, r, x8, xd, xs, tab, nb, t, out):
+    """dot_row of weight rows r..r+nrows-1 of w (2-d, one row each) with tokens t..t+ncols-1:
+    out[t + c, r + j] = row r + j . token t + c (x8, xd, xs: every token's activations, one row
+    each); nrows and ncols constants. Each row's values are unpacked once per block for all the
+    tokens, each token's loads once for all the rows, and every sum is built in the very order
+    dot_row builds it, so the bits are dot_row's."""
+    for lit in (qtype, nrows, ncols):
         if not isinstance(lit, types.IntegerLiteral):
             raise errors.RequireLiteralValue(lit)
-    body, n_cols = _BODIES[qtype.literal_value], ncols.literal_value
+    body, n_rows, n_cols = _BODIES[qtype.literal_value], nrows.literal_value, ncols.literal_value
 
     def codegen(context, builder, sig, args):
-        arrays = {k: context.make_array(sig.args[k])(context, builder, args[k]) for k in (2, 3, 4, 5, 6, 9)}
-        t_v, r_v = args[8], args[10]
+        arrays = {k: context.make_array(sig.args[k])(context, builder, args[k]) for k in (3, 5, 6, 7, 8, 11)}
+        r_v, t_v, zero = args[4], args[10], ir.Constant(I64, 0)
 
         def item(k, i, j):
             return cgutils.get_item_pointer(context, builder, sig.args[k], arrays[k], [i, j])
-        cols = []
-        for c in range(n_cols):
-            tc = builder.add(t_v, ir.Constant(I64, c))
-            zero = ir.Constant(I64, 0)
-            cols.append((item(3, tc, zero), item(4, tc, zero), item(5, tc, zero)))
-        sums = body(_Emit(context, builder), (arrays[2].data, cols, arrays[6].data, args[7]))
-        for c, value in enumerate(sums):
-            builder.store(value, item(9, builder.add(t_v, ir.Constant(I64, c)), r_v))
+
+        def plus(v, k):
+            return builder.add(v, ir.Constant(I64, k))
+        rows = [item(3, plus(r_v, j), zero) for j in range(n_rows)]
+        cols = [(item(5, plus(t_v, c), zero), item(6, plus(t_v, c), zero), item(7, plus(t_v, c), zero))
+                for c in range(n_cols)]
+        sums = _tile(_Emit(context, builder), body, rows, cols, arrays[8].data, args[9])
+        for j, row_sums in enumerate(sums):
+            for c, value in enumerate(row_sums):
+                builder.store(value, item(11, plus(t_v, c), plus(r_v, j)))
         return context.get_dummy_value()
-    return types.void(qtype, ncols, row, x8, xd, xs, tab, types.int64, types.int64, out, types.int64), codegen
+    return types.void(qtype, nrows, ncols, w, types.int64, x8, xd, xs, tab, types.int64, types.int64, out,
+                      types.int64), codegen
 
 
 @intrinsic
@@ -351,6 +357,29 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (QUANT_TA
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 
 
+class _Loop(NamedTuple):
+    """A row body's block loop: its accumulators' initial values, block(i, accs) -> accs, and
+    final(accs) -> one float per activation column."""
+    inits: list
+    block: Callable
+    final: Callable
+
+
+def _tile(e, body, rows, cols, tab, nb):
+    """Sums [row][column] of weight rows `rows` with activation columns `cols`, in one block
+    loop: each (row, column) accumulates exactly as dot_row does alone, and what only depends on
+    a column (its loads, Q8_K group sums) is emitted once per row but identical, so LLVM keeps
+    one copy for all the rows."""
+    loops = [body(e, (row, cols, tab, nb)) for row in rows]
+    sizes = [len(loop.inits) for loop in loops]
+    starts = [sum(sizes[:k]) for k in range(len(loops))]
+
+    def block(i, accs):
+        return [v for loop, at, n in zip(loops, starts, sizes) for v in loop.block(i, accs[at:at + n])]
+    accs = e.block_loop(nb, [v for loop in loops for v in loop.inits], block)
+    return [loop.final(accs[at:at + n]) for loop, at, n in zip(loops, starts, sizes)]
+
+
 def _simple_row(e, row, cols, tab, nb, block_bytes, values):
     """The Q4_0/Q5_0/Q8_0 loop: per block, lanes of values(o) . y, FMA-added with d_w * d_x."""
     def block(i, accs):
@@ -362,7 +391,7 @@ def _simple_row(e, row, cols, tab, nb, block_bytes, values):
             d = e.b.fmul(dw, e.b.load(e.b.gep(xd, [i])))
             out.append(e.fma_lanes(d, e.dot_i8(q, y), acc))
         return out
-    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
+    return _Loop([_zeros(8)] * len(cols), block, lambda accs: [e.hsum8(acc) for acc in accs])
 
 
 def _high_bits(e, row, at):
@@ -406,8 +435,8 @@ def _min_row(e, p, block_bytes, values):
             d = e.b.fmul(dw, e.b.load(e.b.gep(xd, [i])))
             out += [e.fma_lanes(d, e.dot_u8(q, e.load(x8, e.index(i, QK), I8, 32)), acc), summs]
         return out
-    accs = e.block_loop(nb, [_zeros(8), _zeros(0)] * len(cols), block)
-    return [e.b.fadd(e.hsum8(accs[2 * c]), accs[2 * c + 1]) for c in range(len(cols))]
+    return _Loop([_zeros(8), _zeros(0)] * len(cols), block,
+                 lambda accs: [e.b.fadd(e.hsum8(accs[2 * c]), accs[2 * c + 1]) for c in range(len(cols))])
 
 
 def _dot_q4_1(e, p):
@@ -545,7 +574,7 @@ def _dot_q2_k(e, p):
             sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(q[j, k], y))
             out.append(e.fma_lanes(_k_scale(e, xd, i, dw), sumi, acc))
         return out
-    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
+    return _Loop([_zeros(8)] * len(cols), block, lambda accs: [e.hsum8(acc) for acc in accs])
 
 
 def _dot_q3_k(e, p):
@@ -567,7 +596,7 @@ def _dot_q3_k(e, p):
         return [e.fma_lanes(_k_scale(e, xd, i, dw),
                             _k16_sumi(e, x8, i, scales, lambda j, k, y: e.mul_i8_pairs(q[j, k], y)), acc)
                 for (x8, xd, _), acc in zip(cols, accs)]
-    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
+    return _Loop([_zeros(8)] * len(cols), block, lambda accs: [e.hsum8(acc) for acc in accs])
 
 
 def _k4_row(e, p, block_bytes, values, mins):
@@ -589,8 +618,8 @@ def _k4_row(e, p, block_bytes, values, mins):
             acc_m = add(_k_scale(e, xd, i, dminw, negate=True), _k4_min_products(e, sm, bsums, i), acc_m)
             out += [e.fma_lanes(_k_scale(e, xd, i, dw), _k4_sumi(e, x8, i, sm, q), acc), acc_m]
         return out
-    accs = e.block_loop(nb, [_zeros(8), init] * len(cols), block)
-    return [e.b.fadd(e.hsum8(accs[2 * c]), final(accs[2 * c + 1])) for c in range(len(cols))]
+    return _Loop([_zeros(8), init] * len(cols), block,
+                 lambda accs: [e.b.fadd(e.hsum8(accs[2 * c]), final(accs[2 * c + 1])) for c in range(len(cols))])
 
 
 def _dot_q4_k(e, p):
@@ -643,7 +672,7 @@ def _dot_q6_k(e, p):
             sumi = _k16_sumi(e, x8, i, scales, lambda j, k, y: e.maddubs(q[j, k], y))
             out.append(e.fma_lanes(_k_scale(e, xd, i, dw), b.sub(sumi, offset), acc))
         return out
-    return [e.hsum8(acc) for acc in e.block_loop(nb, [_zeros(8)] * len(cols), block)]
+    return _Loop([_zeros(8)] * len(cols), block, lambda accs: [e.hsum8(acc) for acc in accs])
 
 
 # GGML_F16_STEP elements a step, GGML_F16_EPR per accumulator (the 256-bit AVX mapping; ggml's
