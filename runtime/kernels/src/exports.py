@@ -164,11 +164,8 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
                 else:
                     _tile_rows(qtype, 2, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
                 t += 2
-            if t < c1:  # one token (a decode): 4 rows share its loads
-                if one_row:
-                    _tile_rows(qtype, 1, 1, w, a, b, x8, xd, xs, tab, nb, t, out)
-                else:
-                    _tile_rows(qtype, 4, 1, w, a, b, x8, xd, xs, tab, nb, t, out)
+            if t < c1:  # one token (a decode): row by row; 4-row tiles halved the step's decode speed
+                _tile_rows(qtype, 1, 1, w, a, b, x8, xd, xs, tab, nb, t, out)
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
