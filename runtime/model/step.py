@@ -18,7 +18,7 @@ import numpy as np
 from ggufile.runtime import kernels
 from ggufile.runtime.model import ops
 from ggufile.runtime.errors import GGUFFormatError
-from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
+from ggufile.runtime.gguf.constants import QK, QK_K
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.kernels.reference import row_elements
@@ -140,23 +140,15 @@ class CompiledStep:
         """Tokens `ids` at positions cache.n_tokens..; appends their K/V. Returns the last
         token's logits (n_vocab,), or every token's (n, n_vocab) with all_logits."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if not 0 < len(ids) <= cache.n_ctx - cache.n_tokens:
-            raise ValueError(f"{len(ids)} tokens do not fit a cache of {cache.n_ctx} holding {cache.n_tokens}")
-        parts = []
-        with self._lock:  # one call at a time: the scratch, tables and rope rows are shared
-            for i in range(0, len(ids), CHUNK):
-                chunk, pos = ids[i:i + CHUNK], cache.n_tokens
-                n = len(chunk)
-                positions = np.arange(pos, pos + n, dtype=np.int64)
-                if all_logits:
-                    outputs = np.arange(n, dtype=np.int64)
-                else:  # only the prompt's last token needs the output matrix
-                    outputs = np.array([n - 1] if i + n == len(ids) else [], dtype=np.int64)
-                parts.append(self._run(chunk, positions, np.zeros(n, dtype=np.int64), outputs,
-                                       cache.k, cache.v, cache))
-                cache.n_tokens = pos + n
-        logits = np.concatenate(parts) if all_logits else parts[-1][0]
-        return ops.softcap(logits, self.model.config.final_softcap)
+        n = len(ids)
+        if not 0 < n <= cache.n_ctx - cache.n_tokens:
+            raise ValueError(f"{n} tokens do not fit a cache of {cache.n_ctx} holding {cache.n_tokens}")
+        # only the prompt's last token needs the output matrix, unless every token's logits are wanted
+        wanted = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], dtype=np.int64)
+        logits = self._chunked(ids, np.arange(cache.n_tokens, cache.n_tokens + n, dtype=np.int64),
+                               np.zeros(n, dtype=np.int64), wanted, cache.k, cache.v, cache)
+        cache.n_tokens += n
+        return logits if all_logits else logits[0]
 
     def forward_batch(self, items) -> list[np.ndarray]:
         """items = [(ids, cache)], the caches distinct slots of one SlotCaches (model/slots.py):
@@ -167,16 +159,26 @@ class CompiledStep:
         positions = np.concatenate([np.arange(c.n_tokens, c.n_tokens + len(i), dtype=np.int64) for i, c in items])
         seqs = np.concatenate([np.full(len(i), c.seq, dtype=np.int64) for i, c in items])
         last = np.cumsum([len(i) for i, _ in items]) - 1  # each item's last token
-        rows = []
-        with self._lock:
-            for a in range(0, len(ids), CHUNK):
-                b = min(a + CHUNK, len(ids))
-                outputs = last[(last >= a) & (last < b)] - a
-                rows += list(self._run(ids[a:b], positions[a:b], seqs[a:b], outputs.astype(np.int64),
-                                       pool.k, pool.v, items[0][1]))
+        logits = self._chunked(ids, positions, seqs, last, pool.k, pool.v, items[0][1])
         for i, cache in items:
             cache.n_tokens += len(i)
-        return [ops.softcap(r, self.model.config.final_softcap) for r in rows]
+        return list(logits)
+
+    def _chunked(self, ids, positions, seqs, wanted, k, v, cache) -> np.ndarray:
+        """_run over CHUNK tokens at a time; the soft-capped logits of the tokens `wanted`
+        (ascending indices into ids), one row each."""
+        rows = []
+        with self._lock:  # one call at a time: the scratch, tables and rope rows are shared
+            for a in range(0, len(ids), CHUNK):
+                b = min(a + CHUNK, len(ids))
+                outputs = (wanted[(wanted >= a) & (wanted < b)] - a).astype(np.int64)
+                rows.append(self._run(ids[a:b], positions[a:b], seqs[a:b], outputs, k, v, cache))
+        logits = np.concatenate(rows)
+        cap = self.model.config.final_softcap
+        if cap:  # row by row: NumPy's vector tanh may round an element by where it sits in the array
+            for row in logits:
+                row[:] = ops.softcap(row, cap)
+        return logits
 
     def _run(self, ids, positions, seqs, outputs, k, v, cache) -> np.ndarray:
         """One compiled call: tokens ids at positions of sequences seqs (layer seq * n_layer + il

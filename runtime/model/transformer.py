@@ -387,16 +387,8 @@ class Model:
 
         Returns the next-token logits: (n_vocab,) for the last token, or (n, n_vocab) if all_logits.
         """
-        c = self.config
-        ids = np.asarray(ids).reshape(-1)
-        n, p0 = len(ids), cache.n_tokens
-        if n == 0:
-            raise GGUFileError("forward() needs at least one token")
-        if p0 + n > cache.n_ctx:
-            raise GGUFileError(f"context overflow: {p0} + {n} tokens exceed the context size {cache.n_ctx}")
-        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
-            raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
-        ids = ids.astype(np.int32)
+        ids = self._checked_ids(ids, cache)
+        n = len(ids)
         step = self._compiled_step()
         if step is not None and step.supports(cache):  # prompts and decode alike: the same bits
             return step.forward(ids, cache, all_logits)
@@ -411,20 +403,26 @@ class Model:
         SlotCaches; appends each item's keys/values to its cache and returns each item's
         last-token logits. Every token's logits are the bits forward() gives it alone (the
         compiled step's operations are per token; without the step, the items run one by one)."""
-        c = self.config
-        for ids, cache in items:
-            ids = np.asarray(ids).reshape(-1)
-            if len(ids) == 0 or cache.n_tokens + len(ids) > cache.n_ctx:
-                raise GGUFileError(f"{len(ids)} tokens do not fit a cache of {cache.n_ctx} holding {cache.n_tokens}")
-            if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= c.n_vocab:
-                raise GGUFileError(f"token ids must be integers in [0, {c.n_vocab})")
-        pools = {id(getattr(cache, "pool", None)) for _, cache in items}
+        items = [(self._checked_ids(ids, cache), cache) for ids, cache in items]
+        pool = getattr(items[0][1], "pool", None)
         step = self._compiled_step()
-        if (step is not None and len(pools) == 1 and getattr(items[0][1], "pool", None) is not None
+        if (step is not None and pool is not None and all(getattr(cache, "pool", None) is pool for _, cache in items)
                 and len({cache.seq for _, cache in items}) == len(items)
                 and all(step.supports(cache) for _, cache in items)):
             return step.forward_batch(items)
         return [self.forward(ids, cache) for ids, cache in items]
+
+    def _checked_ids(self, ids, cache: KVCache) -> np.ndarray:
+        """ids as int32 token ids that exist and fit the cache, or a one-line GGUFileError."""
+        ids = np.asarray(ids).reshape(-1)
+        n, p0, n_vocab = len(ids), cache.n_tokens, self.config.n_vocab
+        if n == 0:
+            raise GGUFileError("forward() needs at least one token")
+        if p0 + n > cache.n_ctx:
+            raise GGUFileError(f"context overflow: {p0} + {n} tokens exceed the context size {cache.n_ctx}")
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= n_vocab:
+            raise GGUFileError(f"token ids must be integers in [0, {n_vocab})")
+        return ids.astype(np.int32)
 
     def _compiled_step(self):
         if not self._step_packed:

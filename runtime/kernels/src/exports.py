@@ -101,12 +101,11 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 # --- matrix-vector (decode): out[t, r] = dot(W[r], x[t]) on quantized blocks --------------------
 # By far the most decode time is spent in these kernels. Every quantized type, F16 and BF16 call
 # lanes.py: llama.cpp's own AVX2 dot products, emitted as LLVM vector IR, so the results are
-# llama.cpp's bit for bit and 2-18x faster than the float loops they replaced. One row at a
-# time: the rows of a thread's slice are one sequential stream.
+# llama.cpp's bit for bit and 2-18x faster than the float loops they replaced.
 
 
 # The lane kernels' types, as plain ints: Numba sees module globals as constants, so each
-# kernel's call below compiles its own dot_row IR.
+# kernel's call below compiles its own dot_tile IR.
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
@@ -114,7 +113,7 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) f
 
 # A tile of rows (ROW_TILE_BYTES of weights, in L1) meets a tile of tokens (COL_TILE_BYTES of
 # their 8-bit values, in L2) before the next rows are read: many tokens (a prompt) read each
-# weight once per token tile instead of once per token. Every output is still one row dot.
+# weight once per token tile instead of once per token.
 ROW_TILE_BYTES = 16 * 1024
 COL_TILE_BYTES = 256 * 1024
 
@@ -132,10 +131,21 @@ def _tile_rows(qtype, nrows, ncols, w, a, b, x8, xd, xs, tab, nb, t, out):
 
 
 @njit(inline="always")
+def _tile_tokens(qtype, ncols, w, a, b, x8, xd, xs, tab, nb, t, out):
+    """Rows a..b-1 times ncols tokens, 2 rows a tile; Q2_K/Q3_K/Q6_K one: they keep a
+    super-block's 8 unpacked quarters in registers, which a second row would spill (slower)."""
+    if qtype == _Q2_K or qtype == _Q3_K or qtype == _Q6_K:
+        _tile_rows(qtype, 1, ncols, w, a, b, x8, xd, xs, tab, nb, t, out)
+    else:
+        _tile_rows(qtype, 2, ncols, w, a, b, x8, xd, xs, tab, nb, t, out)
+
+
+@njit(inline="always")
 def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
-    """Rows r0..r1-1 of W times each token's 8-bit activations, one lanes.py row dot each
-    (whatever the number of tokens, so a token's outputs do not depend on its batch); qtype is
-    a constant (each kernel below passes its own), which picks the dot's IR."""
+    """Rows r0..r1-1 of W times each token's 8-bit activations, in tiles of rows x tokens
+    (lanes.dot_tile), each output the same bits whatever the number of tokens, so a
+    token's outputs do not depend on its batch; qtype is a constant (each kernel below passes
+    its own), which picks the dot's IR."""
     n_tok, k = xq.shape
     x8 = np.empty((n_tok, k), np.int8)
     for t in range(n_tok):
@@ -148,21 +158,12 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
         c1 = min(n_tok, c0 + tokens_per_tile)
         for a in range(r0, r1, rows_per_tile):
             b = min(r1, a + rows_per_tile)
-            # Q2_K/Q3_K/Q6_K keep a super-block's 8 unpacked quarters in registers: a second
-            # row would spill them (measured slower), so they tile tokens only
-            one_row = qtype == _Q2_K or qtype == _Q3_K or qtype == _Q6_K
             t = c0
             while t + 4 <= c1:
-                if one_row:
-                    _tile_rows(qtype, 1, 4, w, a, b, x8, xd, xs, tab, nb, t, out)
-                else:
-                    _tile_rows(qtype, 2, 4, w, a, b, x8, xd, xs, tab, nb, t, out)
+                _tile_tokens(qtype, 4, w, a, b, x8, xd, xs, tab, nb, t, out)
                 t += 4
             if t + 2 <= c1:
-                if one_row:
-                    _tile_rows(qtype, 1, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
-                else:
-                    _tile_rows(qtype, 2, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
+                _tile_tokens(qtype, 2, w, a, b, x8, xd, xs, tab, nb, t, out)
                 t += 2
             if t < c1:  # one token (a decode): row by row; 4-row tiles halved the step's decode speed
                 _tile_rows(qtype, 1, 1, w, a, b, x8, xd, xs, tab, nb, t, out)

@@ -19,10 +19,13 @@ or the JIT on such a host), else as portable vector IR (same integers, any targe
 without fast-math (exports.fastmath_for): a reassociating flag would let LLVM reorder the lane
 sums. (Speed figures: README, "Speed", and the commit messages.)
 
-`dot_row(qtype, row, x8, xd, xs, tab, nb)` is one row's dot product with 8-bit activations:
-`row` the row's bytes (1-d uint8), `x8` the int8 activation values, `xd` their per-block
-float32 scales, `xs` Q8_1's d * sums or Q8_K's group sums, `tab` the fp16 -> float32 table,
-`nb` the number of blocks. `qtype` must be a compile-time constant: it picks the IR.
+`dot_tile(qtype, nrows, ncols, w, r, x8, xd, xs, tab, nb, t, out)` is the dot products of
+nrows weight rows (from row r of `w`, 2-d uint8: each row's bytes) with the 8-bit activations of
+ncols tokens (from token t): `x8` the int8 activation values, `xd` their per-block float32
+scales, `xs` Q8_1's d * sums or Q8_K's group sums (one row per token each), `tab` the fp16 ->
+float32 table, `nb` the number of blocks; out[t + c, r + j] = row r + j . token t + c, each
+llama.cpp's vec_dot of that row and token, in its order. `qtype`, `nrows` and `ncols` must be
+compile-time constants: they pick the IR.
 
 `dot_f16(row, x16, tab, n)` is ggml_vec_dot_f16 (F16 weights, whose vec_dot_type is F16: the
 activations come as fp16 bit patterns too) under simd-mappings.h's __AVX__/__F16C__/__FMA__
@@ -286,27 +289,11 @@ def _pointers(context, builder, sig, args):
 
 
 @intrinsic
-def dot_row(typingctx, qtype, row, x8, xd, xs, tab, nb):
-    """One row's dot product: (qtype, row, x8, xd, xs, tab, nb) -> float32, qtype a constant
-    (its IR is chosen as the caller compiles). `xs` holds Q8_1's fp16 d * sums (Q4_1, Q5_1) or
-    Q8_K's group sums (K-quants), as float32; Q4_0/Q5_0/Q8_0 ignore it."""
-    if not isinstance(qtype, types.IntegerLiteral):
-        raise errors.RequireLiteralValue(qtype)
-    body = _BODIES[qtype.literal_value]
-
-    def codegen(context, builder, sig, args):
-        row_p, x8_p, xd_p, xs_p, tab_p, nb_v = _pointers(context, builder, sig, args)[1:]
-        return _tile(_Emit(context, builder), body, [row_p], [(x8_p, xd_p, xs_p)], tab_p, nb_v)[0][0]
-    return types.float32(qtype, row, x8, xd, xs, tab, types.int64), codegen
-
-
-@intrinsic
 def dot_tile(typingctx, qtype, nrows, ncols, w, r, x8, xd, xs, tab, nb, t, out):
-    """dot_row of weight rows r..r+nrows-1 of w (2-d, one row each) with tokens t..t+ncols-1:
-    out[t + c, r + j] = row r + j . token t + c (x8, xd, xs: every token's activations, one row
-    each); nrows and ncols constants. Each row's values are unpacked once per block for all the
-    tokens, each token's loads once for all the rows, and every sum is built in the very order
-    dot_row builds it, so the bits are dot_row's."""
+    """Weight rows r..r+nrows-1 of w times tokens t..t+ncols-1 (see the module docstring). Each
+    row's values are unpacked once per block for all the tokens, each token's loads once for
+    all the rows, and every sum is built in the very order a 1 x 1 tile builds it, so a token's
+    outputs are the same bits whatever tile it was computed in."""
     for lit in (qtype, nrows, ncols):
         if not isinstance(lit, types.IntegerLiteral):
             raise errors.RequireLiteralValue(lit)
@@ -367,7 +354,7 @@ class _Loop(NamedTuple):
 
 def _tile(e, body, rows, cols, tab, nb):
     """Sums [row][column] of weight rows `rows` with activation columns `cols`, in one block
-    loop: each (row, column) accumulates exactly as dot_row does alone, and what only depends on
+    loop: each (row, column) accumulates exactly as it would alone, and what only depends on
     a column (its loads, Q8_K group sums) is emitted once per row but identical, so LLVM keeps
     one copy for all the rows."""
     loops = [body(e, (row, cols, tab, nb)) for row in rows]
@@ -725,5 +712,5 @@ _BODIES = {int(t): body for t, body in (
     (GGMLType.Q5_1, _dot_q5_1), (GGMLType.Q8_0, _dot_q8_0), (GGMLType.Q2_K, _dot_q2_k),
     (GGMLType.Q3_K, _dot_q3_k), (GGMLType.Q4_K, _dot_q4_k), (GGMLType.Q5_K, _dot_q5_k),
     (GGMLType.Q6_K, _dot_q6_k))}
-# Every lane type (kernels/types.py) has its body here: dot_row's, dot_f16's F16, dot_bf16's BF16.
+# Every lane type (kernels/types.py) has its body here: dot_tile's, dot_f16's F16, dot_bf16's BF16.
 assert frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16} == LANE_TYPES
