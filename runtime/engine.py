@@ -11,6 +11,7 @@ the last sequence, so a chat turn only processes the tokens that are new since t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -188,16 +189,12 @@ class Engine:
         return logits
 
     def _forward(self, ids: list[int], cancelled: threading.Event | None = None) -> np.ndarray:
-        if self._run_model is not None:  # the batcher checks the file and maps NaN errors itself
+        if self._run_model is not None:  # the batcher checks the file and the values itself
             logits = self._run_model(ids, self._cache, cancelled)
-            self._cached_ids += ids
-            return logits
-        self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
-        try:
-            logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
-        except ZeroDivisionError:  # the compiled quantizers meet inf/NaN activations
-            raise GGUFileError("the model computed infinite or NaN values: its weights are probably "
-                               "corrupt") from None
+        else:
+            self.reader.check_unchanged()  # a rewritten file would SIGBUS on the next page we touch
+            with infinite_values_are_errors():
+                logits = self.model.forward(np.asarray(ids, dtype=np.int32), self._cache)
         self._cached_ids += ids
         return logits
 
@@ -217,6 +214,16 @@ class Engine:
         self._cached_ids = []
         if self._cache is not None:
             self._cache.truncate(0)
+
+
+@contextlib.contextmanager
+def infinite_values_are_errors():
+    """The compiled quantizers divide by zero on inf/NaN activations: say what that means."""
+    try:
+        yield
+    except ZeroDivisionError:
+        raise GGUFileError("the model computed infinite or NaN values: its weights are probably "
+                           "corrupt") from None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -191,7 +191,7 @@ async def index(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     s = _state(request)
-    busy = sum(slot.job is not None for slot in s.queue.slots)
+    busy = s.queue.busy
     return JSONResponse({"status": "ok", "model": s.engine.model_name, "queued": s.queue.pending,
                          "slots_idle": len(s.queue.slots) - busy, "slots_processing": busy})
 
@@ -205,7 +205,6 @@ async def metrics(request: Request) -> Response:
     """Prometheus text, llama-server's metric names."""
     q = _state(request).queue
     m = q.metrics
-    busy = sum(slot.job is not None for slot in q.slots)
     rows = [
         ("requests_total", "counter", "Requests answered.", m.requests),
         ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
@@ -216,7 +215,7 @@ async def metrics(request: Request) -> Response:
          round(m.prompt_tokens / m.prompt_seconds, 3) if m.prompt_seconds else 0),
         ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s (per request).",
          round(m.predicted_tokens / m.predicted_seconds, 3) if m.predicted_seconds else 0),
-        ("requests_processing", "gauge", "Requests on a slot.", busy),
+        ("requests_processing", "gauge", "Requests on a slot.", q.busy),
         ("requests_deferred", "gauge", "Requests waiting for a slot.", q.waiting),
         ("n_decode_total", "counter", "Batched model steps.", q.batcher.steps if q.batcher else 0),
     ]

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ggufile.runtime.errors import Cancelled, GGUFileError
+from ggufile.runtime.engine import infinite_values_are_errors
+from ggufile.runtime.errors import Cancelled
 
 STEP_TOKENS = 64  # prompt tokens per step beside the decoding slots' (the step's chunk size)
 LINGER = 0.005  # seconds a step waits for the slots still sampling
@@ -113,12 +114,9 @@ class Batcher:
             return
         try:
             self._check()
-            try:
+            with infinite_values_are_errors():
                 rows = self.model.forward_batch(
                     [(np.asarray(ask.ids[ask.at:ask.at + n], dtype=np.int32), ask.cache) for ask, n in batch])
-            except ZeroDivisionError:  # the compiled quantizers meet inf/NaN activations
-                raise GGUFileError("the model computed infinite or NaN values: its weights are probably "
-                                   "corrupt") from None
         except BaseException as err:  # each slot in the step reports it to its own request
             with self._cond:
                 for ask, _ in batch:

@@ -113,7 +113,6 @@ class GenerationQueue:
         self._waiting: deque[Job] = deque()
         self._pending = 0  # submitted and not yet released (waiting + running)
         self._live: set[Job] = set()  # jobs whose requests are still being answered
-        self._stopped = False
         self.metrics = Metrics()
 
     @property
@@ -123,6 +122,11 @@ class GenerationQueue:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def busy(self) -> int:
+        """Slots running a job."""
+        return sum(slot.job is not None for slot in self.slots)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
                stop: list[str], work: Callable | None = None) -> Job:
@@ -136,7 +140,6 @@ class GenerationQueue:
         job.timings.queued = time.perf_counter()
         self._live.add(job)
         with self._lock:
-            self._stopped = False
             self._waiting.append(job)
             self._dispatch()
         return job
@@ -159,7 +162,6 @@ class GenerationQueue:
     def stop(self) -> None:
         """Let the workers exit once the jobs in hand (if any) end."""
         with self._lock:
-            self._stopped = True
             for slot in self.slots:
                 slot.stop()
 
