@@ -58,3 +58,22 @@ def deepseek_qwen2_path(tmp_path_factory, deepseek_vocab_path) -> Path:
 
     path = tmp_path_factory.mktemp("deepseek") / "deepseek-qwen2-synthetic.gguf"
     return sm.write_model(path, sm.DEEPSEEK_QWEN2, "Q8_0", tokenizer=deepseek_vocab_path)
+
+
+@pytest.fixture(scope="module")
+def real(smollm2_path):
+    """(url, engine): a server on the real SmolLM2 engine, for the API tests' official clients."""
+    from fake_engine import running_server
+    from ggufile.runtime.engine import Engine
+    from ggufile.runtime.server.app import create_app
+
+    engine = Engine.open(smollm2_path, n_ctx=1024)
+    with running_server(create_app(engine)) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def api(real):
+    """The official openai client on `real` (test_server.py has its own, on a counting engine)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=real[0] + "/v1", api_key="none", max_retries=0, timeout=120)

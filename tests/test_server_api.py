@@ -227,21 +227,6 @@ def test_cached_tokens_and_fingerprint(client, engine):
 
 # -- the real model through the official openai client --------------------------------------------
 
-@pytest.fixture(scope="module")
-def real(smollm2_path):
-    from ggufile.runtime.engine import Engine
-
-    engine = Engine.open(smollm2_path, n_ctx=1024)
-    with running_server(create_app(engine)) as url:
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def api(real):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=real[0] + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

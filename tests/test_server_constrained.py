@@ -59,21 +59,6 @@ def test_bad_constraints_are_400(client, body, param):
     assert r.json()["error"]["param"] == param
 
 
-@pytest.fixture(scope="module")
-def real(smollm2_path):
-    from ggufile.runtime.engine import Engine
-
-    engine = Engine.open(smollm2_path, n_ctx=1024)
-    with running_server(create_app(engine)) as url:
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def api(real):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=real[0] + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
 ASK = [{"role": "user", "content": "Describe a person as JSON with name, age and city."}]
 
 
