@@ -83,7 +83,11 @@ def rope_tables(positions: np.ndarray, f: RopeFreqs, neox: bool,
     """
     ang = rope_angles(positions, f)  # (n_tok, n_rot/2)
     m = np.float32(f.mscale * scale)
-    cos, sin = np.cos(ang) * m, np.sin(ang) * m
+    # cos/sin in double, then rounded: NumPy's float32 SIMD cos/sin miss the nearest float in
+    # ~15% of these angles, differently per ISA (AVX2, AVX-512, NEON); glibc's cosf/sinf, which
+    # ggml calls, are all but always the nearest, as this is on every machine.
+    wide = ang.astype(np.float64)
+    cos, sin = np.cos(wide).astype(np.float32) * m, np.sin(wide).astype(np.float32) * m
     axis = -2 if neox else -1
     cos2 = np.stack([cos, cos], axis=axis)
     sin2 = np.stack([-sin, sin], axis=axis)  # the first of each pair gets -sin

@@ -203,8 +203,7 @@ class CompiledStep:
 
     def _fill_rope(self, end: int, cache) -> None:
         """The cos/sin rows of every position below `end`, each computed once, alone, exactly
-        as the Python pass builds them (ops.rope_tables): NumPy's vector cos/sin may round an
-        element differently depending on where in an array it sits. Rebuilt when the cache's
+        as the Python pass builds them (ops.rope_tables). Rebuilt when the cache's
         size picks other frequencies (LongRoPE)."""
         m, c = self.model, self.model.config
         freqs = m.rope_for(cache)

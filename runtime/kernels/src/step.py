@@ -159,9 +159,10 @@ def _share(n, tid, n_threads):
 
 # --- the small maths (thread 0) ----------------------------------------------------------------
 
-@njit(inline="always")
+@njit  # not inlined: the step's reassociating flags would let LLVM split the sum by vector width
 def _rmsnorm(x, n, w, eps, out):
-    """out[:n] = x / sqrt(mean(x^2) + eps) * w: ggml_rms_norm (sum in double), then ggml_mul."""
+    """out[:n] = x / sqrt(mean(x^2) + eps) * w: ggml_rms_norm (summed in double, in order, as
+    ggml's loop is), then ggml_mul. Compiled strictly, so every target rounds it alike."""
     total = 0.0
     for i in range(n):
         total += np.float64(x[i] * x[i])
