@@ -74,6 +74,40 @@ def rope_angles(positions: np.ndarray, f: RopeFreqs) -> np.ndarray:
     return theta * f.mult
 
 
+def _libm_cos_sin():
+    """The C library's cosf and sinf, which ggml's RoPE calls, or None where there is no libm
+    to load."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        cosf, sinf = libm.cosf, libm.sinf
+    except (OSError, AttributeError):
+        return None
+    for f in (cosf, sinf):
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return cosf, sinf
+
+
+_COS_SIN = _libm_cos_sin()
+
+
+def _cos_sin(ang: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cosf/sinf of float32 angles, as ggml gets them. Not NumPy's float32 cos/sin: its SIMD
+    versions miss the nearest float on ~15% of these angles, differently per ISA. Without a
+    libm, cos/sin in double then rounded (the nearest float, which cosf/sinf nearly always are)."""
+    flat = ang.reshape(-1)
+    if _COS_SIN is None:
+        wide = flat.astype(np.float64)
+        return (np.cos(wide).astype(np.float32).reshape(ang.shape),
+                np.sin(wide).astype(np.float32).reshape(ang.shape))
+    cosf, sinf = _COS_SIN
+    cos = np.array([cosf(a) for a in flat.tolist()], dtype=np.float32)
+    sin = np.array([sinf(a) for a in flat.tolist()], dtype=np.float32)
+    return cos.reshape(ang.shape), sin.reshape(ang.shape)
+
+
 def rope_tables(positions: np.ndarray, f: RopeFreqs, neox: bool,
                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos and signed sin of the angles, laid out for `rope` in the given mode.
@@ -83,11 +117,8 @@ def rope_tables(positions: np.ndarray, f: RopeFreqs, neox: bool,
     """
     ang = rope_angles(positions, f)  # (n_tok, n_rot/2)
     m = np.float32(f.mscale * scale)
-    # cos/sin in double, then rounded: NumPy's float32 SIMD cos/sin miss the nearest float in
-    # ~15% of these angles, differently per ISA (AVX2, AVX-512, NEON); glibc's cosf/sinf, which
-    # ggml calls, are all but always the nearest, as this is on every machine.
-    wide = ang.astype(np.float64)
-    cos, sin = np.cos(wide).astype(np.float32) * m, np.sin(wide).astype(np.float32) * m
+    cos, sin = _cos_sin(ang)
+    cos, sin = cos * m, sin * m
     axis = -2 if neox else -1
     cos2 = np.stack([cos, cos], axis=axis)
     sin2 = np.stack([-sin, sin], axis=axis)  # the first of each pair gets -sin

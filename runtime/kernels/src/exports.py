@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import GGMLType
@@ -550,6 +551,47 @@ def _bits_f32(typingctx, u):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _fmuladd(typingctx, a, b, c):
+    """a * b + c for float32s: one FMA where the target has one (x86-64-v3/v4, aarch64; as
+    ggml's _mm256_fmadd_ps and vfmaq_f32), two roundings elsewhere (lanes.py's rule)."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fmuladd.f32")
+        return builder.call(fn, args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+# ggml_v_expf's constants (vec.h), as hex floats there.
+_EXP_SHIFT, _LOG2E, _LN2_HI, _LN2_LO = (np.float32(float.fromhex(h)) for h in (
+    "0x1.8p23", "0x1.715476p+0", "0x1.62e4p-1", "0x1.7f7d1cp-20"))
+_EXP_C1, _EXP_C2, _EXP_C3, _EXP_C4, _EXP_C5 = (np.float32(float.fromhex(h)) for h in (
+    "0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3", "0x1.573e2ep-5", "0x1.0e4020p-7"))
+
+
+@njit(inline="always")
+def v_expf(x):
+    """ggml_v_expf, one lane: the exp ggml's vector SiLU and softmax use (vec.h; its AVX2,
+    AVX-512 and NEON versions are the same operations, FMAs included), where libm's expf
+    differs in the last bit on about a quarter of the values. Call it from code compiled
+    without fast-math, which would reorder the polynomial."""
+    z = _fmuladd(x, _LOG2E, _EXP_SHIFT)
+    n = z - _EXP_SHIFT
+    b = _fmuladd(-n, _LN2_LO, _fmuladd(-n, _LN2_HI, x))
+    e = _f32_bits(z) << np.uint32(23)
+    k = _bits_f32(e + np.uint32(0x3F800000))  # + the bits of 1.0f
+    u = b * b
+    j = _fmuladd(_fmuladd(_fmuladd(_EXP_C5, b, _EXP_C4), u, _fmuladd(_EXP_C3, b, _EXP_C2)), u, _EXP_C1 * b)
+    if not abs(n) > np.float32(126.0):
+        return _fmuladd(k, j, k)
+    g = np.uint32(0x82000000) if n <= np.float32(0.0) else np.uint32(0)
+    s1 = _bits_f32(g + np.uint32(0x7F000000))
+    if abs(n) > np.float32(192.0):
+        return s1 * s1
+    s2 = _bits_f32(e - g)
+    return _fmuladd(s2, j, s2) * s1
 
 
 @njit(inline="always")

@@ -19,7 +19,7 @@ from numba import njit
 
 from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.src import exports
-from ggufile.runtime.kernels.src.exports import _f16_bits, _round_f16, gelu_f16
+from ggufile.runtime.kernels.src.exports import _f16_bits, _fmuladd, _round_f16, gelu_f16, v_expf
 from ggufile.runtime.kernels.src.lanes import dot_f16
 from ggufile.runtime.kernels.step_layout import (
     C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED, C_N_FF, C_N_HEAD, C_N_KV,
@@ -158,11 +158,15 @@ def _share(n, tid, n_threads):
 
 
 # --- the small maths (thread 0) ----------------------------------------------------------------
+# decode_token reassociates (exports.FASTMATH), and Numba compiles a callee with its caller's
+# fast-math flags unless the callee names its own. Everything here that sums floats or computes
+# ggml_v_expf says fastmath=False: in llama.cpp's order on every target, not in an order LLVM
+# picks per vector width (which made aarch64 and x86-64 round apart).
 
-@njit  # not inlined: the step's reassociating flags would let LLVM split the sum by vector width
+@njit(fastmath=False)
 def _rmsnorm(x, n, w, eps, out):
     """out[:n] = x / sqrt(mean(x^2) + eps) * w: ggml_rms_norm (summed in double, in order, as
-    ggml's loop is), then ggml_mul. Compiled strictly, so every target rounds it alike."""
+    ggml's loop is), then ggml_mul."""
     total = 0.0
     for i in range(n):
         total += np.float64(x[i] * x[i])
@@ -172,20 +176,25 @@ def _rmsnorm(x, n, w, eps, out):
         out[i] = (x[i] * scale) * w[i]
 
 
-@njit(inline="always")
+@njit(fastmath=False)
 def _rope(x, n_rot, cos, sin, neox):
     """Rotate the first n_rot dims of one head in place (ops.rope): pairs are adjacent dims, or
-    dims i and i + n_rot/2 in NEOX mode; sin carries the sign of each pair's first member."""
+    dims i and i + n_rot/2 in NEOX mode; sin carries the sign of each pair's first member.
+    ggml's rotate_pairs as GCC contracts it: x0*cos - x1*sin is fma(x0, cos, -(x1*sin)) and
+    x0*sin + x1*cos is fma(x0, sin, x1*cos)."""
     half = n_rot // 2
     rotated = np.empty(n_rot, np.float32)
     for i in range(n_rot):
         if neox:
-            partner = i + half if i < half else i - half
+            first = i < half
+            partner = i + half if first else i - half
         else:
+            first = i % 2 == 0
             partner = i ^ 1
-        r = x[i] * cos[i]
-        r += x[partner] * sin[i]
-        rotated[i] = r
+        if first:
+            rotated[i] = _fmuladd(x[i], cos[i], x[partner] * sin[i])
+        else:
+            rotated[i] = _fmuladd(x[partner], sin[i], x[i] * cos[i])
     for i in range(n_rot):
         x[i] = rotated[i]
 
@@ -260,7 +269,7 @@ def _add_bias(bias, vecs, q, k, v):
         v[i] += vecs[bias + nq + nk + i]
 
 
-@njit
+@njit(fastmath=False)
 def _attend(cache_layer, cfg, window, softcap, pos, h, q, k_cache, v_cache, scores, tab, out):
     """Head h of softmax(q.K) V for the query at position pos over the keys it sees (ops.attention
     with one query; q, out: the token's rows; the cache holds fp16 bit patterns). q.k is
@@ -281,15 +290,10 @@ def _attend(cache_layer, cfg, window, softcap, pos, h, q, k_cache, v_cache, scor
             s = np.float32(np.tanh(s * np.float32(1.0 / softcap))) * softcap
         scores[j] = s
         best = max(best, s)
-    total = 0.0
-    for j in range(first, pos + 1):
-        e = np.exp(scores[j] - best)
-        scores[j] = e
-        total += np.float64(e)
-    inv = np.float32(1.0 / total)
-    # V^T times the fp16 probabilities: ggml_vec_dot_f16 over the cache's cells, which
-    # llama.cpp pads to a multiple of 32 (zero probabilities past pos and before the window)
+    # softmax and V^T times the fp16 probabilities (ggml_vec_dot_f16) over the cache's cells,
+    # which llama.cpp pads to a multiple of 32 (masked past pos and before the window: exp 0)
     n_kv = min((pos + 1 + 31) // 32 * 32, v_cache.shape[3])
+    inv = np.float32(1.0 / _softmax_exp(scores, first, pos + 1, n_kv, best))
     p16 = np.zeros(n_kv, np.uint16)
     for j in range(first, pos + 1):
         p16[j] = np.uint16(_f16_bits(scores[j] * inv))
@@ -298,15 +302,42 @@ def _attend(cache_layer, cfg, window, softcap, pos, h, q, k_cache, v_cache, scor
         o[i] = dot_f16(v_cache[cache_layer, kv, i], p16, tab, n_kv)
 
 
-@njit(inline="always")
+@njit(fastmath=False)
+def _softmax_exp(s, first, last, n, best):
+    """s[j] = exp(s[j] - best) for j in first..last-1 of a softmax row of n cells (the rest
+    masked: exp 0), and the row's sum: ggml_vec_soft_max_f32, its 8-wide loop (ggml_v_expf,
+    each 8's sum in float in hsum_float_8's order, added in double) up to n // 8 * 8, libm's
+    expf one by one after."""
+    vectored = n // 8 * 8
+    lane = np.zeros(8, np.float32)
+    total = 0.0
+    for c0 in range(first // 8 * 8, min(last, vectored), 8):
+        for k in range(8):
+            j = c0 + k
+            lane[k] = 0
+            if first <= j < last:
+                lane[k] = v_expf(s[j] - best)
+                s[j] = lane[k]
+        total += np.float64(((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7])))
+    for j in range(max(first, vectored), last):
+        s[j] = np.exp(s[j] - best)
+        total += np.float64(s[j])
+    return total
+
+
+@njit(fastmath=False)
 def _glu(out, g, u, r0, r1, use_gelu, gelu_table):
-    """out[r0:r1] = act(g) * u: GELU (gemma) or SiLU (llama), as ops.gelu_tanh / ops.silu."""
+    """out[r0:r1] = act(g) * u of rows of g.shape[0]: GELU (gemma, ggml's f16 table) or SiLU
+    (llama) as ggml_vec_swiglu_f32 computes it: ggml_v_expf in whole vectors of 8, libm's
+    expf for the n % 8 left at the end."""
+    vectored = g.shape[0] // 8 * 8
     for i in range(r0, r1):
         v = g[i]
         if use_gelu:
             a = gelu_f16(v, gelu_table)
         else:
-            a = v / (np.float32(1.0) + np.exp(-v))
+            e = v_expf(np.float32(0.0) - v) if i < vectored else np.exp(-v)
+            a = v / (np.float32(1.0) + e)
         out[i] = a * u[i]
 
 
@@ -448,17 +479,14 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
     return 0
 
 
-@njit
+@njit(fastmath=False)
 def _route(logits, n_expert, n_used, wts, chosen):
     """The token's experts, best first, and their weights (transformer.route): softmax over all
     n_expert, the top n_used, renormalised."""
     best = -np.inf
     for e in range(n_expert):
         best = max(best, logits[e])
-    total = 0.0
-    for e in range(n_expert):
-        logits[e] = np.exp(logits[e] - best)
-        total += np.float64(logits[e])
+    total = _softmax_exp(logits, 0, n_expert, n_expert, best)
     inv = np.float32(1.0 / total)
     for e in range(n_expert):
         logits[e] = logits[e] * inv
