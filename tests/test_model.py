@@ -84,6 +84,36 @@ def test_greedy_continuations_match_llama_cpp(loaded):
     assert first8_ok >= len(ref["generate"]) - 1
 
 
+def test_smollm2_logits_are_llama_cpp_decode_logits_bit_for_bit(smollm2_path):
+    """Every logit of every step, prompt prefilled then 32 greedy tokens decoded, equals llama.cpp's
+    when it decodes one token at a time (its vec_dot path for every product; for batches it
+    switches to tinyBLAS, another summation order): sha256 of each float32 row, recorded by
+    examples/llama_cpp_decode_ref.py. Holds with the compiled step, which follows ggml's AVX2
+    order everywhere (integer row dots, ggml_v_expf, RoPE's FMAs, sums in ggml's order)."""
+    import hashlib
+    import json
+
+    from conftest import DATA
+    from ggufile.runtime import kernels
+
+    if kernels.step_backend() is None:
+        pytest.skip("needs the compiled step")
+    ref = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.decode.json").read_text(encoding="utf-8"))
+    model = load_model(GGUFReader(smollm2_path))
+    identical, total = 0, 0
+    for case in ref["decode"]:
+        cache = model.new_cache(256)
+        logits = model.forward(np.array(case["prompt_ids"], dtype=np.int32), cache)
+        for step, (want, token) in enumerate(zip(case["logits_sha256"], case["greedy_ids"] + [None])):
+            total += 1
+            identical += hashlib.sha256(logits.astype(np.float32).tobytes()).hexdigest() == want
+            if token is not None:
+                assert int(np.argmax(logits)) == token, (case["prompt_ids"], step)
+                logits = model.forward(np.array([token], dtype=np.int32), cache)
+    print(f"\nsmollm2: {identical}/{total} logit rows bit-identical to llama.cpp's decode")
+    assert identical == total
+
+
 def test_real_model_incremental_close_to_batched(loaded):
     """On the real model, decode one token at a time stays on the batched forward's predictions.
 

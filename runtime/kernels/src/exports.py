@@ -110,6 +110,8 @@ def quantize_q8_k(x, xq, xd, xbs, qk_k):
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
+# llama.cpp repacks Q4_0/Q4_K matrices of 8k rows and sums their rows in another order (lanes.REPACKED)
+_Q4_0_REPACKED, _Q4_K_REPACKED = lanes.REPACKED + _Q4_0, lanes.REPACKED + _Q4_K
 
 
 # A tile of rows (ROW_TILE_BYTES of weights, in L1) meets a tile of tokens (COL_TILE_BYTES of
@@ -171,7 +173,10 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
 
 
 def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
-    _mv_lanes(_Q4_0, w, xq, xd, xd, out, r0, r1, tab, qk)
+    if w.shape[0] % 8 == 0:
+        _mv_lanes(_Q4_0_REPACKED, w, xq, xd, xd, out, r0, r1, tab, qk)
+    else:
+        _mv_lanes(_Q4_0, w, xq, xd, xd, out, r0, r1, tab, qk)
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
@@ -199,7 +204,10 @@ def mv_q3_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 
 
 def mv_q4_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
-    _mv_lanes(_Q4_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
+    if w.shape[0] % 8 == 0:
+        _mv_lanes(_Q4_K_REPACKED, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
+    else:
+        _mv_lanes(_Q4_K, w, xq, xd, xbs, out, r0, r1, tab, qk_k)
 
 
 def mv_q5_k(w, xq, xd, xbs, out, r0, r1, tab, qk_k):

@@ -615,6 +615,60 @@ def _dot_q4_k(e, p):
                    (_zeros(4), e.fma_lanes, e.hsum4))
 
 
+def _hsum8_i32(e, v):
+    """The sum of <8 x i32> v's lanes (integer: any order)."""
+    return e.hsum_i32(e.b.add(e.shuffle(v, None, range(4)), e.shuffle(v, None, range(4, 8))))
+
+
+def _repacked_row(e, p, block_bytes, block_sums, with_mins):
+    """The order of llama.cpp's repacked gemv/gemm (repack.cpp, the AVX2 branches: one float
+    lane per row, the same for 1 token or 4): per block the exact integer sums, then
+    acc = fma(float(isum), d_w * d_x, acc), and with mins accm = fma(float(imin), dmin_w * d_x,
+    accm); the row's result acc - accm. block_sums(o, i, column) -> (isum, imin)."""
+    row, cols, tab, nb = p
+
+    def block(i, accs):
+        o = e.index(i, block_bytes)
+        dw = e.f16(tab, row, o)
+        dminw = e.f16(tab, row, e.plus(o, 2)) if with_mins else None
+        sums = block_sums(o, i)
+        out = []
+        for c, (x8, xd, xs) in enumerate(cols):
+            dx = e.b.load(e.b.gep(xd, [i]))
+            isum, imin = sums(c, (x8, xd, xs))
+            acc = e.fmuladd(e.b.sitofp(isum, F32), e.b.fmul(dw, dx), accs[2 * c])
+            accm = e.fmuladd(e.b.sitofp(imin, F32), e.b.fmul(dminw, dx), accs[2 * c + 1]) if with_mins \
+                else accs[2 * c + 1]
+            out += [acc, accm]
+        return out
+    return _Loop([_zeros(0), _zeros(0)] * len(cols), block,
+                 lambda accs: [e.b.fsub(accs[2 * c], accs[2 * c + 1]) if with_mins else accs[2 * c]
+                               for c in range(len(cols))])
+
+
+def _dot_q4_0_repacked(e, p):
+    """ggml_gemv/gemm_q4_0_8x8_q8_0: each block's integer sum of (nibbles - 8) . y."""
+    row = p[0]
+
+    def block_sums(o, i):
+        q = e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8))
+        return lambda c, col: (_hsum8_i32(e, e.dot_i8(q, e.load(col[0], e.index(i, QK), I8, 32))), None)
+    return _repacked_row(e, p, _Q4_0, block_sums, with_mins=False)
+
+
+def _dot_q4_k_repacked(e, p):
+    """ggml_gemv/gemm_q4_K_8x8_q8_K: per super-block isum = sum over sub-blocks s of
+    scale_s * (nibbles . y), imin = sum of min_s * (y's sum over s)."""
+    row = p[0]
+
+    def block_sums(o, i):
+        sm = _k4_scales_mins(e, row, o)
+        q = [_k4_nibbles(e, row, e.plus(o, 16), s) for s in range(QK_K // 32)]
+        return lambda c, col: (_hsum8_i32(e, _k4_sumi(e, col[0], i, sm, q)),
+                               e.hsum_i32(_k4_min_products(e, sm, col[2], i)))
+    return _repacked_row(e, p, _Q4_K, block_sums, with_mins=True)
+
+
 def _dot_q5_k(e, p):
     """ggml_vec_dot_q5_K_q8_K: nibbles | 0x10 where bit s of qh is set; the mins' integer total
     (hadd_epi32) into a float scalar."""
@@ -714,3 +768,8 @@ _BODIES = {int(t): body for t, body in (
     (GGMLType.Q6_K, _dot_q6_k))}
 # Every lane type (kernels/types.py) has its body here: dot_tile's, dot_f16's F16, dot_bf16's BF16.
 assert frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16} == LANE_TYPES
+# Q4_0 and Q4_K matrices whose row count is a multiple of 8 in the order llama.cpp computes them
+# on AVX2 (it repacks those, 8 rows interleaved: repack.cpp's ggml_repack_get_optimal_repack_type).
+REPACKED = 1000
+_BODIES[REPACKED + int(GGMLType.Q4_0)] = _dot_q4_0_repacked
+_BODIES[REPACKED + int(GGMLType.Q4_K)] = _dot_q4_k_repacked
