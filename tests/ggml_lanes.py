@@ -228,8 +228,39 @@ def _bf16_matvec(w, x):
     return _half_matvec(wf, _bf16_to_fp32(_fp32_to_bf16(x)), ((0, 2), (1, 3)))
 
 
+# Q4_0/Q4_K matrices whose row count is a multiple of 8: llama.cpp repacks them on AVX2 (8 rows
+# interleaved, repack.cpp) and its gemv/gemm keep one float lane per row: per block the exact
+# integer sum, then acc = fma(float(isum), d_w * d_x, acc) (Q4_K: and accm = fma(float(imin),
+# dmin_w * d_x, accm), the row's result acc - accm).
+REPACKED = (GGMLType.Q4_0, GGMLType.Q4_K)
+
+
+def _repacked_matvec(blocks, qtype, x):
+    rows, nb = blocks.shape[:2]
+    acc, accm = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+    if qtype == GGMLType.Q4_0:
+        q, xd, _ = reference.quantize_q8_0(x[None, :].astype(np.float32))
+        y = q[0].astype(np.int64)
+        for i in range(nb):
+            blk = blocks[:, i]
+            isum = (_simple_values(blk, qtype) * y[QK * i:QK * (i + 1)]).sum(axis=1)
+            acc = _fma(isum.astype(np.float32), (_f16(blk[:, 0:2]) * xd[0, i]).astype(np.float32), acc)
+        return acc
+    q, xd, bsums = reference.quantize_q8_k(x[None, :].astype(np.float32))
+    y, bsums = q[0].astype(np.int64), bsums[0].astype(np.int64)
+    for i in range(nb):
+        blk = blocks[:, i]
+        sc, m = (v.astype(np.int64) for v in reference.k_scale_min(blk[:, 4:16]))
+        isum = (np.repeat(sc, 32, axis=1) * _k4_values(blk[:, 16:144]) * y[QK_K * i:QK_K * (i + 1)]).sum(axis=1)
+        imin = (m * bsums[16 * i:16 * (i + 1)].reshape(8, 2).sum(axis=1)).sum(axis=1)
+        acc = _fma(isum.astype(np.float32), (_f16(blk[:, 0:2]) * xd[0, i]).astype(np.float32), acc)
+        accm = _fma(imin.astype(np.float32), (_f16(blk[:, 2:4]) * xd[0, i]).astype(np.float32), accm)
+    return (acc - accm).astype(np.float32)
+
+
 def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
-    """x (k,) times each row of W (rows, row_bytes) as ggml's AVX2 vec_dot does it: (rows,) float32."""
+    """x (k,) times each row of W (rows, row_bytes) as llama.cpp computes it on AVX2 (vec_dot,
+    or the repacked gemv for REPACKED types with 8k rows): (rows,) float32."""
     qtype = GGMLType(qtype)
     if qtype == GGMLType.F16:
         return _f16_matvec(w, x)
@@ -238,6 +269,8 @@ def matvec(w: np.ndarray, qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     info = QUANT_TABLE[qtype]
     rows, nb = w.shape[0], w.shape[1] // info.type_size
     blocks = np.ascontiguousarray(w).reshape(rows, nb, info.type_size)
+    if qtype in REPACKED and rows % 8 == 0:
+        return _repacked_matvec(blocks, qtype, x)
     if qtype in _K_STEPS:
         return _k_matvec(blocks, qtype, x)
     q, xd, xs = reference.quantize_q8_0(x[None, :].astype(np.float32))

@@ -185,6 +185,25 @@ def test_decode_is_llama_cpp_avx2_bit_for_bit(qtype, n_tok):
             assert_close(y, ref, 1e-6)
 
 
+@pytest.mark.parametrize("n_tok", [1, 5])
+@pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
+def test_repacked_order_for_8k_rows_bit_for_bit(qtype, n_tok):
+    """Q4_0/Q4_K matrices of 8k rows follow llama.cpp's repacked gemv/gemm order (the emulation's
+    _repacked_matvec), whatever the number of tokens; 37 rows (above) keep vec_dot's."""
+    k = _BIT_FOR_BIT_K[qtype]
+    w = random_weight(qtype, 40, k, seed=12)
+    x = np.random.default_rng(6).standard_normal((n_tok, k)).astype(np.float32)
+    ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])
+    vec_dot = np.stack([ggml_lanes.matvec(w[:39], qtype, row) for row in x])
+    assert not np.array_equal(ref[:, :39], vec_dot)  # the two orders do round apart here
+    for name in _backend_ids()[1:]:
+        y = load_backend(name).matmul(w, qtype, x, np.empty((n_tok, 40), np.float32))
+        if _has_fma(name):
+            np.testing.assert_array_equal(y, ref, err_msg=name)
+        else:
+            assert_close(y, ref, 1e-6)
+
+
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
 @pytest.mark.parametrize("qtype", ggml_lanes.DECODE_TYPES, ids=lambda t: t.name)
 def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):

@@ -5,6 +5,7 @@ glue between them. Each follows the ggml op that llama.cpp uses, so our logits m
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,38 +75,37 @@ def rope_angles(positions: np.ndarray, f: RopeFreqs) -> np.ndarray:
     return theta * f.mult
 
 
-def _libm_cos_sin():
-    """The C library's cosf and sinf, which ggml's RoPE calls, or None where there is no libm
-    to load."""
+@functools.cache
+def _libm_function(name: str):
+    """The C library's float function `name` (cosf, sinf, tanhf: what ggml calls), or None where
+    no libm loads (glibc's and macOS's by their names: no ldconfig or compiler run to look)."""
     import ctypes
-    import ctypes.util
 
-    try:
-        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        cosf, sinf = libm.cosf, libm.sinf
-    except (OSError, AttributeError):
-        return None
-    for f in (cosf, sinf):
+    for soname in ("libm.so.6", "libm.dylib"):
+        try:
+            f = getattr(ctypes.CDLL(soname), name)
+        except (OSError, AttributeError):
+            continue
         f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return cosf, sinf
+        return f
+    return None
 
 
-_COS_SIN = _libm_cos_sin()
+def _libm_map(name: str, x: np.ndarray, wide) -> np.ndarray:
+    """libm's float function `name` of every element of float32 x, or wide() of it in double,
+    rounded, where there is no libm (the nearest float, which glibc's functions nearly always
+    give). Not NumPy's float32 functions: their SIMD versions miss the nearest float on ~15% of
+    values (cos/sin of RoPE's angles), differently per ISA."""
+    f = _libm_function(name)
+    flat = x.reshape(-1)
+    if f is None:
+        return wide(flat.astype(np.float64)).astype(np.float32).reshape(x.shape)
+    return np.array([f(v) for v in flat.tolist()], dtype=np.float32).reshape(x.shape)
 
 
 def _cos_sin(ang: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cosf/sinf of float32 angles, as ggml gets them. Not NumPy's float32 cos/sin: its SIMD
-    versions miss the nearest float on ~15% of these angles, differently per ISA. Without a
-    libm, cos/sin in double then rounded (the nearest float, which cosf/sinf nearly always are)."""
-    flat = ang.reshape(-1)
-    if _COS_SIN is None:
-        wide = flat.astype(np.float64)
-        return (np.cos(wide).astype(np.float32).reshape(ang.shape),
-                np.sin(wide).astype(np.float32).reshape(ang.shape))
-    cosf, sinf = _COS_SIN
-    cos = np.array([cosf(a) for a in flat.tolist()], dtype=np.float32)
-    sin = np.array([sinf(a) for a in flat.tolist()], dtype=np.float32)
-    return cos.reshape(ang.shape), sin.reshape(ang.shape)
+    """cosf/sinf of float32 angles, as ggml's RoPE gets them."""
+    return _libm_map("cosf", ang, np.cos), _libm_map("sinf", ang, np.sin)
 
 
 def rope_tables(positions: np.ndarray, f: RopeFreqs, neox: bool,
@@ -255,6 +255,15 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return y
 
 
+def _ggml_gelu(x: np.ndarray) -> np.ndarray:
+    """ggml_gelu_f32 as GCC compiles it for ggml's table (contracted: 1 + a*x*x is one FMA) with
+    libm's tanhf: every entry of ggml's table, where NumPy's tanh missed 234 of them."""
+    x = x.astype(np.float32)
+    inner = (np.float64(1.0) * (_GELU_COEF_A * x) * x + 1.0).astype(np.float32)  # the FMA, rounded once
+    t = _libm_map("tanhf", (_SQRT_2_OVER_PI * x) * inner, np.tanh)
+    return (np.float32(0.5) * x) * (np.float32(1.0) + t)
+
+
 _gelu_table: np.ndarray | None = None
 
 
@@ -265,7 +274,9 @@ def gelu_f16_table() -> np.ndarray:
         with np.errstate(all="ignore"):  # inf and NaN entries: never read (|x| >= 10 is handled apart);
             # casting the signalling NaNs raises FE_INVALID on aarch64
             every_f16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-            table = gelu_tanh(every_f16)
+            table = np.zeros_like(every_f16)
+            used = np.abs(every_f16) < 10.0
+            table[used] = _ggml_gelu(every_f16[used]).astype(np.float16).astype(np.float32)
         table.flags.writeable = False
         _gelu_table = table
     return _gelu_table
