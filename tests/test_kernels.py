@@ -185,7 +185,7 @@ def test_decode_is_llama_cpp_avx2_bit_for_bit(qtype, n_tok):
             assert_close(y, ref, 1e-6)
 
 
-@pytest.mark.parametrize("n_tok", [1, 5])
+@pytest.mark.parametrize("n_tok", [1, 3])
 @pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
 def test_repacked_order_for_8k_rows_bit_for_bit(qtype, n_tok):
     """Q4_0/Q4_K matrices of 8k rows follow llama.cpp's repacked gemv/gemm order (the emulation's
