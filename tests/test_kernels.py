@@ -204,6 +204,30 @@ def test_repacked_order_for_8k_rows_bit_for_bit(qtype, n_tok):
             assert_close(y, ref, 1e-6)
 
 
+@pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
+def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
+    """Prompts of Q4_0/Q4_K 8k-row matrices go through kernels/src/tiles.py (rows interleaved 8 at
+    a time); each token's outputs are the bits the same kernel gives that token alone, for a row
+    range that does not start or end on a multiple of 8 (the rows left over take lanes.dot_tile)."""
+    k, rows, r0, r1, n_tok = _BIT_FOR_BIT_K[qtype], 48, 4, 43, 11
+    w = random_weight(qtype, rows, k, seed=13)
+    x = np.random.default_rng(7).standard_normal((n_tok, k)).astype(np.float32)
+    for name in _backend_ids()[1:]:
+        b = load_backend(name)
+        xq, xd, xs = b._quantize_activations(compiled.ACTIVATION[qtype], x)
+        sums = () if qtype == GGMLType.Q4_0 else (xs,)
+        block = QUANT_TABLE[qtype].block_size
+
+        def mv(t0, t1):
+            out = np.zeros((t1 - t0, rows), np.float32)
+            b._mv[qtype](w, xq[t0:t1], xd[t0:t1], *(s[t0:t1] for s in sums), out, r0, r1, compiled.F16_TABLE, block)
+            return out
+        together = mv(0, n_tok)
+        alone = np.concatenate([mv(t, t + 1) for t in range(n_tok)])
+        np.testing.assert_array_equal(together, alone, err_msg=name)
+        assert not together[:, :r0].any() and not together[:, r1:].any()
+
+
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
 @pytest.mark.parametrize("qtype", ggml_lanes.DECODE_TYPES, ids=lambda t: t.name)
 def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):

@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
-from ggufile.runtime.kernels.src import lanes
+from ggufile.runtime.kernels.src import lanes, tiles
 
 # reassoc lets LLVM vectorize the reductions; no "contract", so no FMA changes a rounding of
 # the bit-exact kernels (dequantization, activation quantization).
@@ -119,6 +119,11 @@ _Q4_0_REPACKED, _Q4_K_REPACKED = lanes.REPACKED + _Q4_0, lanes.REPACKED + _Q4_K
 # weight once per token tile instead of once per token.
 ROW_TILE_BYTES = 16 * 1024
 COL_TILE_BYTES = 256 * 1024
+# From this many tokens, Q4_0/Q4_K matrices of 8k rows go through tiles.py (8 rows interleaved
+# per copy, all the tokens against it); below, the copy costs more than it saves. Q4_0 gains
+# even for one token: its vec_dot order needs a horizontal sum per block and row, which the
+# tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
+INTERLEAVE_MIN_TOKENS_Q4_0, INTERLEAVE_MIN_TOKENS_Q4_K = 1, 3
 
 
 @njit(inline="always")
@@ -155,6 +160,9 @@ def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
         for j in range(k):  # integer-valued float32 -> the int8 the lanes read
             x8[t, j] = np.int8(xq[t, j])
     nb = k // block
+    if ((qtype == _Q4_0_REPACKED and n_tok >= INTERLEAVE_MIN_TOKENS_Q4_0)
+            or (qtype == _Q4_K_REPACKED and n_tok >= INTERLEAVE_MIN_TOKENS_Q4_K)):
+        r0 = tiles.matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb)  # then the rows past the last 8
     rows_per_tile = max(1, ROW_TILE_BYTES // w.shape[1])
     tokens_per_tile = max(1, COL_TILE_BYTES // k)
     for c0 in range(0, n_tok, tokens_per_tile):

@@ -92,7 +92,7 @@ def _target_converts_f16(context) -> bool:
     return cpu.machine() != "x86_64" or _target_has_avx2(context)
 
 
-class _Emit:
+class Emit:
     """Builds one kernel's IR: vector loads, ggml's integer dot steps, the float lanes."""
 
     def __init__(self, context, builder):
@@ -311,7 +311,7 @@ def dot_tile(typingctx, qtype, nrows, ncols, w, r, x8, xd, xs, tab, nb, t, out):
         rows = [item(3, plus(r_v, j), zero) for j in range(n_rows)]
         cols = [(item(5, plus(t_v, c), zero), item(6, plus(t_v, c), zero), item(7, plus(t_v, c), zero))
                 for c in range(n_cols)]
-        sums = _tile(_Emit(context, builder), body, rows, cols, arrays[8].data, args[9])
+        sums = _tile(Emit(context, builder), body, rows, cols, arrays[8].data, args[9])
         for j, row_sums in enumerate(sums):
             for c, value in enumerate(row_sums):
                 builder.store(value, item(11, plus(t_v, c), plus(r_v, j)))
@@ -325,7 +325,7 @@ def dot_f16(typingctx, row, x16, tab, n):
     """ggml_vec_dot_f16 of one row: (row, x16, tab, n) -> float32, row and x16 the n fp16 bit
     patterns (uint16) of the weights and the activations, tab the fp16 -> float32 table."""
     def codegen(context, builder, sig, args):
-        return _dot_f16(_Emit(context, builder), _pointers(context, builder, sig, args))
+        return _dot_f16(Emit(context, builder), _pointers(context, builder, sig, args))
     return types.float32(row, x16, tab, types.int64), codegen
 
 
@@ -334,7 +334,7 @@ def dot_bf16(typingctx, row, x16, n):
     """ggml_vec_dot_bf16 of one row: (row, x16, n) -> float32, row and x16 the n bf16 bit
     patterns (uint16) of the weights and the activations."""
     def codegen(context, builder, sig, args):
-        return _dot_bf16(_Emit(context, builder), _pointers(context, builder, sig, args))
+        return _dot_bf16(Emit(context, builder), _pointers(context, builder, sig, args))
     return types.float32(row, x16, types.int64), codegen
 
 
