@@ -207,11 +207,13 @@ def test_repacked_order_for_8k_rows_bit_for_bit(qtype, n_tok):
 @pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
 def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
     """Prompts of Q4_0/Q4_K 8k-row matrices go through kernels/src/tiles.py (rows interleaved 8 at
-    a time); each token's outputs are the bits the same kernel gives that token alone, for a row
-    range that does not start or end on a multiple of 8 (the rows left over take lanes.dot_tile)."""
+    a time); each token's outputs are the bits the same kernel gives that token alone, and the
+    repacked order's (the emulation's), for a row range that does not start or end on a multiple
+    of 8 (the rows left over take lanes.dot_tile)."""
     k, rows, r0, r1, n_tok = _BIT_FOR_BIT_K[qtype], 48, 4, 43, 11
     w = random_weight(qtype, rows, k, seed=13)
     x = np.random.default_rng(7).standard_normal((n_tok, k)).astype(np.float32)
+    ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])[:, r0:r1]
     for name in _backend_ids()[1:]:
         b = load_backend(name)
         xq, xd, xs = b._quantize_activations(compiled.ACTIVATION[qtype], x)
@@ -226,6 +228,10 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
         alone = np.concatenate([mv(t, t + 1) for t in range(n_tok)])
         np.testing.assert_array_equal(together, alone, err_msg=name)
         assert not together[:, :r0].any() and not together[:, r1:].any()
+        if _has_fma(name):
+            np.testing.assert_array_equal(together[:, r0:r1], ref, err_msg=name)
+        else:
+            assert_close(together[:, r0:r1], ref, 1e-6)
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")

@@ -111,7 +111,7 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) f
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K))
 # llama.cpp repacks Q4_0/Q4_K matrices of 8k rows and sums their rows in another order (lanes.REPACKED)
-_Q4_0_REPACKED, _Q4_K_REPACKED = lanes.REPACKED + _Q4_0, lanes.REPACKED + _Q4_K
+_Q4_0_REPACKED, _Q4_K_REPACKED = lanes.Q4_0_REPACKED, lanes.Q4_K_REPACKED
 
 
 # A tile of rows (ROW_TILE_BYTES of weights, in L1) meets a tile of tokens (COL_TILE_BYTES of

@@ -771,5 +771,6 @@ assert frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16} =
 # Q4_0 and Q4_K matrices whose row count is a multiple of 8 in the order llama.cpp computes them
 # on AVX2 (it repacks those, 8 rows interleaved: repack.cpp's ggml_repack_get_optimal_repack_type).
 REPACKED = 1000
-_BODIES[REPACKED + int(GGMLType.Q4_0)] = _dot_q4_0_repacked
-_BODIES[REPACKED + int(GGMLType.Q4_K)] = _dot_q4_k_repacked
+Q4_0_REPACKED, Q4_K_REPACKED = REPACKED + int(GGMLType.Q4_0), REPACKED + int(GGMLType.Q4_K)
+_BODIES[Q4_0_REPACKED] = _dot_q4_0_repacked
+_BODIES[Q4_K_REPACKED] = _dot_q4_k_repacked

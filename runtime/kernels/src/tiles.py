@@ -32,11 +32,13 @@ from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels.src import lanes
-from ggufile.runtime.kernels.src.lanes import F32, I8, I16, I32, I64, Emit, _const, _splat, _vec
+from ggufile.runtime.kernels.src.lanes import F32, I8, I16, I32, I64, Emit, _splat, _vec
 
 ROWS = 8
-_Q4_0, _Q4_K = lanes.REPACKED + int(GGMLType.Q4_0), lanes.REPACKED + int(GGMLType.Q4_K)
-TILE_BYTES = {_Q4_0: 8 * 32, _Q4_K: 64 * 32}  # tq bytes per block
+_Q4_0, _Q4_K = lanes.Q4_0_REPACKED, lanes.Q4_K_REPACKED
+# tq bytes per block: 32 bytes for each 4-value group of the block (plain ints: matmul reads them)
+_Q4_0_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
+TILE_BYTES = {_Q4_0: _Q4_0_TILE_BYTES, _Q4_K: _Q4_K_TILE_BYTES}
 _BLOCK_BYTES = {_Q4_0: QUANT_TABLE[GGMLType.Q4_0].type_size, _Q4_K: QUANT_TABLE[GGMLType.Q4_K].type_size}
 TSM_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 16
 
@@ -229,7 +231,7 @@ def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     """Rows r0 .. (the last whole 8) of W times every token; returns the first row left undone."""
     n_tok = x8.shape[0]
     yc = column_sums(qtype, x8, xs, nb)
-    tq = np.empty(nb * (8 * 32 if qtype == _Q4_0 else 64 * 32), np.uint8)
+    tq = np.empty(nb * (_Q4_0_TILE_BYTES if qtype == _Q4_0 else _Q4_K_TILE_BYTES), np.uint8)
     tsm = np.empty(nb * TSM_PER_BLOCK, np.int16)
     td = np.empty(nb * TD_PER_BLOCK, np.float32)
     r = r0
