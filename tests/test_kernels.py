@@ -204,12 +204,17 @@ def test_repacked_order_for_8k_rows_bit_for_bit(qtype, n_tok):
             assert_close(y, ref, 1e-6)
 
 
-@pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
+_NO_SUMS = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)  # their kernels take no xs
+
+
+@pytest.mark.parametrize("qtype", [*ggml_lanes.REPACKED, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+                                   GGMLType.Q8_0], ids=lambda t: t.name)
 def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
-    """Prompts of Q4_0/Q4_K 8k-row matrices go through kernels/src/tiles.py (rows interleaved 8 at
-    a time); each token's outputs are the bits the same kernel gives that token alone, and the
-    repacked order's (the emulation's), for a row range that does not start or end on a multiple
-    of 8 (the rows left over take lanes.dot_tile)."""
+    """Prompts of Q4_0/Q4_K 8k-row matrices (and Q4_1/Q5_0/Q5_1/Q8_0 ones of any rows) go through
+    kernels/src/tiles.py (rows interleaved 8 at a time); each token's outputs are the bits the
+    same kernel gives that token alone (lanes.dot_tile, below tiles.MIN_TOKENS), and vec_dot's or
+    the repacked order's (the emulation's), for a row range that does not start or end on a
+    multiple of 8 (the rows left over take lanes.dot_tile)."""
     k, rows, r0, r1, n_tok = _BIT_FOR_BIT_K[qtype], 48, 4, 43, 11
     w = random_weight(qtype, rows, k, seed=13)
     x = np.random.default_rng(7).standard_normal((n_tok, k)).astype(np.float32)
@@ -217,7 +222,7 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
     for name in _backend_ids()[1:]:
         b = load_backend(name)
         xq, xd, xs = b._quantize_activations(compiled.ACTIVATION[qtype], x)
-        sums = () if qtype == GGMLType.Q4_0 else (xs,)
+        sums = () if qtype in _NO_SUMS else (xs,)
         block = QUANT_TABLE[qtype].block_size
 
         def mv(t0, t1):
@@ -232,6 +237,35 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
             np.testing.assert_array_equal(together[:, r0:r1], ref, err_msg=name)
         else:
             assert_close(together[:, r0:r1], ref, 1e-6)
+
+
+@pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
+def test_packed_matrices_give_the_files_bits(qtype):
+    """The Q4_0/Q4_K matrices the step packs at load (kernels/packing.py) give the bits of the
+    file's layout for any number of tokens, on a thread's rows (multiples of 8), and write
+    nothing else."""
+    from ggufile.runtime.kernels import packing
+
+    k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 48, 8, 40
+    w = random_weight(qtype, rows, k, seed=5)
+    packed = packing.pack(qtype, w)
+    packed.flags.writeable = False
+    assert packed.shape == (rows, packing.packed_row_bytes(qtype, k))
+    x = np.random.default_rng(8).standard_normal((11, k)).astype(np.float32)
+    block = QUANT_TABLE[qtype].block_size
+    for name in _backend_ids()[1:]:
+        b = load_backend(name)
+        xq, xd, xs = b._quantize_activations(compiled.ACTIVATION[qtype], x)
+        sums = () if qtype in _NO_SUMS else (xs,)
+        copy = np.zeros_like(packed)
+        b.pack(qtype, w, copy)  # the exported packer (pool threads) against the NumPy oracle
+        np.testing.assert_array_equal(copy, packed, err_msg=name)
+        for n in (1, 2, 3, 4, 11):
+            want, got = np.zeros((n, rows), np.float32), np.zeros((n, rows), np.float32)
+            acts = (xq[:n], xd[:n], *(s[:n] for s in sums))
+            b._mv[qtype](w, *acts, want, r0, r1, compiled.F16_TABLE, block)
+            b.mv_packed[qtype](packed, *acts, got, r0, r1, compiled.F16_TABLE, block)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}, {n} tokens")
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
@@ -255,7 +289,7 @@ def test_portable_lanes_equal_the_avx2_intrinsics(qtype, monkeypatch):
         portable(w.view(np.uint16), x, out, 0, 29, compiled.F16_TABLE)
     else:
         xq, xd, xs = load_backend("jit")._quantize_activations(compiled.ACTIVATION[qtype], x)
-        sums = () if qtype in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0) else (xs,)
+        sums = () if qtype in _NO_SUMS else (xs,)
         portable(w, xq, xd, *sums, out, 0, 29, compiled.F16_TABLE, QUANT_TABLE[qtype].block_size)
     np.testing.assert_array_equal(out, load_backend("jit").matmul(w, qtype, x, np.empty_like(out)))
 

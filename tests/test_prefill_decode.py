@@ -73,6 +73,30 @@ def test_prefill_equals_decode_on_the_real_models(real_model):
     np.testing.assert_array_equal(stepwise, whole)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_matrices_packed_at_load_give_the_files_logits(qtype, f32_path, tmp_path, monkeypatch):
+    """The step packs Q4_0/Q4_K matrices of 8k rows at load (kernels/packing.py); every logit is
+    the bits the file's own layout gives (the step told to pack nothing)."""
+    from ggufile.builder.quantize_model import quantize_file
+    from ggufile.runtime.kernels import packing
+    from ggufile.runtime.kernels import step_layout as S
+
+    path = tmp_path / f"{qtype}.gguf"
+    quantize_file(f32_path, path, qtype, pure=True)
+    ids = _prompt(step_module.CHUNK + 9, SHAPE["n_vocab"])
+    packed_model = load_model(GGUFReader(path))
+    packed = packed_model.forward(ids, packed_model.new_cache(160), all_logits=True)
+    step = packed_model._compiled_step()
+    blobs = step._tensors[:, S.T_BLOB]
+    assert (blobs == S.BLOB_PACKED).sum() >= 7 * SHAPE["n_layer"]  # every layer's matrices ...
+    assert blobs[step._cfg[S.C_EMBD]] == S.BLOB_FILE  # ... but the embedding, read by rows
+    monkeypatch.setattr(packing, "packable", lambda qtype, rows: False)
+    plain_model = load_model(GGUFReader(path))
+    plain = plain_model.forward(ids, plain_model.new_cache(160), all_logits=True)
+    assert (plain_model._compiled_step()._tensors[:, S.T_BLOB] == S.BLOB_FILE).all()
+    np.testing.assert_array_equal(packed, plain)
+
+
 def test_results_do_not_depend_on_the_thread_count(f32_path, tmp_path):
     from ggufile.builder.quantize_model import quantize_file
 

@@ -35,19 +35,27 @@ def test_compiled_backend_activation_table():
     assert set(compiled.ACTIVATION.values()) == {types.Q8_0, types.Q8_K}
 
 
-def _compared_types(func) -> set[GGMLType]:
-    """The types a Numba dispatch chain (`qt == _Q4_0 ...`) names."""
+def _compared_types(func, packed: bool = False) -> set[GGMLType]:
+    """The types a Numba dispatch chain (`qt == _Q4_0 ...`) names; with packed, the packed
+    ones (`qt == _P4_0`: PACKED_TYPE_BASE + Q4_0)."""
     source = inspect.getsource(func.py_func)
-    return {GGMLType[name] for name in re.findall(r"qt == _(\w+)", source)}
+    names = re.findall(r"qt == _(\w+)", source)
+    if packed:
+        return {GGMLType["Q" + name[1:]] for name in names if name.startswith("P")}
+    return {GGMLType[name] for name in names if not name.startswith("P")}
 
 
 @pytest.mark.parametrize("name", ["_matvec", "_get_row"])
 def test_decode_step_dispatch_covers_exactly_the_weight_types(name):
     pytest.importorskip("numba")
+    from ggufile.runtime.kernels import packing
     from ggufile.runtime.kernels.src import step
     from ggufile.runtime.model.step import STEP_WEIGHT_TYPES
 
     assert _compared_types(getattr(step, name)) == STEP_WEIGHT_TYPES == types.WEIGHT_TYPES
+    # the matrices packed at load: all of them in _matvec, none in _get_row (the embedding is not packed)
+    assert _compared_types(getattr(step, name), packed=True) == (set(packing.PACKED_LAYOUT) if name == "_matvec"
+                                                                 else set())
 
 
 def test_exported_kernels_follow_the_table():
@@ -58,4 +66,5 @@ def test_exported_kernels_follow_the_table():
         mv = exports.SIGNATURES[f"mv_{qtype.name.lower()}"]
         assert len(mv.args) == (9 if qtype in types.WITH_SUMS else 8), qtype.name
         assert f"dq_{qtype.name.lower()}" in exports.SIGNATURES
-    assert exports.LANE_KERNELS == {f"mv_{t.name.lower()}" for t in types.LANE_TYPES}
+    assert exports.LANE_KERNELS == ({f"mv_{t.name.lower()}" for t in types.LANE_TYPES}
+                                    | {"mv_q4_0_packed", "mv_q4_k_packed"})

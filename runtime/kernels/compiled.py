@@ -16,6 +16,8 @@ signatures as src/exports.SIGNATURES):
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ggufile.runtime.kernels import reference
@@ -66,6 +68,10 @@ class CompiledBackend:
         self.pool = pool or RowPool()
         self._mv = {t: getattr(ns, f"mv_{t.name.lower()}") for t in ACTIVATION}
         self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
+        # the step's kernels for matrices packed at load (kernels/packing.py): it calls them
+        # itself; here for the tests that hold them to _mv's bits
+        self.mv_packed = {T.Q4_0: ns.mv_q4_0_packed, T.Q4_K: ns.mv_q4_k_packed}
+        self._pack = {T.Q4_0: ns.pack_q4_0, T.Q4_K: ns.pack_q4_k}
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
         self._mv_bf16, self._dq_bf16 = ns.mv_bf16, ns.dq_bf16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}
@@ -74,6 +80,13 @@ class CompiledBackend:
         self._round_f16, self._geglu, self._softmax = ns.round_f16, ns.geglu_f16, ns.softmax_f16
         self.scan_strings = ns.scan_strings
         self.decode_token = getattr(ns, "decode_token", None)  # absent from builds older than the step
+
+    def pack(self, qtype: GGMLType, w: np.ndarray, out: np.ndarray) -> None:
+        """w (rows, row bytes) packed into out (rows, packed row bytes; kernels/packing.py),
+        the 8-row groups split across the pool."""
+        fn, groups = self._pack[qtype], w.shape[0] // 8
+        self.pool.run([functools.partial(fn, w, out, g0, g1)
+                       for g0, g1 in split_rows(groups, self.pool.n_threads) if g1 > g0])
 
     # --- the compiled one-token step (src/step.decode_token) -------------------------------
 
@@ -318,7 +331,7 @@ class CompiledBackend:
             if n == 1 or work < MIN_PARALLEL_WORK:
                 per_thread[0].append((run, 0, rows))
                 continue
-            for i, (r0, r1) in enumerate(split_rows(rows, n, align=4, first=_first_share(work, n))):
+            for i, (r0, r1) in enumerate(split_rows(rows, n, align=8, first=_first_share(work, n))):
                 per_thread[i].append((run, r0, r1))
         self.pool.run([_job(slices) for slices in per_thread if slices])
 

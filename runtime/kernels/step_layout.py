@@ -1,7 +1,8 @@
 """The integer tables the compiled one-token step reads (see src/step.decode_token).
 
 The step takes the whole model as a few flat arrays, so one exported signature fits every model:
-  tensors  int64 (n_tensors, TENSOR_COLS): where each weight matrix lies in the file's bytes
+  tensors  int64 (n_tensors, TENSOR_COLS): where each weight matrix lies: in the file's bytes
+           (blob 0) or, packed at load (kernels/packing.py, type PACKED[its type]), in blob 1
   layers   int64 (n_layer, LAYER_COLS): each layer's matrices (tensor rows) and norm vectors
            (offsets into one float32 array of all norm weights; -1 when the model has none)
   cfg      int64 (CFG_LEN,): dimensions and flags (the tokens, their positions and sequences
@@ -13,8 +14,11 @@ Both the Numba source and the runtime's driver import these names; nothing else 
 from __future__ import annotations
 
 # tensors: one row per weight matrix
-T_OFFSET, T_TYPE, T_ROWS, T_COLS, T_ROW_BYTES = range(5)
-TENSOR_COLS = 5
+T_OFFSET, T_TYPE, T_ROWS, T_COLS, T_ROW_BYTES, T_BLOB = range(6)
+TENSOR_COLS = 6
+BLOB_FILE, BLOB_PACKED = 0, 1
+# the T_TYPE of a packed matrix: its own type + PACKED_TYPE_BASE (the lanes' repacked ids)
+PACKED_TYPE_BASE = 1000
 
 # layers: matrices (tensor row numbers; -1 if absent: L_WK/L_WV when L_WQ is a fused q|k|v
 # matrix, L_GATE when L_UP is a fused gate|up matrix, the dense FFN's with experts) ...

@@ -11,6 +11,9 @@ caller keeps the Python forward pass.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import threading
 
 import numpy as np
@@ -18,7 +21,8 @@ import numpy as np
 from ggufile.runtime import kernels
 from ggufile.runtime.model import ops
 from ggufile.runtime.errors import GGUFFormatError
-from ggufile.runtime.gguf.constants import QK, QK_K
+from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
+from ggufile.runtime.kernels import packing
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.kernels.reference import row_elements
@@ -57,7 +61,7 @@ class _Packer:
         if offset not in self._tensor_ids:
             k = row_elements(data, qw.qtype)
             self._tensor_ids[offset] = len(self.tensors)
-            self.tensors.append((offset, int(qw.qtype), data.shape[0], k, data.nbytes // data.shape[0]))
+            self.tensors.append((offset, int(qw.qtype), data.shape[0], k, data.nbytes // data.shape[0], S.BLOB_FILE))
         return self._tensor_ids[offset]
 
     def vector(self, v: np.ndarray | None) -> int:
@@ -121,7 +125,9 @@ class CompiledStep:
         tensors = np.array(packer.tensors, dtype=np.int64).reshape(-1, S.TENSOR_COLS)
         vecs = np.concatenate(packer.vectors).astype(np.float32)
         _assert_shapes(c, tensors, layers, cfg, packer.vectors)
-        return cls(model, backend, packer.blob, _readonly(tensors), _readonly(layers), _readonly(vecs), cfg, cfg_f)
+        packed = _pack_weights(backend, tensors, packer.blob, int(cfg[S.C_EMBD]))
+        return cls(model, backend, (packer.blob, _readonly(packed)), _readonly(tensors), _readonly(layers),
+                   _readonly(vecs), cfg, cfg_f)
 
     def supports(self, cache) -> bool:
         """Whether the step can write this cache: float16, C order, this model's shape (the
@@ -301,6 +307,51 @@ def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
     vector(cfg[S.C_OUTPUT_NORM], E, "output norm")
     if not (0 < c.n_rot <= D and c.n_rot % 2 == 0) or len(layers) != c.n_layer:
         raise GGUFFormatError(f"compiled step: rope dimensions {c.n_rot} / head {D} / layers {len(layers)}")
+
+
+def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> np.ndarray:
+    """Packs the matrices kernels/packing.py packs (but the token embedding, read a row at a
+    time) into one new array, points their tensor rows at it, and lets the kernel drop the
+    file's pages they were copied from (the copy replaces them in memory, as llama.cpp's
+    repacked buffers replace its mapping's pages). Returns the packed weights."""
+    chosen = [t for t in range(len(tensors)) if t != embd
+              and packing.packable(GGMLType(tensors[t, S.T_TYPE]), int(tensors[t, S.T_ROWS]))]
+    sizes = [int(tensors[t, S.T_ROWS]) * packing.packed_row_bytes(GGMLType(tensors[t, S.T_TYPE]),
+                                                                   int(tensors[t, S.T_COLS])) for t in chosen]
+    packed = np.empty(max(1, sum(sizes)), dtype=np.uint8)
+    at = 0
+    for t, size in zip(chosen, sizes):
+        off, qtype, rows, k, rb, _ = (int(v) for v in tensors[t])
+        source = blob[off:off + rows * rb].reshape(rows, rb)
+        backend.pack(GGMLType(qtype), source, packed[at:at + size].reshape(rows, -1))
+        tensors[t] = (at, S.PACKED_TYPE_BASE + qtype, rows, k, size // rows, S.BLOB_PACKED)
+        _drop_pages(source)
+        at += size
+    return packed
+
+
+def _drop_pages(view: np.ndarray) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of a view of the mapped file: they leave the
+    process's resident set (a later read maps them again from the page cache)."""
+    if _LIBC is None:
+        return
+    start, end = view.ctypes.data, view.ctypes.data + view.nbytes
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)  # 4: Linux's value
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.kernels.packing import PACKED_LAYOUT
 from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
 from ggufile.runtime.kernels.src import lanes, tiles
 
@@ -40,7 +41,7 @@ DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
 # Kernels built on lanes.py: no fast-math at all, which would let LLVM reorder ggml's lane sums.
-LANE_KERNELS = frozenset(f"mv_{t.name.lower()}" for t in LANE_TYPES)
+LANE_KERNELS = frozenset([*(f"mv_{t.name.lower()}" for t in LANE_TYPES), "mv_q4_0_packed", "mv_q4_k_packed"])
 
 
 def fastmath_for(name: str) -> frozenset:
@@ -119,11 +120,6 @@ _Q4_0_REPACKED, _Q4_K_REPACKED = lanes.Q4_0_REPACKED, lanes.Q4_K_REPACKED
 # weight once per token tile instead of once per token.
 ROW_TILE_BYTES = 16 * 1024
 COL_TILE_BYTES = 256 * 1024
-# From this many tokens, Q4_0/Q4_K matrices of 8k rows go through tiles.py (8 rows interleaved
-# per copy, all the tokens against it); below, the copy costs more than it saves. Q4_0 gains
-# even for one token: its vec_dot order needs a horizontal sum per block and row, which the
-# tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
-INTERLEAVE_MIN_TOKENS_Q4_0, INTERLEAVE_MIN_TOKENS_Q4_K = 1, 3
 
 
 @njit(inline="always")
@@ -149,19 +145,26 @@ def _tile_tokens(qtype, ncols, w, a, b, x8, xd, xs, tab, nb, t, out):
 
 
 @njit(inline="always")
+def _int8(xq):
+    """Integer-valued float32 activations -> the int8 the lanes read."""
+    n_tok, k = xq.shape
+    x8 = np.empty((n_tok, k), np.int8)
+    for t in range(n_tok):
+        for j in range(k):
+            x8[t, j] = np.int8(xq[t, j])
+    return x8
+
+
+@njit(inline="always")
 def _mv_lanes(qtype, w, xq, xd, xs, out, r0, r1, tab, block):
     """Rows r0..r1-1 of W times each token's 8-bit activations, in tiles of rows x tokens
     (lanes.dot_tile), each output the same bits whatever the number of tokens, so a
     token's outputs do not depend on its batch; qtype is a constant (each kernel below passes
     its own), which picks the dot's IR."""
     n_tok, k = xq.shape
-    x8 = np.empty((n_tok, k), np.int8)
-    for t in range(n_tok):
-        for j in range(k):  # integer-valued float32 -> the int8 the lanes read
-            x8[t, j] = np.int8(xq[t, j])
+    x8 = _int8(xq)
     nb = k // block
-    if ((qtype == _Q4_0_REPACKED and n_tok >= INTERLEAVE_MIN_TOKENS_Q4_0)
-            or (qtype == _Q4_K_REPACKED and n_tok >= INTERLEAVE_MIN_TOKENS_Q4_K)):
+    if tiles.covers(qtype, n_tok):
         r0 = tiles.matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb)  # then the rows past the last 8
     rows_per_tile = max(1, ROW_TILE_BYTES // w.shape[1])
     tokens_per_tile = max(1, COL_TILE_BYTES // k)
@@ -185,6 +188,59 @@ def mv_q4_0(w, xq, xd, out, r0, r1, tab, qk):
         _mv_lanes(_Q4_0_REPACKED, w, xq, xd, xd, out, r0, r1, tab, qk)
     else:
         _mv_lanes(_Q4_0, w, xq, xd, xd, out, r0, r1, tab, qk)
+
+
+def mv_q4_0_packed(w, xq, xd, out, r0, r1, tab, qk):
+    """mv_q4_0 of a matrix packed at load (kernels/packing.py), r0 and r1 multiples of 8."""
+    tiles.matmul_packed(_Q4_0_REPACKED, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
+
+
+def mv_q4_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    """mv_q4_k of a matrix packed at load, r0 and r1 multiples of 8."""
+    tiles.matmul_packed(_Q4_K_REPACKED, w, _int8(xq), xd, xbs, out, r0, r1, tab, xq.shape[1] // qk_k)
+
+
+# --- packing at load (kernels/packing.py is the NumPy oracle; these are its fast copies) ------
+# Row groups g0..g1-1 of w (rows, row bytes) into out (rows, packed row bytes), so the pool
+# threads can split a matrix.
+
+_P4_0, _P4_K = PACKED_LAYOUT[GGMLType.Q4_0], PACKED_LAYOUT[GGMLType.Q4_K]
+_P4_0_BLOCK, _P4_0_QS = _P4_0.block_bytes, _P4_0.qs
+_P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = _P4_K.block_bytes, _P4_K.scales, _P4_K.mins, _P4_K.qs
+
+
+def pack_q4_0(w, out, g0, g1):
+    nb = w.shape[1] // 18
+    w16, o16 = w.view(np.uint16), out.reshape(-1).view(np.uint16)
+    for g in range(g0, g1):
+        for i in range(nb):
+            base = (g * nb + i) * (_P4_0_BLOCK // 2)
+            for j in range(8):
+                row = 8 * g + j
+                o16[base + j] = w16[row, i * 9]
+                for m in range(4):
+                    for h in range(2):
+                        o16[base + _P4_0_QS // 2 + (m * 8 + j) * 2 + h] = w16[row, i * 9 + 1 + m * 2 + h]
+
+
+def pack_q4_k(w, out, g0, g1):
+    nb = w.shape[1] // 144
+    w16, w32 = w.view(np.uint16), w.view(np.uint32)
+    o8 = out.reshape(-1)
+    o16, o32 = o8.view(np.uint16), o8.view(np.uint32)
+    for g in range(g0, g1):
+        for i in range(nb):
+            base = (g * nb + i) * _P4_K_BLOCK
+            for j in range(8):
+                row = 8 * g + j
+                o16[base // 2 + j] = w16[row, i * 72]
+                o16[base // 2 + 8 + j] = w16[row, i * 72 + 1]
+                for sb in range(8):
+                    sc, mn = _k_scale_min(w[row, i * 144 + 4:i * 144 + 16], sb)
+                    o8[base + _P4_K_SCALES + sb * 8 + j] = sc
+                    o8[base + _P4_K_MINS + (sb // 2) * 16 + j * 2 + sb % 2] = mn
+                for cm in range(32):  # chunk c = cm // 8, vector m = cm % 8
+                    o32[base // 4 + _P4_K_QS // 4 + cm * 8 + j] = w32[row, i * 36 + 4 + cm]
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):
@@ -783,6 +839,9 @@ def _signatures() -> dict:
         sums = (f32_2d,) if qtype in WITH_SUMS else ()  # xs: Q8_1 d*sum / Q8_K bsums
         sigs[f"mv_{name}"] = nt.void(w_q, f32_2d, f32_2d, *sums, f32_2d, i64, i64, tab, i64)
         sigs[f"dq_{name}"] = nt.void(w_q, ids, f32_2d, tab, i64)
+    sigs["mv_q4_0_packed"] = sigs["mv_q4_0"]
+    sigs["mv_q4_k_packed"] = sigs["mv_q4_k"]
+    sigs["pack_q4_0"] = sigs["pack_q4_k"] = nt.void(w_q, nt.uint8[:, ::1], i64, i64)
     f32_3d = nt.float32[:, :, ::1]
     sigs["round_f16"] = nt.void(f32_2d, f32_2d, i64, i64)
     sigs["geglu_f16"] = nt.void(f32_2d, f32_2d, tab, i64, i64)

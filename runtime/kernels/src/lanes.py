@@ -54,6 +54,7 @@ from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels import cpu
+from ggufile.runtime.kernels.step_layout import PACKED_TYPE_BASE
 from ggufile.runtime.kernels.types import LANE_TYPES  # by name: numba's `types` is used here
 
 I1, I8, I16, I32, I64, F32, F64, HALF = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
@@ -110,6 +111,12 @@ class Emit:
         """A (vector of n, or scalar) t at byte offset of base, unaligned."""
         ty = _vec(t, n) if n else t
         return self.b.load(self.b.bitcast(self.at(base, offset), ty.as_pointer()), align=1)
+
+    def prefetch(self, base, offset):
+        """A hint to bring the cache line at byte offset of base into the caches (no fault,
+        whatever the address)."""
+        self.call("llvm.prefetch.p0i8", ir.VoidType(), [self.at(base, offset), ir.Constant(I32, 0),
+                                                         ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
     def f16(self, tab, base, offset):
         """The fp16 number at byte offset of base, as float32 (through the table, as everywhere)."""
@@ -387,24 +394,49 @@ def _high_bits(e, row, at):
     return e.b.icmp_unsigned("!=", e.b.and_(qh, _const(I8, _BITS)), _splat(I8, 32, 0))
 
 
+def q4_0_values(e, row, o):
+    """Q4_0 block at o: nibbles - 8 (signed)."""
+    return e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8))
+
+
+def q5_0_values(e, row, o):
+    """Q5_0 block at o: nibbles | 0xF0 where the block's high bit is clear (= value - 16; signed)."""
+    return e.b.or_(e.nibbles(e.load(row, e.plus(o, 6), I8, 16)),
+                   e.either(_high_bits(e, row, e.plus(o, 2)), 0, 0xF0))
+
+
+def q8_0_values(e, row, o):
+    """Q8_0 block at o: its 32 signed bytes."""
+    return e.load(row, e.plus(o, 2), I8, 32)
+
+
+def q4_1_values(e, row, o):
+    """Q4_1 block at o: nibbles (unsigned)."""
+    return e.nibbles(e.load(row, e.plus(o, 4), I8, 16))
+
+
+def q5_1_values(e, row, o):
+    """Q5_1 block at o: nibbles | 0x10 where the block's high bit is set (unsigned)."""
+    return e.b.or_(e.nibbles(e.load(row, e.plus(o, 8), I8, 16)),
+                   e.either(_high_bits(e, row, e.plus(o, 4)), 0x10, 0))
+
+
 def _dot_q4_0(e, p):
-    """ggml_vec_dot_q4_0_q8_0: nibbles - 8."""
+    """ggml_vec_dot_q4_0_q8_0."""
     row, cols, tab, nb = p
-    return _simple_row(e, row, cols, tab, nb, _Q4_0,
-                       lambda o: e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8)))
+    return _simple_row(e, row, cols, tab, nb, _Q4_0, lambda o: q4_0_values(e, row, o))
 
 
 def _dot_q5_0(e, p):
-    """ggml_vec_dot_q5_0_q8_0: nibbles | 0xF0 where the block's high bit is clear (= value - 16)."""
+    """ggml_vec_dot_q5_0_q8_0."""
     row, cols, tab, nb = p
-    return _simple_row(e, row, cols, tab, nb, _Q5_0, lambda o: e.b.or_(
-        e.nibbles(e.load(row, e.plus(o, 6), I8, 16)), e.either(_high_bits(e, row, e.plus(o, 2)), 0, 0xF0)))
+    return _simple_row(e, row, cols, tab, nb, _Q5_0, lambda o: q5_0_values(e, row, o))
 
 
 def _dot_q8_0(e, p):
     """ggml_vec_dot_q8_0_q8_0."""
     row, cols, tab, nb = p
-    return _simple_row(e, row, cols, tab, nb, _Q8_0, lambda o: e.load(row, e.plus(o, 2), I8, 32))
+    return _simple_row(e, row, cols, tab, nb, _Q8_0, lambda o: q8_0_values(e, row, o))
 
 
 def _min_row(e, p, block_bytes, values):
@@ -427,15 +459,13 @@ def _min_row(e, p, block_bytes, values):
 
 
 def _dot_q4_1(e, p):
-    """ggml_vec_dot_q4_1_q8_1: nibbles."""
-    return _min_row(e, p, _Q4_1, lambda o: e.nibbles(e.load(p[0], e.plus(o, 4), I8, 16)))
+    """ggml_vec_dot_q4_1_q8_1."""
+    return _min_row(e, p, _Q4_1, lambda o: q4_1_values(e, p[0], o))
 
 
 def _dot_q5_1(e, p):
-    """ggml_vec_dot_q5_1_q8_1: nibbles | 0x10 where the block's high bit is set."""
-    row = p[0]
-    return _min_row(e, p, _Q5_1, lambda o: e.b.or_(
-        e.nibbles(e.load(row, e.plus(o, 8), I8, 16)), e.either(_high_bits(e, row, e.plus(o, 4)), 0x10, 0)))
+    """ggml_vec_dot_q5_1_q8_1."""
+    return _min_row(e, p, _Q5_1, lambda o: q5_1_values(e, p[0], o))
 
 
 def _group_sums(e, bsums, i):
@@ -651,7 +681,7 @@ def _dot_q4_0_repacked(e, p):
     row = p[0]
 
     def block_sums(o, i):
-        q = e.b.sub(e.nibbles(e.load(row, e.plus(o, 2), I8, 16)), _splat(I8, 32, 8))
+        q = q4_0_values(e, row, o)
         return lambda c, col: (_hsum8_i32(e, e.dot_i8(q, e.load(col[0], e.index(i, QK), I8, 32))), None)
     return _repacked_row(e, p, _Q4_0, block_sums, with_mins=False)
 
@@ -769,8 +799,9 @@ _BODIES = {int(t): body for t, body in (
 # Every lane type (kernels/types.py) has its body here: dot_tile's, dot_f16's F16, dot_bf16's BF16.
 assert frozenset(GGMLType(t) for t in _BODIES) | {GGMLType.F16, GGMLType.BF16} == LANE_TYPES
 # Q4_0 and Q4_K matrices whose row count is a multiple of 8 in the order llama.cpp computes them
-# on AVX2 (it repacks those, 8 rows interleaved: repack.cpp's ggml_repack_get_optimal_repack_type).
-REPACKED = 1000
+# on AVX2 (it repacks those, 8 rows interleaved: repack.cpp's ggml_repack_get_optimal_repack_type);
+# the same ids as the step's packed matrices (kernels/packing.py), which are summed in that order.
+REPACKED = PACKED_TYPE_BASE
 Q4_0_REPACKED, Q4_K_REPACKED = REPACKED + int(GGMLType.Q4_0), REPACKED + int(GGMLType.Q4_K)
 _BODIES[Q4_0_REPACKED] = _dot_q4_0_repacked
 _BODIES[Q4_K_REPACKED] = _dot_q4_k_repacked

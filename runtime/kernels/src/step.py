@@ -26,8 +26,8 @@ from ggufile.runtime.kernels.step_layout import (
     C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_WINDOW,
     F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS, L_FFN_NORM, L_GATE,
     L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER, L_SWA, L_UP, L_WK,
-    L_WO, L_WQ, L_WV, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_ROWS, ROPE_SWA, T_COLS, T_OFFSET,
-    T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H, W_MOE, W_QKV, W_X)
+    L_WO, L_WQ, L_WV, PACKED_TYPE_BASE, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_ROWS, ROPE_SWA,
+    T_BLOB, T_COLS, T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H, W_MOE, W_QKV, W_X)
 from ggufile.runtime.kernels.src.sync import barrier
 
 _F32, _F16, _BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
@@ -35,6 +35,7 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int
                                      int(GGMLType.Q5_1), int(GGMLType.Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
                                      int(GGMLType.Q5_K), int(GGMLType.Q6_K))
+_P4_0, _P4_K = PACKED_TYPE_BASE + _Q4_0, PACKED_TYPE_BASE + _Q4_K  # packed at load
 
 
 def _kernel(name):
@@ -47,6 +48,7 @@ _mv_q4_0, _mv_q4_1, _mv_q5_0, _mv_q5_1, _mv_q8_0 = (
     _kernel("mv_q4_0"), _kernel("mv_q4_1"), _kernel("mv_q5_0"), _kernel("mv_q5_1"), _kernel("mv_q8_0"))
 _mv_q2_k, _mv_q3_k, _mv_q4_k, _mv_q5_k, _mv_q6_k = (
     _kernel("mv_q2_k"), _kernel("mv_q3_k"), _kernel("mv_q4_k"), _kernel("mv_q5_k"), _kernel("mv_q6_k"))
+_mv_q4_0_packed, _mv_q4_k_packed = _kernel("mv_q4_0_packed"), _kernel("mv_q4_k_packed")
 _dq_f16, _dq_bf16 = _kernel("dq_f16"), _kernel("dq_bf16")
 _dq_q4_0, _dq_q4_1, _dq_q5_0, _dq_q5_1, _dq_q8_0 = (
     _kernel("dq_q4_0"), _kernel("dq_q4_1"), _kernel("dq_q5_0"), _kernel("dq_q5_1"), _kernel("dq_q8_0"))
@@ -59,9 +61,10 @@ _quantize_q8_0, _quantize_q8_k = _kernel("quantize_q8_0"), _kernel("quantize_q8_
 
 @njit(inline="always")
 def _bytes(blob, tensors, t):
-    """Tensor t's rows as a (rows, row_bytes) uint8 view of the file."""
+    """Tensor t's rows as a (rows, row_bytes) uint8 view of the file or of the packed weights
+    (blob: the pair of them)."""
     off, rows, rb = tensors[t, T_OFFSET], tensors[t, T_ROWS], tensors[t, T_ROW_BYTES]
-    return blob[off:off + rows * rb].reshape((rows, rb))
+    return blob[tensors[t, T_BLOB]][off:off + rows * rb].reshape((rows, rb))
 
 
 @njit(inline="always")
@@ -85,7 +88,7 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
         _mv_bf16(w.view(np.uint16), x, out, r0, r1, tab)
     elif qt == _F32:
         _mv_f32(w.view(np.float32), x, out, r0, r1)
-    elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K:
+    elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K or qt == _P4_K:
         xq, xd, xs = _rows(acts[3], 0, n, k), _rows(acts[4], 0, n, k // qk_k), _rows(acts[5], 0, n, k // 16)
         if qt == _Q2_K:
             _mv_q2_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
@@ -97,7 +100,9 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q5_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _Q6_K:
             _mv_q6_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
-    elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0:
+        elif qt == _P4_K:
+            _mv_q4_k_packed(w, xq, xd, xs, out, r0, r1, tab, qk_k)
+    elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0 or qt == _P4_0:
         xq, xd, xs = _rows(acts[0], 0, n, k), _rows(acts[1], 0, n, k // qk), _rows(acts[2], 0, n, k // qk)
         if qt == _Q4_0:
             _mv_q4_0(w, xq, xd, out, r0, r1, tab, qk)
@@ -109,6 +114,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q5_1(w, xq, xd, xs, out, r0, r1, tab, qk)
         elif qt == _Q8_0:
             _mv_q8_0(w, xq, xd, out, r0, r1, tab, qk)
+        elif qt == _P4_0:
+            _mv_q4_0_packed(w, xq, xd, out, r0, r1, tab, qk)
     # no else: the packer (model/step.py) admits only the types above, a test keeps the two equal
 
 
@@ -151,9 +158,10 @@ def _get_row(blob, tensors, t, token, out, tab, qk, qk_k):
 
 @njit(inline="always")
 def _share(n, tid, n_threads):
-    """Thread tid's [start, end) of n rows: equal parts, boundaries on multiples of 4."""
-    start = (n * tid // n_threads + 3) // 4 * 4
-    end = n if tid == n_threads - 1 else (n * (tid + 1) // n_threads + 3) // 4 * 4
+    """Thread tid's [start, end) of n rows: equal parts, boundaries on multiples of 8 (the
+    interleaved tiles' rows: a part of 8k rows leaves none to the one-row kernels)."""
+    start = (n * tid // n_threads + 7) // 8 * 8
+    end = n if tid == n_threads - 1 else (n * (tid + 1) // n_threads + 7) // 8 * 8
     return min(start, n), min(end, n)
 
 
@@ -584,13 +592,14 @@ def _signatures() -> dict:
 
     i64 = nt.int64
     f32_2d = nt.float32[:, ::1]
-    ro_u8 = nt.Array(nt.uint8, 1, "C", readonly=True)  # the mapped file
+    ro_u8 = nt.Array(nt.uint8, 1, "C", readonly=True)
+    blobs = nt.UniTuple(ro_u8, 2)  # the mapped file, the weights packed at load
     ro_i64_2d = nt.Array(nt.int64, 2, "C", readonly=True)
     ro_i64 = nt.Array(nt.int64, 1, "C", readonly=True)
     ro_f32 = nt.Array(nt.float32, 1, "C", readonly=True)
     ro_f32_2d = nt.Array(nt.float32, 2, "C", readonly=True)
     cache = nt.uint16[:, :, :, ::1]  # fp16 bit patterns
-    return {"decode_token": i64(i64, i64, nt.int64[::1], ro_u8, ro_i64_2d, ro_i64_2d, ro_f32, ro_i64,
+    return {"decode_token": i64(i64, i64, nt.int64[::1], blobs, ro_i64_2d, ro_i64_2d, ro_f32, ro_i64,
                                 ro_f32, ro_f32_2d, ro_f32, ro_f32, cache, cache, f32_2d, f32_2d,
                                 f32_2d, f32_2d, ro_i64, ro_i64, ro_i64, ro_i64)}
 

@@ -1,4 +1,4 @@
-"""Q4_0/Q4_K matmuls of several tokens on weight rows interleaved 8 at a time (prompts).
+"""Matmuls of several tokens on weight rows interleaved 8 at a time (prompts).
 
 llama.cpp repacks Q4_0/Q4_K matrices of 8k rows and sums each row as exact integer block sums,
 each FMA-added with d_w * d_x into one float per row (lanes._repacked_row). An integer sum is
@@ -21,8 +21,19 @@ Tile layout (one per thread and call; nb blocks, Q4_0 32 values, Q4_K 256):
 Token side (`column_sums`, `yc` int32): Q4_0 per block 8 * (sum of the 32 values), the offset
 the unsigned nibbles leave (value - 8); Q4_K per sub-block pair p the two 32-value sums as a
 pair of int16 (from Q8_K's group sums).
+
+Q4_1/Q5_0/Q5_1/Q8_0 (`LANE_TYPES`) are not repacked by llama.cpp: their vec_dot keeps 8 float
+lanes per row, lane k the products of values 4k..4k+3 of each block, each block FMA-added into
+its lane, hsum_float_8 at the end. Their tile has the same layout as Q4_0's (group k of block i:
+the 8 rows' values 4k..4k+3, the block's values as vec_dot sees them: signed for Q5_0/Q8_0,
+unsigned for Q4_1/Q5_1), so one dot of group k against the token's 4 bytes gives lane k of all 8
+rows, and the 8 lanes' float accumulators are 8 vectors: vec_dot's FMAs and hsum_float_8 run
+vertically, 8 rows at once, the same bits. td: at 16i + j row j's d, at 16i + 8 + j its m.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -31,16 +42,42 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
+from ggufile.runtime.kernels.packing import PACKED_LAYOUT
 from ggufile.runtime.kernels.src import lanes
 from ggufile.runtime.kernels.src.lanes import F32, I8, I16, I32, I64, Emit, _splat, _vec
 
 ROWS = 8
 _Q4_0, _Q4_K = lanes.Q4_0_REPACKED, lanes.Q4_K_REPACKED
+_Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(t) for t in (GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0))
+
+
+class _LaneType(NamedTuple):
+    values: Callable  # lanes.*_values(e, row, o): the block's 32 values as vec_dot sees them
+    signed: bool      # dot_i8 (abs/sign steps) or dot_u8
+    with_min: bool    # Q4_1/Q5_1: m_w * s_x summed per row, added after the lanes
+
+
+LANE_TYPES = {
+    _Q4_1: _LaneType(lanes.q4_1_values, signed=False, with_min=True),
+    _Q5_0: _LaneType(lanes.q5_0_values, signed=True, with_min=False),
+    _Q5_1: _LaneType(lanes.q5_1_values, signed=False, with_min=True),
+    _Q8_0: _LaneType(lanes.q8_0_values, signed=True, with_min=False),
+}
 # tq bytes per block: 32 bytes for each 4-value group of the block (plain ints: matmul reads them)
-_Q4_0_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
-TILE_BYTES = {_Q4_0: _Q4_0_TILE_BYTES, _Q4_K: _Q4_K_TILE_BYTES}
-_BLOCK_BYTES = {_Q4_0: QUANT_TABLE[GGMLType.Q4_0].type_size, _Q4_K: QUANT_TABLE[GGMLType.Q4_K].type_size}
+_QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
+_BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, *LANE_TYPES)}
 TSM_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 16
+_PACKED_LAYOUT = {_Q4_0: PACKED_LAYOUT[GGMLType.Q4_0], _Q4_K: PACKED_LAYOUT[GGMLType.Q4_K]}
+# How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
+# streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
+# left a sixth of the bandwidth unused (1.2 GB, 2 threads: 20.6 -> 25.6 GB/s, a STREAM-like read
+# 30); Q4_K's longer loop lost speed with any distance tried (23.1 -> 15-21 GB/s).
+PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0}
+# From this many tokens a matmul goes through the tiles; below, the copy costs more than it
+# saves. Q4_0 gains even for one token: its vec_dot order needs a horizontal sum per block and
+# row, which the tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
+MIN_TOKENS = {_Q4_0: 1, _Q4_K: 3, **{q: 4 for q in LANE_TYPES}}
+_Q4_0_MIN, _Q4_K_MIN, _LANES_MIN = MIN_TOKENS[_Q4_0], MIN_TOKENS[_Q4_K], MIN_TOKENS[_Q8_0]
 
 
 def _transpose8(e, rows):
@@ -72,7 +109,7 @@ def _store_groups(e, tq, at, values):
 
 def _interleave_q4_0(e, rows, tq, tsm, td, tab, i):
     o = e.index(i, _BLOCK_BYTES[_Q4_0])
-    _store_groups(e, tq, e.index(i, TILE_BYTES[_Q4_0]),
+    _store_groups(e, tq, e.index(i, _QK_TILE_BYTES),
                   [e.nibbles(e.load(row, e.plus(o, 2), I8, 16)) for row in rows])
     for j, row in enumerate(rows):
         _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 4 * j), e.f16(tab, row, o))
@@ -81,7 +118,7 @@ def _interleave_q4_0(e, rows, tq, tsm, td, tab, i):
 def _interleave_q4_k(e, rows, tq, tsm, td, tab, i):
     o = e.index(i, _BLOCK_BYTES[_Q4_K])
     for s in range(QK_K // 32):
-        _store_groups(e, tq, e.index(i, TILE_BYTES[_Q4_K], 256 * s),
+        _store_groups(e, tq, e.index(i, _Q4_K_TILE_BYTES, 256 * s),
                       [lanes._k4_nibbles(e, row, e.plus(o, 16), s) for row in rows])
     for j, row in enumerate(rows):
         sm = lanes._k4_scales_mins(e, row, o)  # 8 scales, 8 mins
@@ -94,6 +131,21 @@ def _interleave_q4_k(e, rows, tq, tsm, td, tab, i):
         _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 32 + 4 * j), e.f16(tab, row, e.plus(o, 2)))
 
 
+def _interleave_lanes(q, e, rows, tq, tsm, td, tab, i):
+    o = e.index(i, _BLOCK_BYTES[q])
+    _store_groups(e, tq, e.index(i, _QK_TILE_BYTES), [LANE_TYPES[q].values(e, row, o) for row in rows])
+    for j, row in enumerate(rows):
+        _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 4 * j), e.f16(tab, row, o))
+        if LANE_TYPES[q].with_min:
+            _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 32 + 4 * j), e.f16(tab, row, e.plus(o, 2)))
+
+
+def _interleave_body(q):
+    if q in LANE_TYPES:
+        return lambda *a: _interleave_lanes(q, *a)
+    return {_Q4_0: _interleave_q4_0, _Q4_K: _interleave_q4_k}[q]
+
+
 def _data(context, builder, ty, value):
     return context.make_array(ty)(context, builder, value).data
 
@@ -103,7 +155,7 @@ def interleave(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
     """Rows r..r+7 of w (uint8, each row's bytes) into the tile tq, tsm, td (module docstring)."""
     if not isinstance(qtype, types.IntegerLiteral):
         raise errors.RequireLiteralValue(qtype)
-    body = {_Q4_0: _interleave_q4_0, _Q4_K: _interleave_q4_k}[qtype.literal_value]
+    body = _interleave_body(qtype.literal_value)
 
     def codegen(context, builder, sig, args):
         e = Emit(context, builder)
@@ -122,93 +174,255 @@ def interleave(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
     return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
 
 
-def _group_sums16(e, tq, at, cols, x8_at):
-    """Per column: <16 x i16>, the 8 rows' sums (2 lanes each) over one 32-value group of the
-    tile at byte `at` against the column's 32 values at byte x8_at(column) of its x8 row."""
+def _token_bytes(e, x8, at):
+    """The 4 int8 values at byte `at` of a token's x8 row, broadcast to <32 x i8>."""
+    return e.b.bitcast(e.broadcast(e.load(x8, at, I32), 8), _vec(I8, 32))
+
+
+class _Tile:
+    """Where gemm finds a per-call tile's parts (the module docstring's tq, tsm, td)."""
+
+    def __init__(self, e, q, tq, tsm, td):
+        self.e, self.tq, self.tsm, self.td = e, tq, tsm, td
+        self.stride = _Q4_K_TILE_BYTES if q == _Q4_K else _QK_TILE_BYTES
+
+    def prefetch(self, i):
+        """The tile is in the caches already."""
+
+    def group(self, i, s, k):
+        """<32 x i8>: the 8 rows' values 4k..4k+3 of (sub-)block s of block i."""
+        return self.e.load(self.tq, self.e.index(i, self.stride, 256 * s + 32 * k), I8, 32)
+
+    def d(self, i, which=0):
+        """<8 x float>: the 8 rows' d (which 0) or dmin / m (which 1) of block i."""
+        return self.e.load(self.td, self.e.index(i, 4 * TD_PER_BLOCK, 32 * which), F32, 8)
+
+    def scales(self, i, s):
+        """Q4_K: <16 x i16>, sub-block s's scales, each row's twice."""
+        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * s), I16, 16)
+
+    def mins(self, i, p):
+        """Q4_K: <16 x i16>, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
+        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * (8 + p)), I16, 16)
+
+
+class _Packed(_Tile):
+    """Where gemm finds the same parts in 8 rows packed at load (`pack`, PACKED_LAYOUT)."""
+
+    def __init__(self, e, q, rows, tab):
+        self.e, self.rows, self.tab, self.q = e, rows, tab, q
+        self.layout = _PACKED_LAYOUT[q]
+
+    def _at(self, i, part, plus=0):
+        return self.e.index(i, self.layout.block_bytes, getattr(self.layout, part) + plus)
+
+    def prefetch(self, i):
+        """The cache lines PREFETCH_BYTES ahead of block i."""
+        if not PREFETCH_BYTES[self.q]:
+            return
+        ahead = -(-PREFETCH_BYTES[self.q] // self.layout.block_bytes) * self.layout.block_bytes
+        for line in range(0, self.layout.block_bytes, 64):
+            self.e.prefetch(self.rows, self.e.index(i, self.layout.block_bytes, ahead + line))
+
+    def group(self, i, s, k):
+        if self.q == _Q4_0:  # vector m's low nibbles are values 4m.., its high ones 16 + 4m..
+            chunk, m, high = 0, k % 4, k // 4
+        else:  # sub-block s: chunk s // 2, low nibbles for s even
+            chunk, m, high = s // 2, k, s % 2
+        bits = self.e.load(self.rows, self._at(i, "qs", 256 * chunk + 32 * m), I8, 32)
+        if high:
+            bits = self.e.b.lshr(bits, _splat(I8, 32, 4))
+        return self.e.b.and_(bits, _splat(I8, 32, 15))
+
+    def d(self, i, which=0):
+        return self.e.f16x8(self.tab, self.rows, self._at(i, "d", 16 * which))
+
+    def scales(self, i, s):
+        v = self.e.load(self.rows, self._at(i, "scales", 8 * s), I8, 8)
+        return self.e.b.zext(self.e.shuffle(v, None, [j // 2 for j in range(16)]), _vec(I16, 16))
+
+    def mins(self, i, p):
+        return self.e.b.zext(self.e.load(self.rows, self._at(i, "mins", 16 * p), I8, 16), _vec(I16, 16))
+
+
+def _group_sums16(e, src, i, s, cols, x8_at):
+    """Per column: <16 x i16>, the 8 rows' sums (2 lanes each) over the 32 values of (sub-)block
+    s of block i against the column's 32 values at byte x8_at of its x8 row."""
     acc = [_splat(I16, 16, 0)] * len(cols)
     for k in range(QK // 4):
-        wv = e.load(tq, e.plus(at, 32 * k), I8, 32)
+        wv = src.group(i, s, k)
         for c, col in enumerate(cols):
-            y = e.b.bitcast(e.broadcast(e.load(col[0], e.plus(x8_at(c), 4 * k), I32), 8), _vec(I8, 32))
-            acc[c] = e.b.add(acc[c], e.maddubs(wv, y))
+            acc[c] = e.b.add(acc[c], e.maddubs(wv, _token_bytes(e, col.x8, e.plus(x8_at, 4 * k))))
     return acc
 
 
-def _gemm_q4_0(e, tq, tsm, td, cols, i):
-    """Per column: (acc,) -> (acc + float(isum) * (d_w * d_x),) over block i."""
-    dw = e.load(td, e.index(i, 4 * TD_PER_BLOCK), F32, 8)
-    sums = _group_sums16(e, tq, e.index(i, TILE_BYTES[_Q4_0]), cols, lambda c: e.index(i, QK))
+class _Column(NamedTuple):
+    """One token's pointers (its x8 row, xd, yc and xs rows) and its accumulators."""
+    x8: ir.Value
+    xd: ir.Value
+    yc: ir.Value
+    xs: ir.Value
+    accs: list
+
+
+def _scalar(e, row, i):
+    return e.b.load(e.b.gep(row, [i]))
+
+
+def _gemm_q4_0(e, src, cols, i):
+    """Per column: [acc] -> [acc + float(isum) * (d_w * d_x)] over block i."""
+    dw = src.d(i)
+    sums = _group_sums16(e, src, i, 0, cols, e.index(i, QK))
     out = []
-    for (x8, xd, yc, acc), s16 in zip(cols, sums):
-        isum = e.b.sub(e.madd(s16, _splat(I16, 16, 1)), e.broadcast(e.b.load(e.b.gep(yc, [i])), 8))
-        d = e.b.fmul(dw, e.broadcast(e.b.load(e.b.gep(xd, [i])), 8))
-        out.append((e.fmuladd(e.b.sitofp(isum, _vec(F32, 8)), d, acc[0]),))
+    for col, s16 in zip(cols, sums):
+        isum = e.b.sub(e.madd(s16, _splat(I16, 16, 1)), e.broadcast(_scalar(e, col.yc, i), 8))
+        d = e.b.fmul(dw, e.broadcast(_scalar(e, col.xd, i), 8))
+        out.append([e.fmuladd(e.b.sitofp(isum, _vec(F32, 8)), d, col.accs[0])])
     return out
 
 
-def _gemm_q4_k(e, tq, tsm, td, cols, i):
-    """Per column: (acc, accm) -> (acc + float(isum) * (d_w * d_x), accm + float(imin) * (dmin_w * d_x))."""
-    dw = e.load(td, e.index(i, 4 * TD_PER_BLOCK), F32, 8)
-    dmw = e.load(td, e.index(i, 4 * TD_PER_BLOCK, 32), F32, 8)
+def _gemm_q4_k(e, src, cols, i):
+    """Per column: [acc, accm] -> [acc + float(isum) * (d_w * d_x), accm + float(imin) * (dmin_w * d_x)]."""
+    dw, dmw = src.d(i), src.d(i, 1)
     isum = [_splat(I32, 8, 0)] * len(cols)
     for s in range(QK_K // 32):
-        sums = _group_sums16(e, tq, e.index(i, TILE_BYTES[_Q4_K], 256 * s), cols,
-                             lambda c, s=s: e.index(i, QK_K, 32 * s))
-        scales = e.load(tsm, e.index(i, 2 * TSM_PER_BLOCK, 32 * s), I16, 16)
+        sums = _group_sums16(e, src, i, s, cols, e.index(i, QK_K, 32 * s))
+        scales = src.scales(i, s)
         isum = [e.b.add(a, e.madd(s16, scales)) for a, s16 in zip(isum, sums)]
     out = []
-    for (x8, xd, yc, acc), si in zip(cols, isum):
+    for col, si in zip(cols, isum):
         imin = _splat(I32, 8, 0)
         for p in range(4):
-            mins = e.load(tsm, e.index(i, 2 * TSM_PER_BLOCK, 32 * (8 + p)), I16, 16)
-            pair = e.b.bitcast(e.broadcast(e.b.load(e.b.gep(yc, [e.index(i, 4, p)])), 8), _vec(I16, 16))
+            mins = src.mins(i, p)
+            pair = e.b.bitcast(e.broadcast(_scalar(e, col.yc, e.index(i, 4, p)), 8), _vec(I16, 16))
             imin = e.b.add(imin, e.madd(mins, pair))
-        dx = e.broadcast(e.b.load(e.b.gep(xd, [i])), 8)
-        out.append((e.fmuladd(e.b.sitofp(si, _vec(F32, 8)), e.b.fmul(dw, dx), acc[0]),
-                    e.fmuladd(e.b.sitofp(imin, _vec(F32, 8)), e.b.fmul(dmw, dx), acc[1])))
+        dx = e.broadcast(_scalar(e, col.xd, i), 8)
+        out.append([e.fmuladd(e.b.sitofp(si, _vec(F32, 8)), e.b.fmul(dw, dx), col.accs[0]),
+                    e.fmuladd(e.b.sitofp(imin, _vec(F32, 8)), e.b.fmul(dmw, dx), col.accs[1])])
     return out
+
+
+def _gemm_lanes(q, e, src, cols, i):
+    """Per column: [lane 0..7 accumulators (+ summs)] over block i, each lane k FMA-added with
+    float(lane k of the 8 rows) * (d_w * d_x) as vec_dot adds it; summs += m_w * s_x."""
+    kind = LANE_TYPES[q]
+    dw = src.d(i)
+    d = [e.b.fmul(dw, e.broadcast(_scalar(e, col.xd, i), 8)) for col in cols]
+    out = [list(col.accs) for col in cols]
+    for k in range(QK // 4):
+        wv = src.group(i, 0, k)
+        for c, col in enumerate(cols):
+            y = _token_bytes(e, col.x8, e.index(i, QK, 4 * k))
+            lane_k = e.dot_i8(wv, y) if kind.signed else e.dot_u8(wv, y)
+            out[c][k] = e.fmuladd(e.b.sitofp(lane_k, _vec(F32, 8)), d[c], out[c][k])
+    if kind.with_min:
+        mw = src.d(i, 1)
+        for c, col in enumerate(cols):
+            out[c][8] = e.fmuladd(mw, e.broadcast(_scalar(e, col.xs, i), 8), out[c][8])
+    return out
+
+
+def _lanes_total(e, accs):
+    """hsum_float_8 of each of the 8 rows, vertically: ((0+4)+(2+6)) + ((1+5)+(3+7)), + summs."""
+    s = [e.b.fadd(accs[k], accs[k + 4]) for k in range(4)]
+    total = e.b.fadd(e.b.fadd(s[0], s[2]), e.b.fadd(s[1], s[3]))
+    return e.b.fadd(total, accs[8]) if len(accs) > 8 else total
+
+
+class _GemmBody(NamedTuple):
+    block: Callable  # (e, source, cols, i) -> each column's new accumulators
+    n_acc: int       # <8 x float> accumulators per column
+    total: Callable  # (e, accs) -> <8 x float>, the 8 rows' results
+
+
+def _gemm_body(q):
+    if q in LANE_TYPES:
+        return _GemmBody(lambda *a: _gemm_lanes(q, *a), 8 + LANE_TYPES[q].with_min, _lanes_total)
+    if q == _Q4_0:
+        return _GemmBody(_gemm_q4_0, 1, lambda e, accs: accs[0])
+    return _GemmBody(_gemm_q4_k, 2, lambda e, accs: e.b.fsub(accs[0], accs[1]))
+
+
+def _literal(*values):
+    for v in values:
+        if not isinstance(v, types.IntegerLiteral):
+            raise errors.RequireLiteralValue(v)
+    return [v.literal_value for v in values]
+
+
+def _emit_gemm(context, builder, body, n_cols, source, arrays, nb, t, r):
+    """The block loop of gemm / gemm_packed: out[t + c, r:r + 8] for c < n_cols. arrays: the
+    (type, value) of x8, xd, yc, xs, out."""
+    e = Emit(context, builder)
+    arr = [(ty, context.make_array(ty)(context, builder, v)) for ty, v in arrays]
+
+    def item(k, row, col):
+        return cgutils.get_item_pointer(context, builder, arr[k][0], arr[k][1], [row, col])
+    zero = ir.Constant(I64, 0)
+    rows = [builder.add(t, ir.Constant(I64, c)) for c in range(n_cols)]
+    col_ptrs = [tuple(item(k, rc, zero) for k in range(4)) for rc in rows]
+    src, n = source(e), body.n_acc
+
+    def block(i, accs):
+        src.prefetch(i)
+        cols = [_Column(*p, accs[n * c:n * c + n]) for c, p in enumerate(col_ptrs)]
+        return [v for new in body.block(e, src, cols, i) for v in new]
+    accs = e.block_loop(nb, [_splat(F32, 8, 0.0)] * (n * n_cols), block)
+    for c, rc in enumerate(rows):
+        value = body.total(e, accs[n * c:n * c + n])
+        builder.store(value, builder.bitcast(item(4, rc, r), value.type.as_pointer()), align=1)
+    return context.get_dummy_value()
 
 
 @intrinsic
-def gemm(typingctx, qtype, ncols, tq, tsm, td, x8, xd, yc, nb, t, out, r):
+def gemm(typingctx, qtype, ncols, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r):
     """out[t + c, r:r + 8] = the tile's 8 rows times token t + c, for c < ncols (a constant):
-    x8 the tokens' int8 values, xd their block scales, yc their column_sums."""
-    for lit in (qtype, ncols):
-        if not isinstance(lit, types.IntegerLiteral):
-            raise errors.RequireLiteralValue(lit)
-    q, n_cols = qtype.literal_value, ncols.literal_value
-    body, n_acc = {_Q4_0: (_gemm_q4_0, 1), _Q4_K: (_gemm_q4_k, 2)}[q]
+    x8 the tokens' int8 values, xd their block scales, yc their column_sums, xs Q8_1's s."""
+    q, n_cols = _literal(qtype, ncols)
 
     def codegen(context, builder, sig, args):
-        e = Emit(context, builder)
         tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
                              for k in (2, 3, 4))
-        arrays = {k: context.make_array(sig.args[k])(context, builder, args[k]) for k in (5, 6, 7, 10)}
+        return _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Tile(e, q, tq_p, tsm_p, td_p),
+                          [(sig.args[k], args[k]) for k in (5, 6, 7, 8, 11)], args[9], args[10], args[12])
+    return types.void(qtype, ncols, tq, tsm, td, x8, xd, yc, xs, types.int64, types.int64, out,
+                      types.int64), codegen
 
-        def item(k, row, col):
-            return cgutils.get_item_pointer(context, builder, sig.args[k], arrays[k], [row, col])
-        zero = ir.Constant(I64, 0)
-        rows = [builder.add(args[9], ir.Constant(I64, c)) for c in range(n_cols)]
-        col_ptrs = [(item(5, rc, zero), item(6, rc, zero), item(7, rc, zero)) for rc in rows]
 
-        def block(i, accs):
-            cols = [p + (accs[n_acc * c:n_acc * c + n_acc],) for c, p in enumerate(col_ptrs)]
-            return [v for new in body(e, tq_p, tsm_p, td_p, cols, i) for v in new]
-        accs = e.block_loop(args[8], [_splat(F32, 8, 0.0)] * (n_acc * n_cols), block)
-        for c, rc in enumerate(rows):
-            acc = accs[n_acc * c:n_acc * c + n_acc]
-            value = acc[0] if n_acc == 1 else builder.fsub(acc[0], acc[1])
-            builder.store(value, builder.bitcast(item(10, rc, args[11]), value.type.as_pointer()), align=1)
-        return context.get_dummy_value()
-    return types.void(qtype, ncols, tq, tsm, td, x8, xd, yc, types.int64, types.int64, out, types.int64), codegen
+@intrinsic
+def gemm_packed(typingctx, qtype, ncols, w, tab, x8, xd, yc, xs, nb, t, out, r):
+    """gemm on rows r..r+7 of a packed matrix w (`pack`; the 2-d uint8 array of its rows' bytes,
+    8 rows' packed blocks at row r)."""
+    q, n_cols = _literal(qtype, ncols)
+
+    def codegen(context, builder, sig, args):
+        wa = context.make_array(sig.args[2])(context, builder, args[2])
+        rows = cgutils.get_item_pointer(context, builder, sig.args[2], wa, [args[11], ir.Constant(I64, 0)])
+        tab_p = _data(context, builder, sig.args[3], args[3])
+        return _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Packed(e, q, rows, tab_p),
+                          [(sig.args[k], args[k]) for k in (4, 5, 6, 7, 10)], args[8], args[9], args[11])
+    return types.void(qtype, ncols, w, tab, x8, xd, yc, xs, types.int64, types.int64, out, types.int64), codegen
+
+
+@njit(inline="always")
+def covers(qtype, n_tok):
+    """Whether a matmul of n_tok tokens goes through the tiles (MIN_TOKENS)."""
+    if qtype == _Q4_0:
+        return n_tok >= _Q4_0_MIN
+    if qtype == _Q4_K:
+        return n_tok >= _Q4_K_MIN
+    return (qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0) and n_tok >= _LANES_MIN
 
 
 @njit(inline="always")
 def column_sums(qtype, x8, xs, nb):
-    """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs."""
+    """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs; none
+    for the lane types."""
     n = x8.shape[0]
-    per_block = 1 if qtype == _Q4_0 else 4
+    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else 0)
     yc = np.empty((n, nb * per_block), np.int32)
+    if per_block == 0:
+        return yc
     for t in range(n):
         for i in range(nb):
             if qtype == _Q4_0:
@@ -231,18 +445,40 @@ def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     """Rows r0 .. (the last whole 8) of W times every token; returns the first row left undone."""
     n_tok = x8.shape[0]
     yc = column_sums(qtype, x8, xs, nb)
-    tq = np.empty(nb * (_Q4_0_TILE_BYTES if qtype == _Q4_0 else _Q4_K_TILE_BYTES), np.uint8)
-    tsm = np.empty(nb * TSM_PER_BLOCK, np.int16)
+    tq = np.empty(nb * (_Q4_K_TILE_BYTES if qtype == _Q4_K else _QK_TILE_BYTES), np.uint8)
+    tsm = np.empty(nb * TSM_PER_BLOCK if qtype == _Q4_K else 0, np.int16)
     td = np.empty(nb * TD_PER_BLOCK, np.float32)
     r = r0
     while r + ROWS <= r1:
         interleave(qtype, w, r, nb, tab, tq, tsm, td)
         t = 0
-        while t + 4 <= n_tok:
-            gemm(qtype, 4, tq, tsm, td, x8, xd, yc, nb, t, out, r)
-            t += 4
+        if qtype == _Q4_0 or qtype == _Q4_K:
+            while t + 4 <= n_tok:
+                gemm(qtype, 4, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+                t += 4
+        while t + 2 <= n_tok:
+            gemm(qtype, 2, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+            t += 2
         while t < n_tok:
-            gemm(qtype, 1, tq, tsm, td, x8, xd, yc, nb, t, out, r)
+            gemm(qtype, 1, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
             t += 1
         r += ROWS
     return r
+
+
+@njit(inline="always")
+def matmul_packed(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
+    """Rows r0..r1-1 (multiples of 8) of a packed matrix w (kernels/packing.py) times every token."""
+    n_tok = x8.shape[0]
+    yc = column_sums(qtype, x8, xs, nb)
+    for r in range(r0, r1, ROWS):
+        t = 0
+        while t + 4 <= n_tok:
+            gemm_packed(qtype, 4, w, tab, x8, xd, yc, xs, nb, t, out, r)
+            t += 4
+        while t + 2 <= n_tok:
+            gemm_packed(qtype, 2, w, tab, x8, xd, yc, xs, nb, t, out, r)
+            t += 2
+        while t < n_tok:
+            gemm_packed(qtype, 1, w, tab, x8, xd, yc, xs, nb, t, out, r)
+            t += 1
