@@ -11,16 +11,18 @@ from types import SimpleNamespace
 
 import numba
 
-from ggufile.runtime.kernels.src import exports, lanes, step, sync
+from ggufile.runtime.kernels import packing, step_layout
+from ggufile.runtime.kernels.src import exports, lanes, step, sync, tiles
 
 NAME = "jit"
 
 
 def _cache_dir() -> str:
     """Numba's disk cache checks a kernel's own file only, and the kernels' code also lives in
-    lanes (the IR), step and sync: one cache directory per content of all."""
+    lanes and tiles (the IR), step and sync, with constants from packing and step_layout: one
+    cache directory per content of all."""
     digest = hashlib.sha256()
-    for module in (exports, lanes, step, sync):
+    for module in (exports, lanes, tiles, step, sync, packing, step_layout):
         digest.update(Path(module.__file__).read_bytes())
     return str(Path(exports.__file__).parent / "__pycache__" / f"jit-{digest.hexdigest()[:16]}")
 

@@ -55,14 +55,18 @@ class _LaneType(NamedTuple):
     values: Callable  # lanes.*_values(e, row, o): the block's 32 values as vec_dot sees them
     signed: bool      # dot_i8 (abs/sign steps) or dot_u8
     with_min: bool    # Q4_1/Q5_1: m_w * s_x summed per row, added after the lanes
+    # Q5_0's values + 16 are unsigned (0..31, so maddubs cannot saturate): the tile keeps them so,
+    # one dot_u8 less abs and sign, and each lane takes off 16 * its 4 token values (column_sums)
+    offset: int = 0
 
 
 LANE_TYPES = {
     _Q4_1: _LaneType(lanes.q4_1_values, signed=False, with_min=True),
-    _Q5_0: _LaneType(lanes.q5_0_values, signed=True, with_min=False),
+    _Q5_0: _LaneType(lanes.q5_0_values, signed=False, with_min=False, offset=16),
     _Q5_1: _LaneType(lanes.q5_1_values, signed=False, with_min=True),
     _Q8_0: _LaneType(lanes.q8_0_values, signed=True, with_min=False),
 }
+_Q5_0_OFFSET = LANE_TYPES[_Q5_0].offset
 # tq bytes per block: 32 bytes for each 4-value group of the block (plain ints: matmul reads them)
 _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, *LANE_TYPES)}
@@ -133,7 +137,11 @@ def _interleave_q4_k(e, rows, tq, tsm, td, tab, i):
 
 def _interleave_lanes(q, e, rows, tq, tsm, td, tab, i):
     o = e.index(i, _BLOCK_BYTES[q])
-    _store_groups(e, tq, e.index(i, _QK_TILE_BYTES), [LANE_TYPES[q].values(e, row, o) for row in rows])
+    kind = LANE_TYPES[q]
+    values = [kind.values(e, row, o) for row in rows]
+    if kind.offset:
+        values = [e.b.add(v, _splat(I8, 32, kind.offset)) for v in values]
+    _store_groups(e, tq, e.index(i, _QK_TILE_BYTES), values)
     for j, row in enumerate(rows):
         _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 4 * j), e.f16(tab, row, o))
         if LANE_TYPES[q].with_min:
@@ -314,6 +322,8 @@ def _gemm_lanes(q, e, src, cols, i):
         for c, col in enumerate(cols):
             y = _token_bytes(e, col.x8, e.index(i, QK, 4 * k))
             lane_k = e.dot_i8(wv, y) if kind.signed else e.dot_u8(wv, y)
+            if kind.offset:
+                lane_k = e.b.sub(lane_k, e.broadcast(_scalar(e, col.yc, e.index(i, QK // 4, k)), 8))
             out[c][k] = e.fmuladd(e.b.sitofp(lane_k, _vec(F32, 8)), d[c], out[c][k])
     if kind.with_min:
         mw = src.d(i, 1)
@@ -416,16 +426,22 @@ def covers(qtype, n_tok):
 
 @njit(inline="always")
 def column_sums(qtype, x8, xs, nb):
-    """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs; none
-    for the lane types."""
+    """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs; for
+    Q5_0, per block and 4-value group k, 16 * the group's sum; none for the other lane types."""
     n = x8.shape[0]
-    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else 0)
+    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else (QK // 4 if qtype == _Q5_0 else 0))
     yc = np.empty((n, nb * per_block), np.int32)
     if per_block == 0:
         return yc
     for t in range(n):
         for i in range(nb):
-            if qtype == _Q4_0:
+            if qtype == _Q5_0:
+                for k in range(QK // 4):
+                    s = 0
+                    for m in range(4):
+                        s += x8[t, i * QK + 4 * k + m]
+                    yc[t, i * (QK // 4) + k] = _Q5_0_OFFSET * s
+            elif qtype == _Q4_0:
                 s = 0
                 for m in range(QK):
                     s += x8[t, i * QK + m]
