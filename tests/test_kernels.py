@@ -208,14 +208,14 @@ _NO_SUMS = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)  # their kernels take n
 
 
 @pytest.mark.parametrize("qtype", [*ggml_lanes.REPACKED, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
-                                   GGMLType.Q8_0], ids=lambda t: t.name)
+                                   GGMLType.Q8_0, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
-    """Prompts of Q4_0/Q4_K 8k-row matrices (and Q4_1/Q5_0/Q5_1/Q8_0 ones of any rows) go through
+    """Prompts of Q4_0/Q4_K 8k-row matrices (and Q4_1/Q5_0/Q5_1/Q8_0/Q6_K ones of any rows) go through
     kernels/src/tiles.py (rows interleaved 8 at a time); each token's outputs are the bits the
     same kernel gives that token alone (lanes.dot_tile, below tiles.MIN_TOKENS), and vec_dot's or
     the repacked order's (the emulation's), for a row range that does not start or end on a
     multiple of 8 (the rows left over take lanes.dot_tile)."""
-    k, rows, r0, r1, n_tok = _BIT_FOR_BIT_K[qtype], 48, 4, 43, 11
+    k, rows, r0, r1, n_tok = _BIT_FOR_BIT_K[qtype], 48, 4, 43, 19  # >= tiles.MIN_TOKENS, odd
     w = random_weight(qtype, rows, k, seed=13)
     x = np.random.default_rng(7).standard_normal((n_tok, k)).astype(np.float32)
     ref = np.stack([ggml_lanes.matvec(w, qtype, row) for row in x])[:, r0:r1]

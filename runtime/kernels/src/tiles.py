@@ -29,6 +29,12 @@ the 8 rows' values 4k..4k+3, the block's values as vec_dot sees them: signed for
 unsigned for Q4_1/Q5_1), so one dot of group k against the token's 4 bytes gives lane k of all 8
 rows, and the 8 lanes' float accumulators are 8 vectors: vec_dot's FMAs and hsum_float_8 run
 vertically, 8 rows at once, the same bits. td: at 16i + j row j's d, at 16i + 8 + j its m.
+
+Q6_K (not repacked by llama.cpp on x86 either) keeps vec_dot's 8 lanes too: its quarter q
+(values 32q..32q+31, unsigned 6-bit) takes Q4_K's sub-block place in tq; lane m of a row is
+the sum over quarters of scale(q, m // 4) * (its values 4m..4m+3 . y) less 32 * (the row's
+scales 2m, 2m + 1 . the token's group sums 2m, 2m + 1), FMA-added per super-block
+(`_interleave_q6_k`, `_gemm_q6_k`).
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ from ggufile.runtime.kernels.src.lanes import F32, I8, I16, I32, I64, Emit, _spl
 ROWS = 8
 _Q4_0, _Q4_K = lanes.Q4_0_REPACKED, lanes.Q4_K_REPACKED
 _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(t) for t in (GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0))
+_Q6_K = int(GGMLType.Q6_K)
 
 
 class _LaneType(NamedTuple):
@@ -69,8 +76,9 @@ LANE_TYPES = {
 _Q5_0_OFFSET = LANE_TYPES[_Q5_0].offset
 # tq bytes per block: 32 bytes for each 4-value group of the block (plain ints: matmul reads them)
 _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
-_BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, *LANE_TYPES)}
-TSM_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 16
+_BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
+# tsm int16 per block: Q4_K 8 scale + 4 min vectors of 16; Q6_K 16 scale + 8 scale-pair vectors
+TSM_PER_BLOCK, TSM_Q6_K_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 24 * 16, 16
 _PACKED_LAYOUT = {_Q4_0: PACKED_LAYOUT[GGMLType.Q4_0], _Q4_K: PACKED_LAYOUT[GGMLType.Q4_K]}
 # How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
 # streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
@@ -80,8 +88,11 @@ PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0}
 # From this many tokens a matmul goes through the tiles; below, the copy costs more than it
 # saves. Q4_0 gains even for one token: its vec_dot order needs a horizontal sum per block and
 # row, which the tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
-MIN_TOKENS = {_Q4_0: 1, _Q4_K: 3, **{q: 4 for q in LANE_TYPES}}
-_Q4_0_MIN, _Q4_K_MIN, _LANES_MIN = MIN_TOKENS[_Q4_0], MIN_TOKENS[_Q4_K], MIN_TOKENS[_Q8_0]
+# Q6_K's tile (16 i32 and float accumulators a token) beats its one-row kernel from 16 tokens
+# (2048 x 2048, one thread, another job running: 16 tokens 76 -> 92 GOP/s, 64: 72 -> 103; at 4,
+# 77 -> 57).
+MIN_TOKENS = {_Q4_0: 1, _Q4_K: 3, _Q6_K: 16, **{q: 4 for q in LANE_TYPES}}
+_Q4_0_MIN, _Q4_K_MIN, _Q6_K_MIN, _LANES_MIN = MIN_TOKENS[_Q4_0], MIN_TOKENS[_Q4_K], MIN_TOKENS[_Q6_K], MIN_TOKENS[_Q8_0]
 
 
 def _transpose8(e, rows):
@@ -148,10 +159,28 @@ def _interleave_lanes(q, e, rows, tq, tsm, td, tab, i):
             _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 32 + 4 * j), e.f16(tab, row, e.plus(o, 2)))
 
 
+def _interleave_q6_k(e, rows, tq, tsm, td, tab, i):
+    """Quarter q (values 32q..32q+31) as 'sub-block' q of the Q4_K layout; tsm: at (24i + s) * 16
+    scale s, each row's twice; at (24i + 16 + m) * 16 scales 2m, 2m + 1 of each row (elements
+    2j, 2j + 1); td: d."""
+    o = e.index(i, _BLOCK_BYTES[_Q6_K])
+    for q in range(QK_K // 32):
+        _store_groups(e, tq, e.index(i, _Q4_K_TILE_BYTES, 256 * q),
+                      [lanes._q6_k_quarter(e, row, o, q // 4, q % 4) for row in rows])
+    for j, row in enumerate(rows):
+        scales = e.b.sext(e.load(row, e.plus(o, 192), I8, 16), _vec(I16, 16))
+        for sc in range(16):
+            for half in (0, 1):
+                _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * sc + 4 * j + 2 * half), e.lane(scales, sc))
+            _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 + sc // 2) + 4 * j + 2 * (sc % 2)),
+                   e.lane(scales, sc))
+        _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 4 * j), e.f16(tab, row, e.plus(o, 208)))
+
+
 def _interleave_body(q):
     if q in LANE_TYPES:
         return lambda *a: _interleave_lanes(q, *a)
-    return {_Q4_0: _interleave_q4_0, _Q4_K: _interleave_q4_k}[q]
+    return {_Q4_0: _interleave_q4_0, _Q4_K: _interleave_q4_k, _Q6_K: _interleave_q6_k}[q]
 
 
 def _data(context, builder, ty, value):
@@ -192,7 +221,7 @@ class _Tile:
 
     def __init__(self, e, q, tq, tsm, td):
         self.e, self.tq, self.tsm, self.td = e, tq, tsm, td
-        self.stride = _Q4_K_TILE_BYTES if q == _Q4_K else _QK_TILE_BYTES
+        self.stride = _Q4_K_TILE_BYTES if q in (_Q4_K, _Q6_K) else _QK_TILE_BYTES
 
     def prefetch(self, i):
         """The tile is in the caches already."""
@@ -212,6 +241,10 @@ class _Tile:
     def mins(self, i, p):
         """Q4_K: <16 x i16>, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
         return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * (8 + p)), I16, 16)
+
+    def q6_scales(self, i, s, pair=False):
+        """Q6_K: <16 x i16>, scale s of each row twice, or (pair) scales 2s, 2s + 1 of each row."""
+        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 * pair + s)), I16, 16)
 
 
 class _Packed(_Tile):
@@ -332,6 +365,29 @@ def _gemm_lanes(q, e, src, cols, i):
     return out
 
 
+def _gemm_q6_k(e, src, cols, i):
+    """Per column: 8 lane accumulators; lane m of each row FMA-adds float(sumi_m - offset_m) *
+    (d_x * d_w), sumi_m the sum over the quarters q of scale(q, m // 4) * (values 4m..4m+3 of
+    quarter q . y), offset_m = 32 * (bsums 2m, 2m + 1 . scales 2m, 2m + 1): ggml's q6_K lanes."""
+    dw = src.d(i)
+    out = []
+    for col in cols:
+        sumi = [_splat(I32, 8, 0)] * 8
+        for q in range(QK_K // 32):
+            for m in range(QK // 4):
+                y = _token_bytes(e, col.x8, e.index(i, QK_K, 32 * q + 4 * m))
+                part = e.madd(e.maddubs(src.group(i, q, m), y), src.q6_scales(i, 2 * q + m // 4))
+                sumi[m] = e.b.add(sumi[m], part)
+        d = e.b.fmul(e.broadcast(_scalar(e, col.xd, i), 8), dw)
+        new = []
+        for m in range(8):
+            pair = e.b.bitcast(e.broadcast(_scalar(e, col.yc, e.index(i, 8, m)), 8), _vec(I16, 16))
+            offset = e.b.shl(e.madd(src.q6_scales(i, m, pair=True), pair), _splat(I32, 8, 5))
+            new.append(e.fmuladd(e.b.sitofp(e.b.sub(sumi[m], offset), _vec(F32, 8)), d, col.accs[m]))
+        out.append(new)
+    return out
+
+
 def _lanes_total(e, accs):
     """hsum_float_8 of each of the 8 rows, vertically: ((0+4)+(2+6)) + ((1+5)+(3+7)), + summs."""
     s = [e.b.fadd(accs[k], accs[k + 4]) for k in range(4)]
@@ -350,6 +406,8 @@ def _gemm_body(q):
         return _GemmBody(lambda *a: _gemm_lanes(q, *a), 8 + LANE_TYPES[q].with_min, _lanes_total)
     if q == _Q4_0:
         return _GemmBody(_gemm_q4_0, 1, lambda e, accs: accs[0])
+    if q == _Q6_K:
+        return _GemmBody(_gemm_q6_k, 8, _lanes_total)
     return _GemmBody(_gemm_q4_k, 2, lambda e, accs: e.b.fsub(accs[0], accs[1]))
 
 
@@ -421,6 +479,8 @@ def covers(qtype, n_tok):
         return n_tok >= _Q4_0_MIN
     if qtype == _Q4_K:
         return n_tok >= _Q4_K_MIN
+    if qtype == _Q6_K:
+        return n_tok >= _Q6_K_MIN
     return (qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0) and n_tok >= _LANES_MIN
 
 
@@ -429,7 +489,7 @@ def column_sums(qtype, x8, xs, nb):
     """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs; for
     Q5_0, per block and 4-value group k, 16 * the group's sum; none for the other lane types."""
     n = x8.shape[0]
-    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else (QK // 4 if qtype == _Q5_0 else 0))
+    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else (QK // 4 if qtype == _Q5_0 or qtype == _Q6_K else 0))
     yc = np.empty((n, nb * per_block), np.int32)
     if per_block == 0:
         return yc
@@ -441,6 +501,11 @@ def column_sums(qtype, x8, xs, nb):
                     for m in range(4):
                         s += x8[t, i * QK + 4 * k + m]
                     yc[t, i * (QK // 4) + k] = _Q5_0_OFFSET * s
+            elif qtype == _Q6_K:  # pairs of Q8_K's 16-value group sums 2m, 2m + 1
+                for m in range(8):
+                    g = i * (QK_K // 16) + 2 * m
+                    word = (int(xs[t, g]) & 0xFFFF) | ((int(xs[t, g + 1]) & 0xFFFF) << 16)
+                    yc[t, i * 8 + m] = word - (1 << 32) if word >= (1 << 31) else word
             elif qtype == _Q4_0:
                 s = 0
                 for m in range(QK):
@@ -461,8 +526,9 @@ def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     """Rows r0 .. (the last whole 8) of W times every token; returns the first row left undone."""
     n_tok = x8.shape[0]
     yc = column_sums(qtype, x8, xs, nb)
-    tq = np.empty(nb * (_Q4_K_TILE_BYTES if qtype == _Q4_K else _QK_TILE_BYTES), np.uint8)
-    tsm = np.empty(nb * TSM_PER_BLOCK if qtype == _Q4_K else 0, np.int16)
+    tq = np.empty(nb * (_Q4_K_TILE_BYTES if qtype == _Q4_K or qtype == _Q6_K else _QK_TILE_BYTES), np.uint8)
+    tsm = np.empty(nb * (TSM_PER_BLOCK if qtype == _Q4_K else (TSM_Q6_K_PER_BLOCK if qtype == _Q6_K else 0)),
+                   np.int16)
     td = np.empty(nb * TD_PER_BLOCK, np.float32)
     r = r0
     while r + ROWS <= r1:
