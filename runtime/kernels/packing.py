@@ -65,15 +65,13 @@ def _k4_scales_mins(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales, mins
 
 
-def pack(qtype: GGMLType, w: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
-    """The packed copy of w (rows, row bytes) uint8, rows a multiple of 8 (PACKED_LAYOUT),
-    written into `into` (uint8, its size) if given."""
+def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
+    """The packed copy of w (rows, row bytes) uint8, rows a multiple of 8 (PACKED_LAYOUT)."""
     rows, rb = w.shape
     block = QUANT_TABLE[qtype].type_size
     nb, groups, lay = rb // block, rows // ROWS, PACKED_LAYOUT[qtype]
     a = w.reshape(groups, ROWS, nb, block)
-    shape = (groups, nb, lay.block_bytes)
-    out = np.empty(shape, dtype=np.uint8) if into is None else into.reshape(shape)
+    out = np.empty((groups, nb, lay.block_bytes), dtype=np.uint8)
     # the byte moves as wide as the layouts allow (2-byte units for Q4_0's 18-byte blocks, 4 for
     # Q4_K's 144), which NumPy copies several times faster than single bytes
     if qtype == GGMLType.Q4_0:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ggufile.runtime import kernels
 from ggufile.runtime.model import ops
+from ggufile.runtime.model.transformer import lazy_zeros
 from ggufile.runtime.errors import GGUFFormatError
 from ggufile.runtime.gguf.constants import QK, QK_K, GGMLType
 from ggufile.runtime.kernels import packing
@@ -318,7 +319,7 @@ def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> 
               and packing.packable(GGMLType(tensors[t, S.T_TYPE]), int(tensors[t, S.T_ROWS]))]
     sizes = [int(tensors[t, S.T_ROWS]) * packing.packed_row_bytes(GGMLType(tensors[t, S.T_TYPE]),
                                                                    int(tensors[t, S.T_COLS])) for t in chosen]
-    packed = _huge_pages(max(1, sum(sizes)))
+    packed = lazy_zeros((max(1, sum(sizes)),), np.uint8, huge_pages=True)
     at = 0
     for t, size in zip(chosen, sizes):
         off, qtype, rows, k, rb, _ = (int(v) for v in tensors[t])
@@ -328,16 +329,6 @@ def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> 
         _drop_pages(source)
         at += size
     return packed
-
-
-def _huge_pages(n: int) -> np.ndarray:
-    """n bytes of fresh anonymous memory in transparent huge pages where the kernel has them:
-    first-touch page faults are what packing costs most (4 GiB: 9.0 s in 4 KiB pages, 3.1 s in
-    2 MiB ones, on a 2-vCPU VM)."""
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(buf, dtype=np.uint8)
 
 
 def _drop_pages(view: np.ndarray) -> None:

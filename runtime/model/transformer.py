@@ -339,16 +339,19 @@ class KVCache:
         self.n_tokens = n
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+def lazy_zeros(shape: tuple[int, ...], dtype, huge_pages: bool = False) -> np.ndarray:
     """Zeros in fresh anonymous pages that become resident one 4 KiB page at a time. Plain
     np.zeros would do, but transparent huge pages fault in 2 MiB at once, and writing one
     position touches every row of the transposed V cache: a 32k context would be resident
-    from the first token."""
+    from the first token. With huge_pages, in 2 MiB pages where the kernel has them, for memory
+    that is written whole at once: first-touch page faults are what filling it costs most
+    (4 GiB: 9.0 s in 4 KiB pages, 3.1 s in 2 MiB ones, on a 2-vCPU VM)."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if n == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if n == 0 or advice is None:
         return np.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    buf.madvise(advice)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 

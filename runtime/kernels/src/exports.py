@@ -204,9 +204,10 @@ def mv_q4_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 # Row groups g0..g1-1 of w (rows, row bytes) into out (rows, packed row bytes), so the pool
 # threads can split a matrix.
 
-_P4_0, _P4_K = PACKED_LAYOUT[GGMLType.Q4_0], PACKED_LAYOUT[GGMLType.Q4_K]
-_P4_0_BLOCK, _P4_0_QS = _P4_0.block_bytes, _P4_0.qs
-_P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = _P4_K.block_bytes, _P4_K.scales, _P4_K.mins, _P4_K.qs
+_LAYOUT_Q4_0, _LAYOUT_Q4_K = PACKED_LAYOUT[GGMLType.Q4_0], PACKED_LAYOUT[GGMLType.Q4_K]
+_P4_0_BLOCK, _P4_0_QS = _LAYOUT_Q4_0.block_bytes, _LAYOUT_Q4_0.qs
+_P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = (
+    _LAYOUT_Q4_K.block_bytes, _LAYOUT_Q4_K.scales, _LAYOUT_Q4_K.mins, _LAYOUT_Q4_K.qs)
 
 
 def pack_q4_0(w, out, g0, g1):

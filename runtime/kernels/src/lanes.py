@@ -232,7 +232,11 @@ class Emit:
 
     def hsum8(self, acc):
         """hsum_float_8: ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))."""
-        s = [self.b.fadd(self.lane(acc, k), self.lane(acc, k + 4)) for k in range(4)]
+        return self.sum8([self.lane(acc, k) for k in range(8)])
+
+    def sum8(self, v):
+        """hsum_float_8's order over 8 values (lanes, or whole vectors summed lane by lane)."""
+        s = [self.b.fadd(v[k], v[k + 4]) for k in range(4)]
         return self.b.fadd(self.b.fadd(s[0], s[2]), self.b.fadd(s[1], s[3]))
 
     def hsum_i32(self, v):

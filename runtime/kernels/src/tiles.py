@@ -155,7 +155,7 @@ def _interleave_lanes(q, e, rows, tq, tsm, td, tab, i):
     _store_groups(e, tq, e.index(i, _QK_TILE_BYTES), values)
     for j, row in enumerate(rows):
         _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 4 * j), e.f16(tab, row, o))
-        if LANE_TYPES[q].with_min:
+        if kind.with_min:
             _store(e, td, e.index(i, 4 * TD_PER_BLOCK, 32 + 4 * j), e.f16(tab, row, e.plus(o, 2)))
 
 
@@ -389,9 +389,8 @@ def _gemm_q6_k(e, src, cols, i):
 
 
 def _lanes_total(e, accs):
-    """hsum_float_8 of each of the 8 rows, vertically: ((0+4)+(2+6)) + ((1+5)+(3+7)), + summs."""
-    s = [e.b.fadd(accs[k], accs[k + 4]) for k in range(4)]
-    total = e.b.fadd(e.b.fadd(s[0], s[2]), e.b.fadd(s[1], s[3]))
+    """hsum_float_8 of each of the 8 rows, vertically (Emit.sum8 of the 8 lane vectors), + summs."""
+    total = e.sum8(accs[:8])
     return e.b.fadd(total, accs[8]) if len(accs) > 8 else total
 
 
