@@ -16,7 +16,7 @@ from test_quants import random_blocks
 
 from ggufile.runtime import kernels
 from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
-from ggufile.runtime.kernels import compiled, cpu, numpy_backend, reference, types
+from ggufile.runtime.kernels import compiled, cpu, numpy_backend, packing, reference, types
 
 ALL_TYPES = sorted(types.WEIGHT_TYPES)
 QUANT_TYPES = sorted(types.WEIGHT_TYPES - types.FLOAT_TYPES)
@@ -239,13 +239,11 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
             assert_close(together[:, r0:r1], ref, 1e-6)
 
 
-@pytest.mark.parametrize("qtype", ggml_lanes.REPACKED, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(packing.PACKED_LAYOUT), ids=lambda t: t.name)
 def test_packed_matrices_give_the_files_bits(qtype):
-    """The Q4_0/Q4_K matrices the step packs at load (kernels/packing.py) give the bits of the
+    """The Q4_0/Q4_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
     file's layout for any number of tokens, on a thread's rows (multiples of 8), and write
     nothing else."""
-    from ggufile.runtime.kernels import packing
-
     k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 48, 8, 40
     w = random_weight(qtype, rows, k, seed=5)
     packed = packing.pack(qtype, w)

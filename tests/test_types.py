@@ -8,7 +8,7 @@ import pytest
 
 from ggufile.builder import quantizers
 from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
-from ggufile.runtime.kernels import compiled, reference, types
+from ggufile.runtime.kernels import compiled, packing, reference, types
 
 
 def test_every_format_type_has_one_row():
@@ -48,7 +48,6 @@ def _compared_types(func, packed: bool = False) -> set[GGMLType]:
 @pytest.mark.parametrize("name", ["_matvec", "_get_row"])
 def test_decode_step_dispatch_covers_exactly_the_weight_types(name):
     pytest.importorskip("numba")
-    from ggufile.runtime.kernels import packing
     from ggufile.runtime.kernels.src import step
     from ggufile.runtime.model.step import STEP_WEIGHT_TYPES
 
@@ -67,4 +66,4 @@ def test_exported_kernels_follow_the_table():
         assert len(mv.args) == (9 if qtype in types.WITH_SUMS else 8), qtype.name
         assert f"dq_{qtype.name.lower()}" in exports.SIGNATURES
     assert exports.LANE_KERNELS == ({f"mv_{t.name.lower()}" for t in types.LANE_TYPES}
-                                    | {"mv_q4_0_packed", "mv_q4_k_packed"})
+                                    | {f"mv_{t.name.lower()}_packed" for t in packing.PACKED_LAYOUT})

@@ -24,6 +24,7 @@ from ggufile.runtime.kernels import reference
 from ggufile.runtime.gguf.constants import QK, QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.errors import UnsupportedModelError
 from ggufile.runtime.kernels import types
+from ggufile.runtime.kernels.packing import PACKED_LAYOUT
 from ggufile.runtime.kernels.pool import RowPool, split_rows
 from ggufile.runtime.kernels.step_layout import S_ABORT
 
@@ -70,8 +71,8 @@ class CompiledBackend:
         self._dq = {t: getattr(ns, f"dq_{t.name.lower()}") for t in ACTIVATION}
         # the step's kernels for matrices packed at load (kernels/packing.py): it calls them
         # itself; here for the tests that hold them to _mv's bits
-        self.mv_packed = {T.Q4_0: ns.mv_q4_0_packed, T.Q4_K: ns.mv_q4_k_packed}
-        self._pack = {T.Q4_0: ns.pack_q4_0, T.Q4_K: ns.pack_q4_k}
+        self.mv_packed = {t: getattr(ns, f"mv_{t.name.lower()}_packed") for t in PACKED_LAYOUT}
+        self._pack = {t: getattr(ns, f"pack_{t.name.lower()}") for t in PACKED_LAYOUT}
         self._mv_f32, self._mv_f16, self._dq_f16 = ns.mv_f32, ns.mv_f16, ns.dq_f16
         self._mv_bf16, self._dq_bf16 = ns.mv_bf16, ns.dq_bf16
         self._quantize = {_Q8_0: ns.quantize_q8_0, _Q8_K: ns.quantize_q8_k}

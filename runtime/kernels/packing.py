@@ -1,4 +1,4 @@
-"""Q4_0/Q4_K matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
+"""Q4_0/Q4_K/Q8_0 matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
 
 A decode reads each weight once per token, so it is bound by memory only if its kernel spends
 less than a byte's read time per byte. On the file's layout the 8-row tiles (src/tiles.py) first
@@ -11,6 +11,8 @@ Q4_K's 6-bit scales and mins as bytes.
 
 PACKED_LAYOUT gives, per type, one 8-row block's bytes and where each part starts in it:
 - Q4_0 (144 bytes, as 8 file blocks): d [row] fp16, then qs [m 4][row 8][4 bytes].
+- Q8_0 (272 bytes, as 8 file blocks): d [row] fp16, then qs [k 8][row 8][4 bytes] (the tile's
+  group k as it is: Q8_0's values are already bytes, so its prompts skip the per-call tile copy).
 - Q4_K (1184 bytes, 8 file blocks are 1152): d [row] fp16, dmin [row] fp16, scales
   [sub-block 8][row 8] u8, mins [pair 4][row 8][2] u8 (sub-blocks 2p, 2p + 1), qs
   [chunk 4][m 8][row 8][4 bytes] (chunk c: the low nibbles are sub-block 2c, the high 2c + 1).
@@ -39,6 +41,7 @@ class PackedLayout(NamedTuple):
 PACKED_LAYOUT = {
     GGMLType.Q4_0: PackedLayout(block_bytes=144, d=0, scales=-1, mins=-1, qs=16),
     GGMLType.Q4_K: PackedLayout(block_bytes=1184, d=0, scales=32, mins=96, qs=160),
+    GGMLType.Q8_0: PackedLayout(block_bytes=272, d=0, scales=-1, mins=-1, qs=16),
 }
 
 
@@ -74,10 +77,10 @@ def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
     out = np.empty((groups, nb, lay.block_bytes), dtype=np.uint8)
     # the byte moves as wide as the layouts allow (2-byte units for Q4_0's 18-byte blocks, 4 for
     # Q4_K's 144), which NumPy copies several times faster than single bytes
-    if qtype == GGMLType.Q4_0:
+    if qtype in (GGMLType.Q4_0, GGMLType.Q8_0):
         a16, out16 = a.view(np.uint16), out.view(np.uint16)
         out16[:, :, lay.d // 2:lay.qs // 2] = _by_block(a16[..., 0:1])
-        qs = a16[..., 1:].reshape(groups, ROWS, nb, 4, 2)  # (m, 2-byte half)
+        qs = a16[..., 1:].reshape(groups, ROWS, nb, (block - 2) // 4, 2)  # (m, 2-byte half)
         out16[:, :, lay.qs // 2:] = qs.transpose(0, 2, 3, 1, 4).reshape(groups, nb, -1)
     else:
         a16, out16 = a.view(np.uint16), out.view(np.uint16)

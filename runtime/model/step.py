@@ -65,6 +65,11 @@ class _Packer:
             self.tensors.append((offset, int(qw.qtype), data.shape[0], k, data.nbytes // data.shape[0], S.BLOB_FILE))
         return self._tensor_ids[offset]
 
+    def copy(self, t: int) -> int:
+        """A second row for tensor t (the same bytes), for what only one of its uses packs."""
+        self.tensors.append(self.tensors[t])
+        return len(self.tensors) - 1
+
     def vector(self, v: np.ndarray | None) -> int:
         """Offset of norm weight `v` in the packed float32 array, -1 for None."""
         if v is None:
@@ -113,6 +118,8 @@ class CompiledStep:
             cfg = np.zeros(S.CFG_LEN, dtype=np.int64)
             cfg[S.C_EMBD] = packer.matrix(w.tok_embd)
             cfg[S.C_OUTPUT] = packer.matrix(w.output)
+            if cfg[S.C_OUTPUT] == cfg[S.C_EMBD]:  # tied: the output matrix gets a row of its own,
+                cfg[S.C_OUTPUT] = packer.copy(cfg[S.C_EMBD])  # packed below, the lookups stay on the file
             cfg[S.C_OUTPUT_NORM] = packer.vector(w.output_norm)
         except _CannotPack:
             return None
@@ -314,7 +321,8 @@ def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> 
     """Packs the matrices kernels/packing.py packs (but the token embedding, read a row at a
     time) into one new array, points their tensor rows at it, and lets the kernel drop the
     file's pages they were copied from (the copy replaces them in memory, as llama.cpp's
-    repacked buffers replace its mapping's pages). Returns the packed weights."""
+    repacked buffers replace its mapping's pages; a tied output's lookups fault back in only
+    the rows they read). Returns the packed weights."""
     chosen = [t for t in range(len(tensors)) if t != embd
               and packing.packable(GGMLType(tensors[t, S.T_TYPE]), int(tensors[t, S.T_ROWS]))]
     sizes = [int(tensors[t, S.T_ROWS]) * packing.packed_row_bytes(GGMLType(tensors[t, S.T_TYPE]),

@@ -41,7 +41,8 @@ DECODE_FASTMATH = FASTMATH | {"contract"}
 
 
 # Kernels built on lanes.py: no fast-math at all, which would let LLVM reorder ggml's lane sums.
-LANE_KERNELS = frozenset([*(f"mv_{t.name.lower()}" for t in LANE_TYPES), "mv_q4_0_packed", "mv_q4_k_packed"])
+LANE_KERNELS = frozenset([*(f"mv_{t.name.lower()}" for t in LANE_TYPES),
+                          *(f"mv_{t.name.lower()}_packed" for t in PACKED_LAYOUT)])
 
 
 def fastmath_for(name: str) -> frozenset:
@@ -195,6 +196,11 @@ def mv_q4_0_packed(w, xq, xd, out, r0, r1, tab, qk):
     tiles.matmul_packed(_Q4_0_REPACKED, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
 
 
+def mv_q8_0_packed(w, xq, xd, out, r0, r1, tab, qk):
+    """mv_q8_0 of a matrix packed at load, r0 and r1 multiples of 8."""
+    tiles.matmul_packed(_Q8_0, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
+
+
 def mv_q4_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     """mv_q4_k of a matrix packed at load, r0 and r1 multiples of 8."""
     tiles.matmul_packed(_Q4_K_REPACKED, w, _int8(xq), xd, xbs, out, r0, r1, tab, xq.shape[1] // qk_k)
@@ -206,22 +212,33 @@ def mv_q4_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 
 _LAYOUT_Q4_0, _LAYOUT_Q4_K = PACKED_LAYOUT[GGMLType.Q4_0], PACKED_LAYOUT[GGMLType.Q4_K]
 _P4_0_BLOCK, _P4_0_QS = _LAYOUT_Q4_0.block_bytes, _LAYOUT_Q4_0.qs
+_P8_0_BLOCK, _P8_0_QS = PACKED_LAYOUT[GGMLType.Q8_0].block_bytes, PACKED_LAYOUT[GGMLType.Q8_0].qs
 _P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = (
     _LAYOUT_Q4_K.block_bytes, _LAYOUT_Q4_K.scales, _LAYOUT_Q4_K.mins, _LAYOUT_Q4_K.qs)
 
 
-def pack_q4_0(w, out, g0, g1):
-    nb = w.shape[1] // 18
+@njit(inline="always")
+def _pack_d_qs(w, out, g0, g1, block, packed_block, qs):
+    """Q4_0/Q8_0: per 8 rows and block, the 8 d, then vector m of the 8 rows' qs bytes 4m.."""
+    nb, units = w.shape[1] // block, (block - 2) // 4
     w16, o16 = w.view(np.uint16), out.reshape(-1).view(np.uint16)
     for g in range(g0, g1):
         for i in range(nb):
-            base = (g * nb + i) * (_P4_0_BLOCK // 2)
+            base = (g * nb + i) * (packed_block // 2)
             for j in range(8):
                 row = 8 * g + j
-                o16[base + j] = w16[row, i * 9]
-                for m in range(4):
+                o16[base + j] = w16[row, i * (block // 2)]
+                for m in range(units):
                     for h in range(2):
-                        o16[base + _P4_0_QS // 2 + (m * 8 + j) * 2 + h] = w16[row, i * 9 + 1 + m * 2 + h]
+                        o16[base + qs // 2 + (m * 8 + j) * 2 + h] = w16[row, i * (block // 2) + 1 + m * 2 + h]
+
+
+def pack_q4_0(w, out, g0, g1):
+    _pack_d_qs(w, out, g0, g1, 18, _P4_0_BLOCK, _P4_0_QS)
+
+
+def pack_q8_0(w, out, g0, g1):
+    _pack_d_qs(w, out, g0, g1, 34, _P8_0_BLOCK, _P8_0_QS)
 
 
 def pack_q4_k(w, out, g0, g1):
@@ -840,9 +857,10 @@ def _signatures() -> dict:
         sums = (f32_2d,) if qtype in WITH_SUMS else ()  # xs: Q8_1 d*sum / Q8_K bsums
         sigs[f"mv_{name}"] = nt.void(w_q, f32_2d, f32_2d, *sums, f32_2d, i64, i64, tab, i64)
         sigs[f"dq_{name}"] = nt.void(w_q, ids, f32_2d, tab, i64)
-    sigs["mv_q4_0_packed"] = sigs["mv_q4_0"]
-    sigs["mv_q4_k_packed"] = sigs["mv_q4_k"]
-    sigs["pack_q4_0"] = sigs["pack_q4_k"] = nt.void(w_q, nt.uint8[:, ::1], i64, i64)
+    for qtype in PACKED_LAYOUT:
+        name = qtype.name.lower()
+        sigs[f"mv_{name}_packed"] = sigs[f"mv_{name}"]
+        sigs[f"pack_{name}"] = nt.void(w_q, nt.uint8[:, ::1], i64, i64)
     f32_3d = nt.float32[:, :, ::1]
     sigs["round_f16"] = nt.void(f32_2d, f32_2d, i64, i64)
     sigs["geglu_f16"] = nt.void(f32_2d, f32_2d, tab, i64, i64)

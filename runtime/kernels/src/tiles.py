@@ -79,12 +79,13 @@ _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
 # tsm int16 per block: Q4_K 8 scale + 4 min vectors of 16; Q6_K 16 scale + 8 scale-pair vectors
 TSM_PER_BLOCK, TSM_Q6_K_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 24 * 16, 16
-_PACKED_LAYOUT = {_Q4_0: PACKED_LAYOUT[GGMLType.Q4_0], _Q4_K: PACKED_LAYOUT[GGMLType.Q4_K]}
+_PACKED_LAYOUT = {_Q4_0: PACKED_LAYOUT[GGMLType.Q4_0], _Q4_K: PACKED_LAYOUT[GGMLType.Q4_K],
+                  _Q8_0: PACKED_LAYOUT[GGMLType.Q8_0]}
 # How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
 # streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
 # left a sixth of the bandwidth unused (1.2 GB, 2 threads: 20.6 -> 25.6 GB/s, a STREAM-like read
 # 30); Q4_K's longer loop lost speed with any distance tried (23.1 -> 15-21 GB/s).
-PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0}
+PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q8_0: 1024}
 # From this many tokens a matmul goes through the tiles; below, the copy costs more than it
 # saves. Q4_0 gains even for one token: its vec_dot order needs a horizontal sum per block and
 # row, which the tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
@@ -266,6 +267,8 @@ class _Packed(_Tile):
             self.e.prefetch(self.rows, self.e.index(i, self.layout.block_bytes, ahead + line))
 
     def group(self, i, s, k):
+        if self.q == _Q8_0:  # the tile's group k as it is
+            return self.e.load(self.rows, self._at(i, "qs", 32 * k), I8, 32)
         if self.q == _Q4_0:  # vector m's low nibbles are values 4m.., its high ones 16 + 4m..
             chunk, m, high = 0, k % 4, k // 4
         else:  # sub-block s: chunk s // 2, low nibbles for s even
@@ -554,9 +557,10 @@ def matmul_packed(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     yc = column_sums(qtype, x8, xs, nb)
     for r in range(r0, r1, ROWS):
         t = 0
-        while t + 4 <= n_tok:
-            gemm_packed(qtype, 4, w, tab, x8, xd, yc, xs, nb, t, out, r)
-            t += 4
+        if qtype == _Q4_0 or qtype == _Q4_K:  # a lane type's 8 accumulators a token: 2 at most
+            while t + 4 <= n_tok:
+                gemm_packed(qtype, 4, w, tab, x8, xd, yc, xs, nb, t, out, r)
+                t += 4
         while t + 2 <= n_tok:
             gemm_packed(qtype, 2, w, tab, x8, xd, yc, xs, nb, t, out, r)
             t += 2
