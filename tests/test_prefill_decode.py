@@ -13,6 +13,8 @@ import pytest
 
 from ggufile.runtime import kernels
 from ggufile.runtime.gguf.reader import GGUFReader
+from ggufile.runtime.kernels import packing
+from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.types import BLOCK_TYPES, QUANTIZABLE_TYPES
 from ggufile.runtime.model import step as step_module
 from ggufile.runtime.model.transformer import load_model
@@ -73,22 +75,24 @@ def test_prefill_equals_decode_on_the_real_models(real_model):
     np.testing.assert_array_equal(stepwise, whole)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
-def test_matrices_packed_at_load_give_the_files_logits(qtype, f32_path, tmp_path, monkeypatch):
-    """The step packs Q4_0/Q4_K matrices of 8k rows at load (kernels/packing.py); every logit is
-    the bits the file's own layout gives (the step told to pack nothing)."""
+@pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
+@pytest.mark.parametrize("qtype", [t.name for t in packing.PACKED_LAYOUT])
+def test_matrices_packed_at_load_give_the_files_logits(qtype, tied, tmp_path, monkeypatch):
+    """The step packs the matrices kernels/packing.py lays out (8k rows), a slice of rows at a
+    time (here 8 rows, so every matrix takes several), a tied output as a copy of its own; every
+    logit is the bits the file's own layout gives (the step told to pack nothing)."""
     from ggufile.builder.quantize_model import quantize_file
-    from ggufile.runtime.kernels import packing
-    from ggufile.runtime.kernels import step_layout as S
 
+    f32 = write_tiny_gguf(tmp_path / "f32.gguf", **SHAPE, tied=tied)
     path = tmp_path / f"{qtype}.gguf"
-    quantize_file(f32_path, path, qtype, pure=True)
+    quantize_file(f32, path, qtype, pure=True)
     ids = _prompt(step_module.CHUNK + 9, SHAPE["n_vocab"])
+    monkeypatch.setattr(step_module, "_PACK_SLICE_BYTES", 1)
     packed_model = load_model(GGUFReader(path))
     packed = packed_model.forward(ids, packed_model.new_cache(160), all_logits=True)
     step = packed_model._compiled_step()
     blobs = step._tensors[:, S.T_BLOB]
-    assert (blobs == S.BLOB_PACKED).sum() >= 7 * SHAPE["n_layer"]  # every layer's matrices ...
+    assert (blobs == S.BLOB_PACKED).sum() == 7 * SHAPE["n_layer"] + 1  # every layer's matrices, the output ...
     assert blobs[step._cfg[S.C_EMBD]] == S.BLOB_FILE  # ... but the embedding, read by rows
     monkeypatch.setattr(packing, "packable", lambda qtype, rows: False)
     plain_model = load_model(GGUFReader(path))

@@ -332,11 +332,20 @@ def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> 
     for t, size in zip(chosen, sizes):
         off, qtype, rows, k, rb, _ = (int(v) for v in tensors[t])
         source = blob[off:off + rows * rb].reshape(rows, rb)
-        backend.pack(GGMLType(qtype), source, packed[at:at + size].reshape(rows, -1))
+        target = packed[at:at + size].reshape(rows, -1)
+        # a slice at a time, each one's file pages dropped once copied: the file's and the packed
+        # copy of one big matrix (a tied output, 263 MB at 1B Q8_0) are never resident together
+        step = max(8, _PACK_SLICE_BYTES // rb // 8 * 8)
+        for r0 in range(0, rows, step):
+            backend.pack(GGMLType(qtype), source[r0:r0 + step], target[r0:r0 + step])
+            _drop_pages(source[r0:r0 + step])
+        _drop_pages(source)  # the pages the slices' edges shared
         tensors[t] = (at, S.PACKED_TYPE_BASE + qtype, rows, k, size // rows, S.BLOB_PACKED)
-        _drop_pages(source)
         at += size
     return packed
+
+
+_PACK_SLICE_BYTES = 16 << 20
 
 
 def _drop_pages(view: np.ndarray) -> None:

@@ -27,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ggufile.runtime.gguf.constants import GGMLType
+from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels.packing import PACKED_LAYOUT
 from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
 from ggufile.runtime.kernels.src import lanes, tiles
@@ -215,11 +215,14 @@ _P4_0_BLOCK, _P4_0_QS = _LAYOUT_Q4_0.block_bytes, _LAYOUT_Q4_0.qs
 _P8_0_BLOCK, _P8_0_QS = PACKED_LAYOUT[GGMLType.Q8_0].block_bytes, PACKED_LAYOUT[GGMLType.Q8_0].qs
 _P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = (
     _LAYOUT_Q4_K.block_bytes, _LAYOUT_Q4_K.scales, _LAYOUT_Q4_K.mins, _LAYOUT_Q4_K.qs)
+_Q4_0_BYTES, _Q8_0_BYTES, _Q4_K_BYTES = (QUANT_TABLE[t].type_size for t in (GGMLType.Q4_0, GGMLType.Q8_0,
+                                                                              GGMLType.Q4_K))
 
 
 @njit(inline="always")
 def _pack_d_qs(w, out, g0, g1, block, packed_block, qs):
-    """Q4_0/Q8_0: per 8 rows and block, the 8 d, then vector m of the 8 rows' qs bytes 4m.."""
+    """Q4_0/Q8_0 (a 2-byte d, then the qs): per 8 rows and block, the 8 d, then vector m of the
+    8 rows' qs bytes 4m.."""
     nb, units = w.shape[1] // block, (block - 2) // 4
     w16, o16 = w.view(np.uint16), out.reshape(-1).view(np.uint16)
     for g in range(g0, g1):
@@ -234,15 +237,15 @@ def _pack_d_qs(w, out, g0, g1, block, packed_block, qs):
 
 
 def pack_q4_0(w, out, g0, g1):
-    _pack_d_qs(w, out, g0, g1, 18, _P4_0_BLOCK, _P4_0_QS)
+    _pack_d_qs(w, out, g0, g1, _Q4_0_BYTES, _P4_0_BLOCK, _P4_0_QS)
 
 
 def pack_q8_0(w, out, g0, g1):
-    _pack_d_qs(w, out, g0, g1, 34, _P8_0_BLOCK, _P8_0_QS)
+    _pack_d_qs(w, out, g0, g1, _Q8_0_BYTES, _P8_0_BLOCK, _P8_0_QS)
 
 
 def pack_q4_k(w, out, g0, g1):
-    nb = w.shape[1] // 144
+    nb = w.shape[1] // _Q4_K_BYTES
     w16, w32 = w.view(np.uint16), w.view(np.uint32)
     o8 = out.reshape(-1)
     o16, o32 = o8.view(np.uint16), o8.view(np.uint32)
@@ -251,14 +254,14 @@ def pack_q4_k(w, out, g0, g1):
             base = (g * nb + i) * _P4_K_BLOCK
             for j in range(8):
                 row = 8 * g + j
-                o16[base // 2 + j] = w16[row, i * 72]
-                o16[base // 2 + 8 + j] = w16[row, i * 72 + 1]
+                o16[base // 2 + j] = w16[row, i * (_Q4_K_BYTES // 2)]
+                o16[base // 2 + 8 + j] = w16[row, i * (_Q4_K_BYTES // 2) + 1]
                 for sb in range(8):
-                    sc, mn = _k_scale_min(w[row, i * 144 + 4:i * 144 + 16], sb)
+                    sc, mn = _k_scale_min(w[row, i * _Q4_K_BYTES + 4:i * _Q4_K_BYTES + 16], sb)
                     o8[base + _P4_K_SCALES + sb * 8 + j] = sc
                     o8[base + _P4_K_MINS + (sb // 2) * 16 + j * 2 + sb % 2] = mn
                 for cm in range(32):  # chunk c = cm // 8, vector m = cm % 8
-                    o32[base // 4 + _P4_K_QS // 4 + cm * 8 + j] = w32[row, i * 36 + 4 + cm]
+                    o32[base // 4 + _P4_K_QS // 4 + cm * 8 + j] = w32[row, i * (_Q4_K_BYTES // 4) + 4 + cm]
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):

@@ -79,8 +79,7 @@ _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
 # tsm int16 per block: Q4_K 8 scale + 4 min vectors of 16; Q6_K 16 scale + 8 scale-pair vectors
 TSM_PER_BLOCK, TSM_Q6_K_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 24 * 16, 16
-_PACKED_LAYOUT = {_Q4_0: PACKED_LAYOUT[GGMLType.Q4_0], _Q4_K: PACKED_LAYOUT[GGMLType.Q4_K],
-                  _Q8_0: PACKED_LAYOUT[GGMLType.Q8_0]}
+_PACKED_LAYOUT = {q: PACKED_LAYOUT[GGMLType(q % lanes.REPACKED)] for q in (_Q4_0, _Q4_K, _Q8_0)}
 # How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
 # streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
 # left a sixth of the bandwidth unused (1.2 GB, 2 threads: 20.6 -> 25.6 GB/s, a STREAM-like read
