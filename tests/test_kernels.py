@@ -355,6 +355,9 @@ def test_cpu_flag_parsing_and_variant_choice():
     assert {"avx2", "fma"} <= flags
     assert cpu.runnable_variants(flags, "x86_64") == ["x86-64-v3", "generic"]
     assert cpu.runnable_variants(frozenset(), "x86_64") == ["generic"]
+    v4 = flags | {"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
+    assert cpu.runnable_variants(v4, "x86_64") == ["x86-64-v4", "x86-64-v3", "generic"]
+    assert cpu.runnable_variants(v4 | {"avx512_vnni"}, "x86_64")[0] == "x86-64-v4-vnni"
     assert cpu.runnable_variants(frozenset(), "riscv64") == []
 
 

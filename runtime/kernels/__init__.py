@@ -3,7 +3,7 @@
 The backend is chosen once at import: ahead-of-time compiled kernels for the best CPU variant
 this machine runs (built by `python -m ggufile.runtime.kernels.src.aot_build`), else Numba JIT (if
 numba is importable), else pure NumPy. GGUFILE_KERNELS forces one:
-generic | x86-64-v3 | x86-64-v4 | aarch64 | jit | numpy. With an AOT build present, importing
+generic | x86-64-v3 | x86-64-v4 | x86-64-v4-vnni | aarch64 | jit | numpy. With an AOT build present, importing
 this package neither compiles anything nor imports numba.
 
 Weights come in the reader's form: a read-only (rows, row_bytes) uint8 view for quantized

@@ -5,11 +5,14 @@ import platform
 from pathlib import Path
 
 # Variant name -> (LLVM target CPU, CPU flags it needs), best last within an architecture.
+_V3 = frozenset({"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"})
+_V4 = _V3 | {"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
 X86_VARIANTS = {
     "generic": ("x86-64", frozenset()),
-    "x86-64-v3": ("haswell", frozenset({"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"})),
-    "x86-64-v4": ("skylake-avx512", frozenset({"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe",
-                                               "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"})),
+    "x86-64-v3": ("haswell", _V3),
+    "x86-64-v4": ("skylake-avx512", _V4),
+    # Cascade Lake = Skylake-AVX512 + VNNI (vpdpbusd); Ice Lake, Sapphire Rapids, Zen 4/5 have it too.
+    "x86-64-v4-vnni": ("cascadelake", _V4 | {"avx512_vnni"}),
 }
 ARM_VARIANTS = {"aarch64": ("generic", frozenset())}
 

@@ -76,7 +76,7 @@ class KernelModuleCompiler(pycc_compiler.ModuleCompiler):
             return super()._cull_exports()
 
 
-TUNING = {"x86-64-v4": "-prefer-256-bit"}
+TUNING = {"x86-64-v4": "-prefer-256-bit", "x86-64-v4-vnni": "-prefer-256-bit"}
 
 
 class KernelCC(CC):
@@ -117,7 +117,8 @@ def build_variant(variant: str, llvm_cpu: str, out_dir: Path) -> Path:
 
 def lanes_isa(variant: str) -> str:
     """The integer instructions lanes.py may use in a variant."""
-    return "avx2" if "avx2" in cpu.variants_for_machine()[variant][1] else "portable"
+    needs = cpu.variants_for_machine()[variant][1]
+    return "avx512vnni" if "avx512_vnni" in needs else "avx2" if "avx2" in needs else "portable"
 
 
 def _build_here(variant: str, out_dir: Path) -> None:

@@ -14,7 +14,8 @@ greedy token. Following ggml's lanes makes each row's result bit-identical to it
 The integer part is what Numba loops cannot express fast (they never become maddubs/pmaddwd),
 so it is emitted here directly:
 with the x86 AVX2 intrinsics ggml uses when the target has AVX2 (the x86-64-v3/v4 variants,
-or the JIT on such a host), else as portable vector IR (same integers, any target; there
+or the JIT on such a host; with AVX512-VNNI, vpdpbusd for maddubs + pmaddwd-with-ones, the
+same int32 lanes in one instruction), else as portable vector IR (same integers, any target; there
 `llvm.fmuladd` is an unfused multiply-add). Kernels that call these intrinsics are compiled
 without fast-math (exports.fastmath_for): a reassociating flag would let LLVM reorder the lane
 sums. (Speed figures: README, "Speed", and the commit messages.)
@@ -60,10 +61,12 @@ from ggufile.runtime.kernels.types import LANE_TYPES  # by name: numba's `types`
 I1, I8, I16, I32, I64, F32, F64, HALF = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
                                          ir.IntType(64), ir.FloatType(), ir.DoubleType(), ir.HalfType())
 
-# Which integer instructions the IR uses: "avx2" or "portable". The JIT asks its host CPU. An AOT
-# build sets this per variant, in one process per variant (aot_build): Numba compiles the step's
-# callee kernels with the JIT's context, once per process, whatever variant is being built.
+# Which integer instructions the IR uses: "portable", "avx2" or "avx512vnni" (AVX2's, and
+# vpdpbusd for the 4-product int32 sums). The JIT asks its host CPU. An AOT build sets this per
+# variant, in one process per variant (aot_build): Numba compiles the step's callee kernels with
+# the JIT's context, once per process, whatever variant is being built.
 ISA_ENV = "GGUFILE_LANES_ISA"
+ISAS = ("portable", "avx2", "avx512vnni")
 
 
 def _vec(t, n):
@@ -78,11 +81,18 @@ def _splat(t, n, value):
     return _const(t, [value] * n)
 
 
-def _target_has_avx2(context) -> bool:
+def _target_isa(context) -> str:
     forced = os.environ.get(ISA_ENV)
     if forced:
-        return forced == "avx2"
-    return "+avx2" in context.codegen()._tm_features.split(",")
+        return forced
+    features = set(context.codegen()._tm_features.split(","))
+    if {"+avx512vnni", "+avx512vl"} <= features:
+        return "avx512vnni"
+    return "avx2" if "+avx2" in features else "portable"
+
+
+def _target_has_avx2(context) -> bool:
+    return _target_isa(context) != "portable"
 
 
 def _target_converts_f16(context) -> bool:
@@ -93,12 +103,21 @@ def _target_converts_f16(context) -> bool:
     return cpu.machine() != "x86_64" or _target_has_avx2(context)
 
 
+@intrinsic
+def target_has_vnni(typingctx):
+    """Whether the IR of this compilation uses vpdpbusd (a constant, for njit code's choices)."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(I1, _target_isa(context) == "avx512vnni")
+    return types.boolean(), codegen
+
+
 class Emit:
     """Builds one kernel's IR: vector loads, ggml's integer dot steps, the float lanes."""
 
     def __init__(self, context, builder):
         self.b = builder
         self.avx2 = _target_has_avx2(context)
+        self.vnni = self.avx2 and _target_isa(context) == "avx512vnni"
         self.f16c = _target_converts_f16(context)
 
     # --- memory ---
@@ -186,19 +205,39 @@ class Emit:
     def dot_i8(self, q, y):
         """<32 x i8> q, y -> <8 x i32>, lane j = sum of q*y over elements 4j..4j+3
         (mul_sum_i8_pairs_float before its conversion; q may be signed)."""
+        if self.vnni:
+            return self.dpbusd(_splat(I32, 8, 0), self.abs_i8(q), self.sign_i8(y, q))
         return self.madd(self.mul_i8_pairs(q, y), _splat(I16, 16, 1))
 
     def dot_u8(self, q, y):
         """dot_i8 for q known non-negative (Q4_1/Q5_1's values, ggml's mul_sum_us8_pairs_float):
         maddubs straight away, without dot_i8's abs/sign steps."""
-        return self.madd(self.maddubs(q, y), _splat(I16, 16, 1))
+        return self.dot_u8_add(_splat(I32, 8, 0), q, y)
+
+    def dot_u8_add(self, acc, u, s):
+        """<8 x i32> acc + dot_u8(u, s): vpdpbusd where the target has it (the same integers as
+        maddubs then pmaddwd with ones, whose 16-bit pair sums never saturate here: |y| <= 127)."""
+        if self.vnni:
+            return self.dpbusd(acc, u, s)
+        return self.b.add(acc, self.madd(self.maddubs(u, s), _splat(I16, 16, 1)))
+
+    def dpbusd(self, acc, u, s):
+        """<8 x i32> acc + the sums of 4 products of unsigned u and signed s bytes (AVX512-VNNI)."""
+        as32 = [self.b.bitcast(v, _vec(I32, 8)) for v in (u, s)]
+        return self.call("llvm.x86.avx512.vpdpbusd.256", _vec(I32, 8), [acc, *as32])
+
+    def abs_i8(self, q):
+        return self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
+
+    def sign_i8(self, y, q):
+        """y with the sign of q (0 where q is 0): psign."""
+        return self.call("llvm.x86.avx2.psign.b", _vec(I8, 32), [y, q])
 
     def mul_i8_pairs(self, q, y):
         """<32 x i8> signed q, y -> <16 x i16> pair sums of q*y: maddubs(|q|, sign(y, q)), the
         same integers as ggml's maddubs of two unsigned parts subtracted (no saturation reached)."""
         if self.avx2:
-            ax = self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
-            return self.maddubs(ax, self.call("llvm.x86.avx2.psign.b", _vec(I8, 32), [y, q]))
+            return self.maddubs(self.abs_i8(q), self.sign_i8(y, q))
         products = self.b.mul(self.b.sext(q, _vec(I16, 32)), self.b.sext(y, _vec(I16, 32)))
         return self.pair_sum(products, 32, I16)
 

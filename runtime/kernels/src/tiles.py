@@ -73,7 +73,7 @@ LANE_TYPES = {
     _Q5_1: _LaneType(lanes.q5_1_values, signed=False, with_min=True),
     _Q8_0: _LaneType(lanes.q8_0_values, signed=True, with_min=False),
 }
-_Q5_0_OFFSET = LANE_TYPES[_Q5_0].offset
+_Q5_0_OFFSET, _Q8_0_VNNI_OFFSET = LANE_TYPES[_Q5_0].offset, 128
 # tq bytes per block: 32 bytes for each 4-value group of the block (plain ints: matmul reads them)
 _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
@@ -238,6 +238,10 @@ class _Tile:
         """Q4_K: <16 x i16>, sub-block s's scales, each row's twice."""
         return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * s), I16, 16)
 
+    def scales32(self, i, s):
+        """Q4_K: <8 x i32>, sub-block s's scales, one a row."""
+        return self.e.b.zext(self.e.shuffle(self.scales(i, s), None, range(0, 16, 2)), _vec(I32, 8))
+
     def mins(self, i, p):
         """Q4_K: <16 x i16>, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
         return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * (8 + p)), I16, 16)
@@ -284,6 +288,9 @@ class _Packed(_Tile):
         v = self.e.load(self.rows, self._at(i, "scales", 8 * s), I8, 8)
         return self.e.b.zext(self.e.shuffle(v, None, [j // 2 for j in range(16)]), _vec(I16, 16))
 
+    def scales32(self, i, s):
+        return self.e.b.zext(self.e.load(self.rows, self._at(i, "scales", 8 * s), I8, 8), _vec(I32, 8))
+
     def mins(self, i, p):
         return self.e.b.zext(self.e.load(self.rows, self._at(i, "mins", 16 * p), I8, 16), _vec(I16, 16))
 
@@ -308,6 +315,19 @@ class _Column(NamedTuple):
     accs: list
 
 
+def _group_sums32(e, src, i, s, cols, x8_at):
+    """Per column: <8 x i32>, row j's sum over the 32 values of (sub-)block s of block i against
+    the column's 32 values: vpdpbusd where the target has it, else _group_sums16's pairs added."""
+    if not e.vnni:
+        return [e.madd(s16, _splat(I16, 16, 1)) for s16 in _group_sums16(e, src, i, s, cols, x8_at)]
+    acc = [_splat(I32, 8, 0)] * len(cols)
+    for k in range(QK // 4):
+        wv = src.group(i, s, k)
+        for c, col in enumerate(cols):
+            acc[c] = e.dot_u8_add(acc[c], wv, _token_bytes(e, col.x8, e.plus(x8_at, 4 * k)))
+    return acc
+
+
 def _scalar(e, row, i):
     return e.b.load(e.b.gep(row, [i]))
 
@@ -315,10 +335,10 @@ def _scalar(e, row, i):
 def _gemm_q4_0(e, src, cols, i):
     """Per column: [acc] -> [acc + float(isum) * (d_w * d_x)] over block i."""
     dw = src.d(i)
-    sums = _group_sums16(e, src, i, 0, cols, e.index(i, QK))
+    sums = _group_sums32(e, src, i, 0, cols, e.index(i, QK))
     out = []
-    for col, s16 in zip(cols, sums):
-        isum = e.b.sub(e.madd(s16, _splat(I16, 16, 1)), e.broadcast(_scalar(e, col.yc, i), 8))
+    for col, s32 in zip(cols, sums):
+        isum = e.b.sub(s32, e.broadcast(_scalar(e, col.yc, i), 8))
         d = e.b.fmul(dw, e.broadcast(_scalar(e, col.xd, i), 8))
         out.append([e.fmuladd(e.b.sitofp(isum, _vec(F32, 8)), d, col.accs[0])])
     return out
@@ -329,9 +349,13 @@ def _gemm_q4_k(e, src, cols, i):
     dw, dmw = src.d(i), src.d(i, 1)
     isum = [_splat(I32, 8, 0)] * len(cols)
     for s in range(QK_K // 32):
-        sums = _group_sums16(e, src, i, s, cols, e.index(i, QK_K, 32 * s))
-        scales = src.scales(i, s)
-        isum = [e.b.add(a, e.madd(s16, scales)) for a, s16 in zip(isum, sums)]
+        at = e.index(i, QK_K, 32 * s)
+        if e.vnni:  # the same integers: row j's 32-value sum times its scale
+            scales = src.scales32(i, s)
+            isum = [e.b.add(a, e.b.mul(s32, scales)) for a, s32 in zip(isum, _group_sums32(e, src, i, s, cols, at))]
+        else:
+            scales = src.scales(i, s)
+            isum = [e.b.add(a, e.madd(s16, scales)) for a, s16 in zip(isum, _group_sums16(e, src, i, s, cols, at))]
     out = []
     for col, si in zip(cols, isum):
         imin = _splat(I32, 8, 0)
@@ -352,13 +376,18 @@ def _gemm_lanes(q, e, src, cols, i):
     dw = src.d(i)
     d = [e.b.fmul(dw, e.broadcast(_scalar(e, col.xd, i), 8)) for col in cols]
     out = [list(col.accs) for col in cols]
+    biased = kind.offset or (kind.signed and e.vnni)  # the tokens' yc takes the offset off
     for k in range(QK // 4):
         wv = src.group(i, 0, k)
+        if kind.signed and e.vnni:  # w + 128, unsigned: vpdpbusd needs no abs/sign steps
+            wv = e.b.xor(wv, _splat(I8, 32, -128))
         for c, col in enumerate(cols):
             y = _token_bytes(e, col.x8, e.index(i, QK, 4 * k))
-            lane_k = e.dot_i8(wv, y) if kind.signed else e.dot_u8(wv, y)
-            if kind.offset:
-                lane_k = e.b.sub(lane_k, e.broadcast(_scalar(e, col.yc, e.index(i, QK // 4, k)), 8))
+            if biased:
+                yc = e.broadcast(_scalar(e, col.yc, e.index(i, QK // 4, k)), 8)
+                lane_k = e.dot_u8_add(yc, wv, y)
+            else:
+                lane_k = e.dot_i8(wv, y) if kind.signed else e.dot_u8(wv, y)
             out[c][k] = e.fmuladd(e.b.sitofp(lane_k, _vec(F32, 8)), d[c], out[c][k])
     if kind.with_min:
         mw = src.d(i, 1)
@@ -488,20 +517,23 @@ def covers(qtype, n_tok):
 @njit(inline="always")
 def column_sums(qtype, x8, xs, nb):
     """The tokens' yc (module docstring): Q4_0 from x8, Q4_K from Q8_K's group sums xs; for
-    Q5_0, per block and 4-value group k, 16 * the group's sum; none for the other lane types."""
+    Q5_0 (and Q8_0 where vpdpbusd takes its values + 128), per block and 4-value group k,
+    -offset * the group's sum; none for the other lane types."""
     n = x8.shape[0]
-    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else (QK // 4 if qtype == _Q5_0 or qtype == _Q6_K else 0))
+    biased = qtype == _Q5_0 or (qtype == _Q8_0 and lanes.target_has_vnni())
+    per_block = 1 if qtype == _Q4_0 else (4 if qtype == _Q4_K else (QK // 4 if biased or qtype == _Q6_K else 0))
     yc = np.empty((n, nb * per_block), np.int32)
     if per_block == 0:
         return yc
+    offset = _Q5_0_OFFSET if qtype == _Q5_0 else _Q8_0_VNNI_OFFSET
     for t in range(n):
         for i in range(nb):
-            if qtype == _Q5_0:
+            if biased:
                 for k in range(QK // 4):
                     s = 0
                     for m in range(4):
                         s += x8[t, i * QK + 4 * k + m]
-                    yc[t, i * (QK // 4) + k] = _Q5_0_OFFSET * s
+                    yc[t, i * (QK // 4) + k] = -offset * s
             elif qtype == _Q6_K:  # pairs of Q8_K's 16-value group sums 2m, 2m + 1
                 for m in range(8):
                     g = i * (QK_K // 16) + 2 * m
