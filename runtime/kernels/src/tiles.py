@@ -9,7 +9,11 @@ a 32-value group, one 32-byte vector holds the 8 rows' 4 unsigned 4-bit values (
 partial sums come out as the 8 lanes of one vector, so there is no per-row horizontal sum, and
 each block's float steps are 3 vector operations for 8 rows. The copy is made once per call and
 serves all its tokens (up to model/step.py's CHUNK). Sums stay 16-bit inside a 32-value group:
-8 x 2 x 15 x 128 = 30720 < 2^15, so nothing saturates.
+8 x 2 x 15 x 128 = 30720 < 2^15, so nothing saturates. With AVX512-VNNI (the x86-64-v4-vnni
+variant) one vpdpbusd gives a group's int32 lanes straight away: Q4_0 sums a block in int32,
+Q4_K multiplies each sub-block's int32 sum by its scale, Q5_0 and Q8_0 (its values taken as
+w ^ 0x80 = w + 128, unsigned) start each lane's sum at yc = -offset x the token's 4 values: the
+same integers in fewer instructions.
 
 Tile layout (one per thread and call; nb blocks, Q4_0 32 values, Q4_K 256):
 - `tq` uint8: Q4_0 block i, group k at (8i + k) * 32; Q4_K super-block i, sub-block s, group k
