@@ -66,7 +66,7 @@ I1, I8, I16, I32, I64, F32, F64, HALF = (ir.IntType(1), ir.IntType(8), ir.IntTyp
 # variant, in one process per variant (aot_build): Numba compiles the step's callee kernels with
 # the JIT's context, once per process, whatever variant is being built.
 ISA_ENV = "GGUFILE_LANES_ISA"
-ISAS = ("portable", "avx2", "avx512vnni")
+_AVX2_ISAS = ("avx2", "avx512vnni")  # those that use AVX2's intrinsics; any other value: portable
 
 
 def _vec(t, n):
@@ -92,7 +92,7 @@ def _target_isa(context) -> str:
 
 
 def _target_has_avx2(context) -> bool:
-    return _target_isa(context) != "portable"
+    return _target_isa(context) in _AVX2_ISAS
 
 
 def _target_converts_f16(context) -> bool:

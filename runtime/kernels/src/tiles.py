@@ -380,11 +380,12 @@ def _gemm_lanes(q, e, src, cols, i):
     dw = src.d(i)
     d = [e.b.fmul(dw, e.broadcast(_scalar(e, col.xd, i), 8)) for col in cols]
     out = [list(col.accs) for col in cols]
-    biased = kind.offset or (kind.signed and e.vnni)  # the tokens' yc takes the offset off
+    as_unsigned = kind.signed and e.vnni  # w ^ 0x80 = w + 128: vpdpbusd needs no abs/sign steps
+    biased = kind.offset or as_unsigned  # the tokens' yc takes the offset off
     for k in range(QK // 4):
         wv = src.group(i, 0, k)
-        if kind.signed and e.vnni:  # w + 128, unsigned: vpdpbusd needs no abs/sign steps
-            wv = e.b.xor(wv, _splat(I8, 32, -128))
+        if as_unsigned:
+            wv = e.b.xor(wv, _splat(I8, 32, -_Q8_0_VNNI_OFFSET))
         for c, col in enumerate(cols):
             y = _token_bytes(e, col.x8, e.index(i, QK, 4 * k))
             if biased:
