@@ -241,7 +241,7 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
 
 @pytest.mark.parametrize("qtype", list(packing.PACKED_LAYOUT), ids=lambda t: t.name)
 def test_packed_matrices_give_the_files_bits(qtype):
-    """The Q4_0/Q4_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
+    """The Q4_0/Q4_K/Q6_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
     file's layout for any number of tokens, on a thread's rows (multiples of 8), and write
     nothing else."""
     k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 48, 8, 40
@@ -249,7 +249,7 @@ def test_packed_matrices_give_the_files_bits(qtype):
     packed = packing.pack(qtype, w)
     packed.flags.writeable = False
     assert packed.shape == (rows, packing.packed_row_bytes(qtype, k))
-    x = np.random.default_rng(8).standard_normal((11, k)).astype(np.float32)
+    x = np.random.default_rng(8).standard_normal((17, k)).astype(np.float32)
     block = QUANT_TABLE[qtype].block_size
     for name in _backend_ids()[1:]:
         b = load_backend(name)
@@ -258,7 +258,7 @@ def test_packed_matrices_give_the_files_bits(qtype):
         copy = np.zeros_like(packed)
         b.pack(qtype, w, copy)  # the exported packer (pool threads) against the NumPy oracle
         np.testing.assert_array_equal(copy, packed, err_msg=name)
-        for n in (1, 2, 3, 4, 11):
+        for n in (1, 2, 3, 4, 11, 17):  # 17: past the file layout's Q6_K tile threshold
             want, got = np.zeros((n, rows), np.float32), np.zeros((n, rows), np.float32)
             acts = (xq[:n], xd[:n], *(s[:n] for s in sums))
             b._mv[qtype](w, *acts, want, r0, r1, compiled.F16_TABLE, block)

@@ -1,4 +1,4 @@
-"""Q4_0/Q4_K/Q8_0 matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
+"""Q4_0/Q4_K/Q6_K/Q8_0 matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
 
 A decode reads each weight once per token, so it is bound by memory only if its kernel spends
 less than a byte's read time per byte. On the file's layout the 8-row tiles (src/tiles.py) first
@@ -16,6 +16,12 @@ PACKED_LAYOUT gives, per type, one 8-row block's bytes and where each part start
 - Q4_K (1184 bytes, 8 file blocks are 1152): d [row] fp16, dmin [row] fp16, scales
   [sub-block 8][row 8] u8, mins [pair 4][row 8][2] u8 (sub-blocks 2p, 2p + 1), qs
   [chunk 4][m 8][row 8][4 bytes] (chunk c: the low nibbles are sub-block 2c, the high 2c + 1).
+- Q6_K (1680 bytes, as 8 file blocks): d [row] fp16, scales [pair 8][row 8][2] i8 (scales 2p,
+  2p + 1), qs [quarter 8][half 2][vector 3][row 8][4 bytes]: the 6-bit values 4m..4m+3 of
+  quarter q (values 32q..), m = 4 * half + n, are vector n's low 6 bits for n = 0, 1 and vector
+  2's for n = 3; the 2-bit parts of m = 4 * half + 2 are the 3 vectors' top bits (low part in
+  vector 0). Four value groups come out of 3 loads in about 8 vector steps (ggml's ql/qh split
+  takes about 13).
 A packed matrix keeps the shape (rows, packed row bytes): the group of rows 8g..8g+7 is its
 rows' bytes, so a thread's rows (boundaries on multiples of 8) are its own bytes.
 """
@@ -42,6 +48,7 @@ PACKED_LAYOUT = {
     GGMLType.Q4_0: PackedLayout(block_bytes=144, d=0, scales=-1, mins=-1, qs=16),
     GGMLType.Q4_K: PackedLayout(block_bytes=1184, d=0, scales=32, mins=96, qs=160),
     GGMLType.Q8_0: PackedLayout(block_bytes=272, d=0, scales=-1, mins=-1, qs=16),
+    GGMLType.Q6_K: PackedLayout(block_bytes=1680, d=0, scales=16, mins=-1, qs=144),
 }
 
 
@@ -68,6 +75,26 @@ def _k4_scales_mins(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales, mins
 
 
+def q6_k_values(b: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (..., 210) -> their 256 unsigned 6-bit values (..., 256), ggml's order."""
+    ql, qh = b[..., 0:128].reshape(*b.shape[:-1], 2, 64), b[..., 128:192].reshape(*b.shape[:-1], 2, 32)
+    lo = np.stack([ql[..., 0:32] & 15, ql[..., 32:64] & 15, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], axis=-2)
+    hi = np.stack([(qh >> (2 * k)) & 3 for k in range(4)], axis=-2)
+    return (lo | (hi << 4)).reshape(*b.shape[:-1], 256)
+
+
+def _pack_q6_k(a: np.ndarray, out: np.ndarray, lay: PackedLayout) -> None:
+    groups, _, nb, _ = a.shape
+    out.view(np.uint16)[:, :, 0:8] = _by_block(a.view(np.uint16)[..., 104:105])
+    pairs = a[..., 192:208].view(np.uint16).reshape(groups, ROWS, nb, 8)
+    out.view(np.uint16)[:, :, lay.scales // 2:lay.qs // 2] = pairs.transpose(0, 2, 3, 1).reshape(groups, nb, -1)
+    v = q6_k_values(a).reshape(groups, ROWS, nb, 8, 2, 4, 4)  # (quarter, half, n, 4 values)
+    split = v[..., 2, :]
+    vectors = np.stack([v[..., 0, :] | ((split & 3) << 6), v[..., 1, :] | (((split >> 2) & 3) << 6),
+                        v[..., 3, :] | ((split >> 4) << 6)], axis=-2)  # (quarter, half, vector, 4)
+    out[:, :, lay.qs:] = vectors.transpose(0, 2, 3, 4, 5, 1, 6).reshape(groups, nb, -1)
+
+
 def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
     """The packed copy of w (rows, row bytes) uint8, rows a multiple of 8 (PACKED_LAYOUT)."""
     rows, rb = w.shape
@@ -77,7 +104,9 @@ def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
     out = np.empty((groups, nb, lay.block_bytes), dtype=np.uint8)
     # the byte moves as wide as the layouts allow (2-byte units for Q4_0's 18-byte blocks, 4 for
     # Q4_K's 144), which NumPy copies several times faster than single bytes
-    if qtype in (GGMLType.Q4_0, GGMLType.Q8_0):
+    if qtype == GGMLType.Q6_K:
+        _pack_q6_k(a, out, lay)
+    elif qtype in (GGMLType.Q4_0, GGMLType.Q8_0):
         a16, out16 = a.view(np.uint16), out.view(np.uint16)
         out16[:, :, lay.d // 2:lay.qs // 2] = _by_block(a16[..., 0:1])
         qs = a16[..., 1:].reshape(groups, ROWS, nb, (block - 2) // 4, 2)  # (m, 2-byte half)

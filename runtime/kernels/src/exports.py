@@ -27,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
+from ggufile.runtime.gguf.constants import QK_K, QUANT_TABLE, GGMLType
 from ggufile.runtime.kernels.packing import PACKED_LAYOUT
 from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
 from ggufile.runtime.kernels.src import lanes, tiles
@@ -206,6 +206,11 @@ def mv_q4_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
     tiles.matmul_packed(_Q4_K_REPACKED, w, _int8(xq), xd, xbs, out, r0, r1, tab, xq.shape[1] // qk_k)
 
 
+def mv_q6_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
+    """mv_q6_k of a matrix packed at load, r0 and r1 multiples of 8."""
+    tiles.matmul_packed(_Q6_K, w, _int8(xq), xd, xbs, out, r0, r1, tab, xq.shape[1] // qk_k)
+
+
 # --- packing at load (kernels/packing.py is the NumPy oracle; these are its fast copies) ------
 # Row groups g0..g1-1 of w (rows, row bytes) into out (rows, packed row bytes), so the pool
 # threads can split a matrix.
@@ -215,8 +220,10 @@ _P4_0_BLOCK, _P4_0_QS = _LAYOUT_Q4_0.block_bytes, _LAYOUT_Q4_0.qs
 _P8_0_BLOCK, _P8_0_QS = PACKED_LAYOUT[GGMLType.Q8_0].block_bytes, PACKED_LAYOUT[GGMLType.Q8_0].qs
 _P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = (
     _LAYOUT_Q4_K.block_bytes, _LAYOUT_Q4_K.scales, _LAYOUT_Q4_K.mins, _LAYOUT_Q4_K.qs)
-_Q4_0_BYTES, _Q8_0_BYTES, _Q4_K_BYTES = (QUANT_TABLE[t].type_size for t in (GGMLType.Q4_0, GGMLType.Q8_0,
-                                                                              GGMLType.Q4_K))
+_Q4_0_BYTES, _Q8_0_BYTES, _Q4_K_BYTES, _Q6_K_BYTES = (QUANT_TABLE[t].type_size for t in (
+    GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
+_LAYOUT_Q6_K = PACKED_LAYOUT[GGMLType.Q6_K]
+_P6_K_BLOCK, _P6_K_SCALES, _P6_K_QS = _LAYOUT_Q6_K.block_bytes, _LAYOUT_Q6_K.scales, _LAYOUT_Q6_K.qs
 
 
 @njit(inline="always")
@@ -262,6 +269,42 @@ def pack_q4_k(w, out, g0, g1):
                     o8[base + _P4_K_MINS + (sb // 2) * 16 + j * 2 + sb % 2] = mn
                 for cm in range(32):  # chunk c = cm // 8, vector m = cm % 8
                     o32[base // 4 + _P4_K_QS // 4 + cm * 8 + j] = w32[row, i * (_Q4_K_BYTES // 4) + 4 + cm]
+
+
+@njit(inline="always")
+def _q6_k_values(w, row, o, v):
+    """Row `row`'s Q6_K block at byte o -> its 256 unsigned 6-bit values in v (dequantize_row_q6_K's order)."""
+    for n in range(2):
+        for lane in range(32):
+            a, b = w[row, o + 64 * n + lane], w[row, o + 64 * n + 32 + lane]
+            h = w[row, o + 128 + 32 * n + lane]
+            v[128 * n + lane] = (a & 15) | ((h & 3) << 4)
+            v[128 * n + 32 + lane] = (b & 15) | (((h >> 2) & 3) << 4)
+            v[128 * n + 64 + lane] = (a >> 4) | (((h >> 4) & 3) << 4)
+            v[128 * n + 96 + lane] = (b >> 4) | ((h >> 6) << 4)
+
+
+def pack_q6_k(w, out, g0, g1):
+    nb = w.shape[1] // _Q6_K_BYTES
+    w16, o8 = w.view(np.uint16), out.reshape(-1)
+    o16 = o8.view(np.uint16)
+    v = np.empty(QK_K, np.uint8)
+    for g in range(g0, g1):
+        for i in range(nb):
+            base = (g * nb + i) * _P6_K_BLOCK
+            for j in range(8):
+                row, o = 8 * g + j, i * _Q6_K_BYTES
+                o16[base // 2 + j] = w16[row, (o + 208) // 2]
+                for sc in range(16):
+                    o8[base + _P6_K_SCALES + (sc // 2) * 16 + 2 * j + sc % 2] = w[row, o + 192 + sc]
+                _q6_k_values(w, row, o, v)
+                for qh in range(16):  # quarter qh // 2, half qh % 2: its values from 16 * qh
+                    at = base + _P6_K_QS + 96 * qh + 4 * j
+                    for t in range(4):
+                        split = v[16 * qh + 8 + t]
+                        o8[at + t] = v[16 * qh + t] | ((split & 3) << 6)
+                        o8[at + 32 + t] = v[16 * qh + 4 + t] | (((split >> 2) & 3) << 6)
+                        o8[at + 64 + t] = v[16 * qh + 12 + t] | ((split >> 4) << 6)
 
 
 def mv_q4_1(w, xq, xd, xs, out, r0, r1, tab, qk):

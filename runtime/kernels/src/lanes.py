@@ -255,6 +255,13 @@ class Emit:
         products = self.b.mul(self.b.sext(a, _vec(I32, 16)), self.b.sext(b, _vec(I32, 16)))
         return self.pair_sum(products, 16, I32)
 
+    def madd_add(self, acc, a, b):
+        """<8 x i32> acc + madd(a, b): one vpdpwssd where the target has AVX512-VNNI."""
+        if self.vnni:
+            as32 = [self.b.bitcast(v, _vec(I32, 8)) for v in (a, b)]
+            return self.call("llvm.x86.avx512.vpdpwssd.256", _vec(I32, 8), [acc, *as32])
+        return self.b.add(acc, self.madd(a, b))
+
     # --- float lanes ---
     def fmuladd(self, a, b, c):
         """a * b + c: one FMA where the target has it (as ggml's _mm256_fmadd_ps), else two ops."""

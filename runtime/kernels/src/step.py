@@ -35,7 +35,8 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int
                                      int(GGMLType.Q5_1), int(GGMLType.Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
                                      int(GGMLType.Q5_K), int(GGMLType.Q6_K))
-_P4_0, _P4_K, _P8_0 = PACKED_TYPE_BASE + _Q4_0, PACKED_TYPE_BASE + _Q4_K, PACKED_TYPE_BASE + _Q8_0  # packed at load
+_P4_0, _P4_K, _P6_K, _P8_0 = (PACKED_TYPE_BASE + _Q4_0, PACKED_TYPE_BASE + _Q4_K, PACKED_TYPE_BASE + _Q6_K,
+                              PACKED_TYPE_BASE + _Q8_0)  # packed at load
 
 
 def _kernel(name):
@@ -48,8 +49,8 @@ _mv_q4_0, _mv_q4_1, _mv_q5_0, _mv_q5_1, _mv_q8_0 = (
     _kernel("mv_q4_0"), _kernel("mv_q4_1"), _kernel("mv_q5_0"), _kernel("mv_q5_1"), _kernel("mv_q8_0"))
 _mv_q2_k, _mv_q3_k, _mv_q4_k, _mv_q5_k, _mv_q6_k = (
     _kernel("mv_q2_k"), _kernel("mv_q3_k"), _kernel("mv_q4_k"), _kernel("mv_q5_k"), _kernel("mv_q6_k"))
-_mv_q4_0_packed, _mv_q4_k_packed, _mv_q8_0_packed = (
-    _kernel("mv_q4_0_packed"), _kernel("mv_q4_k_packed"), _kernel("mv_q8_0_packed"))
+_mv_q4_0_packed, _mv_q4_k_packed, _mv_q6_k_packed, _mv_q8_0_packed = (
+    _kernel("mv_q4_0_packed"), _kernel("mv_q4_k_packed"), _kernel("mv_q6_k_packed"), _kernel("mv_q8_0_packed"))
 _dq_f16, _dq_bf16 = _kernel("dq_f16"), _kernel("dq_bf16")
 _dq_q4_0, _dq_q4_1, _dq_q5_0, _dq_q5_1, _dq_q8_0 = (
     _kernel("dq_q4_0"), _kernel("dq_q4_1"), _kernel("dq_q5_0"), _kernel("dq_q5_1"), _kernel("dq_q8_0"))
@@ -89,7 +90,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
         _mv_bf16(w.view(np.uint16), x, out, r0, r1, tab)
     elif qt == _F32:
         _mv_f32(w.view(np.float32), x, out, r0, r1)
-    elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K or qt == _P4_K:
+    elif qt == _Q2_K or qt == _Q3_K or qt == _Q4_K or qt == _Q5_K or qt == _Q6_K or qt == _P4_K \
+            or qt == _P6_K:
         xq, xd, xs = _rows(acts[3], 0, n, k), _rows(acts[4], 0, n, k // qk_k), _rows(acts[5], 0, n, k // 16)
         if qt == _Q2_K:
             _mv_q2_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
@@ -103,6 +105,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q6_k(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _P4_K:
             _mv_q4_k_packed(w, xq, xd, xs, out, r0, r1, tab, qk_k)
+        elif qt == _P6_K:
+            _mv_q6_k_packed(w, xq, xd, xs, out, r0, r1, tab, qk_k)
     elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0 or qt == _P4_0 or qt == _P8_0:
         xq, xd, xs = _rows(acts[0], 0, n, k), _rows(acts[1], 0, n, k // qk), _rows(acts[2], 0, n, k // qk)
         if qt == _Q4_0:

@@ -38,7 +38,10 @@ Q6_K (not repacked by llama.cpp on x86 either) keeps vec_dot's 8 lanes too: its 
 (values 32q..32q+31, unsigned 6-bit) takes Q4_K's sub-block place in tq; lane m of a row is
 the sum over quarters of scale(q, m // 4) * (its values 4m..4m+3 . y) less 32 * (the row's
 scales 2m, 2m + 1 . the token's group sums 2m, 2m + 1), FMA-added per super-block
-(`_interleave_q6_k`, `_gemm_q6_k`).
+(`_interleave_q6_k`, `_gemm_q6_k`). Packed at load (kernels/packing.py), a decode reads its
+groups straight from the packed rows, 3 loads and a few bit steps per 4 groups (no per-row
+scale shuffles, 8 rows a vector: 2x the one-row kernel), and a prompt from 16 tokens unpacks
+each 8 rows once into the tile (`unpack_packed`) for all its tokens.
 """
 from __future__ import annotations
 
@@ -83,12 +86,12 @@ _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
 # tsm int16 per block: Q4_K 8 scale + 4 min vectors of 16; Q6_K 16 scale + 8 scale-pair vectors
 TSM_PER_BLOCK, TSM_Q6_K_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 24 * 16, 16
-_PACKED_LAYOUT = {q: PACKED_LAYOUT[GGMLType(q % lanes.REPACKED)] for q in (_Q4_0, _Q4_K, _Q8_0)}
+_PACKED_LAYOUT = {q: PACKED_LAYOUT[GGMLType(q % lanes.REPACKED)] for q in (_Q4_0, _Q4_K, _Q6_K, _Q8_0)}
 # How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
 # streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
 # left a sixth of the bandwidth unused (1.2 GB, 2 threads: 20.6 -> 25.6 GB/s, a STREAM-like read
 # 30); Q4_K's longer loop lost speed with any distance tried (23.1 -> 15-21 GB/s).
-PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q8_0: 1024}
+PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q6_K: 0, _Q8_0: 1024}
 # From this many tokens a matmul goes through the tiles; below, the copy costs more than it
 # saves. Q4_0 gains even for one token: its vec_dot order needs a horizontal sum per block and
 # row, which the tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
@@ -215,6 +218,40 @@ def interleave(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
     return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
 
 
+def _unpack_q6_k(e, src, tq, tsm, td, i):
+    """Block i of 8 packed Q6_K rows into the tile: the same vectors the packed source gives."""
+    for q in range(QK_K // 32):
+        for m in range(QK // 4):
+            _store(e, tq, e.index(i, _Q4_K_TILE_BYTES, 256 * q + 32 * m), src.group(i, q, m))
+    for s in range(16):
+        _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * s), src.q6_scales(i, s))
+    for p in range(8):
+        _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 + p)), src.q6_scales(i, p, pair=True))
+    _store(e, td, e.index(i, 4 * TD_PER_BLOCK), src.d(i))
+
+
+@intrinsic
+def unpack_packed(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
+    """Rows r..r+7 of a packed Q6_K matrix w into the tile tq, tsm, td (interleave's result):
+    a prompt's tokens then skip the packed values' bit steps."""
+    q, = _literal(qtype)
+
+    def codegen(context, builder, sig, args):
+        e = Emit(context, builder)
+        wa = context.make_array(sig.args[1])(context, builder, args[1])
+        rows = cgutils.get_item_pointer(context, builder, sig.args[1], wa, [args[2], ir.Constant(I64, 0)])
+        src = _Packed(e, q, rows, _data(context, builder, sig.args[4], args[4]))
+        tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
+                             for k in (5, 6, 7))
+
+        def block(i, accs):
+            _unpack_q6_k(e, src, tq_p, tsm_p, td_p, i)
+            return []
+        e.block_loop(args[3], [], block)
+        return context.get_dummy_value()
+    return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
+
+
 def _token_bytes(e, x8, at):
     """The 4 int8 values at byte `at` of a token's x8 row, broadcast to <32 x i8>."""
     return e.b.bitcast(e.broadcast(e.load(x8, at, I32), 8), _vec(I8, 32))
@@ -276,6 +313,8 @@ class _Packed(_Tile):
     def group(self, i, s, k):
         if self.q == _Q8_0:  # the tile's group k as it is
             return self.e.load(self.rows, self._at(i, "qs", 32 * k), I8, 32)
+        if self.q == _Q6_K:
+            return self._q6_k_group(i, s, k)
         if self.q == _Q4_0:  # vector m's low nibbles are values 4m.., its high ones 16 + 4m..
             chunk, m, high = 0, k % 4, k // 4
         else:  # sub-block s: chunk s // 2, low nibbles for s even
@@ -297,6 +336,23 @@ class _Packed(_Tile):
 
     def mins(self, i, p):
         return self.e.b.zext(self.e.load(self.rows, self._at(i, "mins", 16 * p), I8, 16), _vec(I16, 16))
+
+    def _q6_k_group(self, i, q, m):
+        """Quarter q's values 4m..4m+3 of the 8 rows (packing.py's Q6_K vectors)."""
+        b, n = self.e.b, m % 4
+        vec = [self.e.load(self.rows, self._at(i, "qs", 192 * q + 96 * (m // 4) + 32 * v), I8, 32) for v in range(3)]
+        if n != 2:
+            return b.and_(vec[n if n < 2 else 2], _splat(I8, 32, 63))
+        low = b.lshr(vec[0], _splat(I8, 32, 6))
+        mid = b.and_(b.lshr(vec[1], _splat(I8, 32, 4)), _splat(I8, 32, 12))
+        top = b.and_(b.lshr(vec[2], _splat(I8, 32, 2)), _splat(I8, 32, 48))
+        return b.or_(low, b.or_(mid, top))
+
+    def q6_scales(self, i, s, pair=False):
+        if pair:  # the layout's own order: row j's scales 2s, 2s + 1 at bytes 2j, 2j + 1
+            return self.e.b.sext(self.e.load(self.rows, self._at(i, "scales", 16 * s), I8, 16), _vec(I16, 16))
+        v = self.e.load(self.rows, self._at(i, "scales", 16 * (s // 2)), I8, 16)
+        return self.e.b.sext(self.e.shuffle(v, None, [2 * (j // 2) + s % 2 for j in range(16)]), _vec(I16, 16))
 
 
 def _group_sums16(e, src, i, s, cols, x8_at):
@@ -406,14 +462,15 @@ def _gemm_q6_k(e, src, cols, i):
     (d_x * d_w), sumi_m the sum over the quarters q of scale(q, m // 4) * (values 4m..4m+3 of
     quarter q . y), offset_m = 32 * (bsums 2m, 2m + 1 . scales 2m, 2m + 1): ggml's q6_K lanes."""
     dw = src.d(i)
-    out = []
-    for col in cols:
-        sumi = [_splat(I32, 8, 0)] * 8
-        for q in range(QK_K // 32):
-            for m in range(QK // 4):
+    sumis = [[_splat(I32, 8, 0)] * 8 for _ in cols]
+    for q in range(QK_K // 32):
+        for m in range(QK // 4):
+            wv, scales = src.group(i, q, m), src.q6_scales(i, 2 * q + m // 4)
+            for col, sumi in zip(cols, sumis):
                 y = _token_bytes(e, col.x8, e.index(i, QK_K, 32 * q + 4 * m))
-                part = e.madd(e.maddubs(src.group(i, q, m), y), src.q6_scales(i, 2 * q + m // 4))
-                sumi[m] = e.b.add(sumi[m], part)
+                sumi[m] = e.madd_add(sumi[m], e.maddubs(wv, y), scales)
+    out = []
+    for col, sumi in zip(cols, sumis):
         d = e.b.fmul(e.broadcast(_scalar(e, col.xd, i), 8), dw)
         new = []
         for m in range(8):
@@ -560,28 +617,39 @@ def column_sums(qtype, x8, xs, nb):
 
 
 @njit(inline="always")
-def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
-    """Rows r0 .. (the last whole 8) of W times every token; returns the first row left undone."""
-    n_tok = x8.shape[0]
-    yc = column_sums(qtype, x8, xs, nb)
+def _new_tile(qtype, nb):
     tq = np.empty(nb * (_Q4_K_TILE_BYTES if qtype == _Q4_K or qtype == _Q6_K else _QK_TILE_BYTES), np.uint8)
     tsm = np.empty(nb * (TSM_PER_BLOCK if qtype == _Q4_K else (TSM_Q6_K_PER_BLOCK if qtype == _Q6_K else 0)),
                    np.int16)
-    td = np.empty(nb * TD_PER_BLOCK, np.float32)
+    return tq, tsm, np.empty(nb * TD_PER_BLOCK, np.float32)
+
+
+@njit(inline="always")
+def _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r):
+    """The tile's 8 rows (at row r) times every token, 4 (Q4_0/Q4_K), 2 or 1 at a time."""
+    n_tok = x8.shape[0]
+    t = 0
+    if qtype == _Q4_0 or qtype == _Q4_K:
+        while t + 4 <= n_tok:
+            gemm(qtype, 4, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+            t += 4
+    while t + 2 <= n_tok:
+        gemm(qtype, 2, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+        t += 2
+    while t < n_tok:
+        gemm(qtype, 1, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+        t += 1
+
+
+@njit(inline="always")
+def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
+    """Rows r0 .. (the last whole 8) of W times every token; returns the first row left undone."""
+    yc = column_sums(qtype, x8, xs, nb)
+    tq, tsm, td = _new_tile(qtype, nb)
     r = r0
     while r + ROWS <= r1:
         interleave(qtype, w, r, nb, tab, tq, tsm, td)
-        t = 0
-        if qtype == _Q4_0 or qtype == _Q4_K:
-            while t + 4 <= n_tok:
-                gemm(qtype, 4, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
-                t += 4
-        while t + 2 <= n_tok:
-            gemm(qtype, 2, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
-            t += 2
-        while t < n_tok:
-            gemm(qtype, 1, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
-            t += 1
+        _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
         r += ROWS
     return r
 
@@ -591,6 +659,12 @@ def matmul_packed(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     """Rows r0..r1-1 (multiples of 8) of a packed matrix w (kernels/packing.py) times every token."""
     n_tok = x8.shape[0]
     yc = column_sums(qtype, x8, xs, nb)
+    if qtype == _Q6_K and n_tok >= _Q6_K_MIN:  # a prompt: the values unpacked once, for all its tokens
+        tq, tsm, td = _new_tile(qtype, nb)
+        for r in range(r0, r1, ROWS):
+            unpack_packed(qtype, w, r, nb, tab, tq, tsm, td)
+            _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
+        return
     for r in range(r0, r1, ROWS):
         t = 0
         if qtype == _Q4_0 or qtype == _Q4_K:  # a lane type's 8 accumulators a token: 2 at most
