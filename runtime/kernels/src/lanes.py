@@ -223,8 +223,9 @@ class Emit:
 
     def dpbusd(self, acc, u, s):
         """<8 x i32> acc + the sums of 4 products of unsigned u and signed s bytes (AVX512-VNNI)."""
-        as32 = [self.b.bitcast(v, _vec(I32, 8)) for v in (u, s)]
-        return self.call("llvm.x86.avx512.vpdpbusd.256", _vec(I32, 8), [acc, *as32])
+        n = acc.type.count  # 8 (ymm) or 16 (zmm) lanes
+        as32 = [self.b.bitcast(v, _vec(I32, n)) for v in (u, s)]
+        return self.call(f"llvm.x86.avx512.vpdpbusd.{32 * n}", _vec(I32, n), [acc, *as32])
 
     def abs_i8(self, q):
         return self.call("llvm.abs.v32i8", _vec(I8, 32), [q, ir.Constant(I1, 0)])
@@ -243,6 +244,8 @@ class Emit:
 
     def maddubs(self, u, s):
         """<32 x i8> unsigned u, signed s -> <16 x i16> pair sums (no saturation reached here)."""
+        if self.vnni and u.type.count == 64:  # zmm: 16-row tiles (tiles.py), AVX-512 targets only
+            return self.call("llvm.x86.avx512.pmaddubs.w.512", _vec(I16, 32), [u, s])
         if self.avx2:
             return self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [u, s])
         products = self.b.mul(self.b.zext(u, _vec(I16, 32)), self.b.sext(s, _vec(I16, 32)))
@@ -250,6 +253,8 @@ class Emit:
 
     def madd(self, a, b):
         """<16 x i16> a, b -> <8 x i32> pair sums of a*b (pmaddwd)."""
+        if self.vnni and a.type.count == 32:  # zmm: 16-row tiles (tiles.py)
+            return self.call("llvm.x86.avx512.pmaddw.d.512", _vec(I32, 16), [a, b])
         if self.avx2:
             return self.call("llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [a, b])
         products = self.b.mul(self.b.sext(a, _vec(I32, 16)), self.b.sext(b, _vec(I32, 16)))
@@ -258,8 +263,9 @@ class Emit:
     def madd_add(self, acc, a, b):
         """<8 x i32> acc + madd(a, b): one vpdpwssd where the target has AVX512-VNNI."""
         if self.vnni:
-            as32 = [self.b.bitcast(v, _vec(I32, 8)) for v in (a, b)]
-            return self.call("llvm.x86.avx512.vpdpwssd.256", _vec(I32, 8), [acc, *as32])
+            n = acc.type.count
+            as32 = [self.b.bitcast(v, _vec(I32, n)) for v in (a, b)]
+            return self.call(f"llvm.x86.avx512.vpdpwssd.{32 * n}", _vec(I32, n), [acc, *as32])
         return self.b.add(acc, self.madd(a, b))
 
     # --- float lanes ---
