@@ -46,8 +46,8 @@ each 8 rows once into the tile (`unpack_packed`) for all its tokens.
 With AVX512-VNNI (the x86-64-v4-vnni variant), packed Q4_0/Q4_K/Q8_0 matrices go 16 rows at a
 time: one 512-bit vector holds two 8-row groups' vectors side by side (`_Packed16`), so every
 integer and float step covers 16 rows in one instruction, each row's lanes and float order its
-own (the same bits). Q6_K prompts unpack 16 rows into a tile whose vectors are laid out so
-(`_Tile16`). One thread, 2048 x 2048, 64 tokens: Q4_K 186 -> 261-288 GOP/s, Q4_0 213 -> 305-312,
+own (the same bits). Q6_K prompts unpack 16 rows into a tile whose vectors each hold both
+groups' (`_Tile16`), one 512-bit load apiece. One thread, 2048 x 2048, 64 tokens: Q4_K 186 -> 261-288 GOP/s, Q4_0 213 -> 305-312,
 Q8_0 113 -> 148, Q6_K 104-112 -> 132-178.
 """
 from __future__ import annotations
