@@ -244,7 +244,7 @@ def test_packed_matrices_give_the_files_bits(qtype):
     """The Q4_0/Q4_K/Q6_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
     file's layout for any number of tokens, on a thread's rows (multiples of 8), and write
     nothing else."""
-    k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 48, 8, 40
+    k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 56, 8, 48  # 40 rows: two 16-row passes and one of 8
     w = random_weight(qtype, rows, k, seed=5)
     packed = packing.pack(qtype, w)
     packed.flags.writeable = False

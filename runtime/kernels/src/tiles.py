@@ -47,8 +47,8 @@ With AVX512-VNNI (the x86-64-v4-vnni variant), packed Q4_0/Q4_K/Q8_0 matrices go
 time: one 512-bit vector holds two 8-row groups' vectors side by side (`_Packed16`), so every
 integer and float step covers 16 rows in one instruction, each row's lanes and float order its
 own (the same bits). Q6_K prompts unpack 16 rows into a tile whose vectors each hold both
-groups' (`_Tile16`), one 512-bit load apiece. One thread, 2048 x 2048, 64 tokens: Q4_K 186 -> 261-288 GOP/s, Q4_0 213 -> 305-312,
-Q8_0 113 -> 148, Q6_K 104-112 -> 132-178.
+groups' (`_Tile` of 2 groups), one 512-bit load apiece. One thread, 2048 x 2048, 64 tokens:
+Q4_K 186 -> 261-288 GOP/s, Q4_0 213 -> 305-312, Q8_0 113 -> 148, Q6_K 104-112 -> 132-178.
 """
 from __future__ import annotations
 
@@ -107,6 +107,13 @@ PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q6_K: 0, _Q8_0: 1024}
 # 77 -> 57).
 MIN_TOKENS = {_Q4_0: 1, _Q4_K: 3, _Q6_K: 16, **{q: 4 for q in LANE_TYPES}}
 _Q4_0_MIN, _Q4_K_MIN, _Q6_K_MIN, _LANES_MIN = MIN_TOKENS[_Q4_0], MIN_TOKENS[_Q4_K], MIN_TOKENS[_Q6_K], MIN_TOKENS[_Q8_0]
+# From this many tokens a packed matrix goes 16 rows a pass under AVX512-VNNI (Q6_K prompts: from
+# MIN_TOKENS). Fewer tokens stream the weights from memory, and two 8-row streams read at once
+# left much of the bandwidth unused (Zen 5, 57344 x 4096 Q4_K, one token, one thread: 8 rows
+# 38-42 GB/s, 16 rows 27; 8B Q4_K_M decode 10-11 -> 14.1-14.6 tok/s on 2 threads); at 2 tokens
+# 8 rows were still faster for Q4_0/Q4_K (213 against 140 GOP/s), 16 for Q8_0 (140 against 105).
+WIDE_MIN_TOKENS = {_Q4_0: 3, _Q4_K: 3, _Q8_0: 2}
+_Q4_0_WIDE, _Q4_K_WIDE, _Q8_0_WIDE = WIDE_MIN_TOKENS[_Q4_0], WIDE_MIN_TOKENS[_Q4_K], WIDE_MIN_TOKENS[_Q8_0]
 
 
 def _transpose8(e, rows):
@@ -225,91 +232,44 @@ def interleave(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
     return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
 
 
-def _unpack_q6_k(e, src, tq, tsm, td, i):
-    """Block i of 8 packed Q6_K rows into the tile: the same vectors the packed source gives."""
-    for q in range(QK_K // 32):
-        for m in range(QK // 4):
-            _store(e, tq, e.index(i, _Q4_K_TILE_BYTES, 256 * q + 32 * m), src.group(i, q, m))
-    for s in range(16):
-        _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * s), src.q6_scales(i, s))
-    for p in range(8):
-        _store(e, tsm, e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 + p)), src.q6_scales(i, p, pair=True))
-    _store(e, td, e.index(i, 4 * TD_PER_BLOCK), src.d(i))
-
-
-def _unpack_q6_k16(e, halves, tq, tsm, td, i):
-    """Block i of 16 packed Q6_K rows (two 8-row sources) into the 16-row tile (_Tile16)."""
-    for h, src in enumerate(halves):
+def _unpack_q6_k(e, sources, tq, tsm, td, i):
+    """Block i of 8 packed Q6_K rows a source into the tile: the same vectors the packed source
+    gives, each group's side by side (_Tile's layout for len(sources) groups)."""
+    g = len(sources)
+    for h, src in enumerate(sources):
         for q in range(QK_K // 32):
             for m in range(QK // 4):
-                _store(e, tq, e.index(i, 2 * _Q4_K_TILE_BYTES, 2 * (256 * q + 32 * m) + 32 * h), src.group(i, q, m))
+                _store(e, tq, e.index(i, g * _Q4_K_TILE_BYTES, g * (256 * q + 32 * m) + 32 * h), src.group(i, q, m))
         for s in range(16):
-            _store(e, tsm, e.index(i, 4 * TSM_Q6_K_PER_BLOCK, 64 * s + 32 * h), src.q6_scales(i, s))
+            _store(e, tsm, e.index(i, 2 * g * TSM_Q6_K_PER_BLOCK, g * 32 * s + 32 * h), src.q6_scales(i, s))
         for p in range(8):
-            _store(e, tsm, e.index(i, 4 * TSM_Q6_K_PER_BLOCK, 64 * (16 + p) + 32 * h), src.q6_scales(i, p, pair=True))
-        _store(e, td, e.index(i, 8 * TD_PER_BLOCK, 32 * h), src.d(i))
+            _store(e, tsm, e.index(i, 2 * g * TSM_Q6_K_PER_BLOCK, g * 32 * (16 + p) + 32 * h),
+                   src.q6_scales(i, p, pair=True))
+        _store(e, td, e.index(i, 4 * g * TD_PER_BLOCK, 32 * h), src.d(i))
 
 
 @intrinsic
-def unpack_packed16(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
-    """Rows r..r+15 of a packed Q6_K matrix w into a 16-row tile (_Tile16)."""
-    q, = _literal(qtype)
+def unpack_packed(typingctx, qtype, groups, w, r, nb, tab, tq, tsm, td):
+    """Rows r..r + 8 * groups - 1 of a packed Q6_K matrix w into the tile tq, tsm, td (for one
+    group interleave's result): a prompt's tokens then skip the packed values' bit steps."""
+    q, g = _literal(qtype, groups)
 
     def codegen(context, builder, sig, args):
         e = Emit(context, builder)
-        wa = context.make_array(sig.args[1])(context, builder, args[1])
-        tab_p = _data(context, builder, sig.args[4], args[4])
-        halves = [_Packed(e, q, cgutils.get_item_pointer(context, builder, sig.args[1], wa,
-                                                         [builder.add(args[2], ir.Constant(I64, k)),
-                                                          ir.Constant(I64, 0)]), tab_p) for k in (0, ROWS)]
+        wa = context.make_array(sig.args[2])(context, builder, args[2])
+        tab_p = _data(context, builder, sig.args[5], args[5])
+        sources = [_Packed(e, q, cgutils.get_item_pointer(context, builder, sig.args[2], wa,
+                                                          [builder.add(args[3], ir.Constant(I64, ROWS * h)),
+                                                           ir.Constant(I64, 0)]), tab_p) for h in range(g)]
         tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
-                             for k in (5, 6, 7))
+                             for k in (6, 7, 8))
 
         def block(i, accs):
-            _unpack_q6_k16(e, halves, tq_p, tsm_p, td_p, i)
+            _unpack_q6_k(e, sources, tq_p, tsm_p, td_p, i)
             return []
-        e.block_loop(args[3], [], block)
+        e.block_loop(args[4], [], block)
         return context.get_dummy_value()
-    return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
-
-
-@intrinsic
-def gemm16(typingctx, qtype, ncols, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r):
-    """gemm on a 16-row tile (_Tile16), rows r..r+15 of out. Called only where the target has
-    AVX512-VNNI (lanes.target_has_vnni); elsewhere its (unreachable) body is empty."""
-    q, n_cols = _literal(qtype, ncols)
-
-    def codegen(context, builder, sig, args):
-        if not Emit(context, builder).vnni:
-            return context.get_dummy_value()
-        tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
-                             for k in (2, 3, 4))
-        return _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Tile16(e, q, tq_p, tsm_p, td_p),
-                          [(sig.args[k], args[k]) for k in (5, 6, 7, 8, 11)], args[9], args[10], args[12])
-    return types.void(qtype, ncols, tq, tsm, td, x8, xd, yc, xs, types.int64, types.int64, out,
-                      types.int64), codegen
-
-
-@intrinsic
-def unpack_packed(typingctx, qtype, w, r, nb, tab, tq, tsm, td):
-    """Rows r..r+7 of a packed Q6_K matrix w into the tile tq, tsm, td (interleave's result):
-    a prompt's tokens then skip the packed values' bit steps."""
-    q, = _literal(qtype)
-
-    def codegen(context, builder, sig, args):
-        e = Emit(context, builder)
-        wa = context.make_array(sig.args[1])(context, builder, args[1])
-        rows = cgutils.get_item_pointer(context, builder, sig.args[1], wa, [args[2], ir.Constant(I64, 0)])
-        src = _Packed(e, q, rows, _data(context, builder, sig.args[4], args[4]))
-        tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
-                             for k in (5, 6, 7))
-
-        def block(i, accs):
-            _unpack_q6_k(e, src, tq_p, tsm_p, td_p, i)
-            return []
-        e.block_loop(args[3], [], block)
-        return context.get_dummy_value()
-    return types.void(qtype, w, types.int64, types.int64, tab, tq, tsm, td), codegen
+    return types.void(qtype, groups, w, types.int64, types.int64, tab, tq, tsm, td), codegen
 
 
 def _token_bytes(e, x8, at, width=ROWS):
@@ -318,46 +278,55 @@ def _token_bytes(e, x8, at, width=ROWS):
 
 
 class _Tile:
-    """Where gemm finds a per-call tile's parts (the module docstring's tq, tsm, td)."""
-    width = ROWS  # rows a vector holds
+    """Where gemm finds a per-call tile's parts (the module docstring's tq, tsm, td). A tile of
+    `groups` 8-row groups holds each of its vectors for rows 0-7, then the same for rows 8-15..:
+    one load gives all the groups' (half None), or the 8 rows of group `half`."""
 
-    def __init__(self, e, q, tq, tsm, td):
-        self.e, self.tq, self.tsm, self.td = e, tq, tsm, td
+    def __init__(self, e, q, tq, tsm, td, groups=1, half=None):
+        self.e, self.tq, self.tsm, self.td, self.groups = e, tq, tsm, td, groups
         self.stride = _Q4_K_TILE_BYTES if q in (_Q4_K, _Q6_K) else _QK_TILE_BYTES
+        self.width = ROWS * groups if half is None else ROWS  # rows a vector holds
+        self.skip = 0 if half is None else 32 * half  # each part is 32 bytes per 8 rows
+
+    def _load(self, base, i, block_bytes, at, ty, per_group):
+        g = self.groups
+        return self.e.load(base, self.e.index(i, g * block_bytes, g * at + self.skip), ty,
+                           per_group * self.width // ROWS)
 
     def prefetch(self, i):
         """The tile is in the caches already."""
 
     def group(self, i, s, k):
-        """<32 x i8>: the 8 rows' values 4k..4k+3 of (sub-)block s of block i."""
-        return self.e.load(self.tq, self.e.index(i, self.stride, 256 * s + 32 * k), I8, 32)
+        """<32 x i8> a group: the 8 rows' values 4k..4k+3 of (sub-)block s of block i."""
+        return self._load(self.tq, i, self.stride, 256 * s + 32 * k, I8, 32)
 
     def d(self, i, which=0):
-        """<8 x float>: the 8 rows' d (which 0) or dmin / m (which 1) of block i."""
-        return self.e.load(self.td, self.e.index(i, 4 * TD_PER_BLOCK, 32 * which), F32, 8)
+        """<8 x float> a group: the 8 rows' d (which 0) or dmin / m (which 1) of block i."""
+        return self._load(self.td, i, 4 * TD_PER_BLOCK, 32 * which, F32, 8)
 
     def scales(self, i, s):
-        """Q4_K: <16 x i16>, sub-block s's scales, each row's twice."""
-        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * s), I16, 16)
+        """Q4_K: <16 x i16> a group, sub-block s's scales, each row's twice."""
+        return self._load(self.tsm, i, 2 * TSM_PER_BLOCK, 32 * s, I16, 16)
 
     def scales32(self, i, s):
-        """Q4_K: <8 x i32>, sub-block s's scales, one a row."""
-        return self.e.b.zext(self.e.shuffle(self.scales(i, s), None, range(0, 16, 2)), _vec(I32, 8))
+        """Q4_K: <8 x i32> a group, sub-block s's scales, one a row."""
+        return self.e.b.zext(self.e.shuffle(self.scales(i, s), None, range(0, 2 * self.width, 2)),
+                             _vec(I32, self.width))
 
     def mins(self, i, p):
-        """Q4_K: <16 x i16>, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
-        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_PER_BLOCK, 32 * (8 + p)), I16, 16)
+        """Q4_K: <16 x i16> a group, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
+        return self._load(self.tsm, i, 2 * TSM_PER_BLOCK, 32 * (8 + p), I16, 16)
 
     def q6_scales(self, i, s, pair=False):
-        """Q6_K: <16 x i16>, scale s of each row twice, or (pair) scales 2s, 2s + 1 of each row."""
-        return self.e.load(self.tsm, self.e.index(i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 * pair + s)), I16, 16)
+        """Q6_K: <16 x i16> a group, scale s of each row twice, or (pair) scales 2s, 2s + 1 of each row."""
+        return self._load(self.tsm, i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 * pair + s), I16, 16)
 
 
 class _Packed(_Tile):
     """Where gemm finds the same parts in 8 rows packed at load (`pack`, PACKED_LAYOUT)."""
 
     def __init__(self, e, q, rows, tab):
-        self.e, self.rows, self.tab, self.q = e, rows, tab, q
+        self.e, self.rows, self.tab, self.q, self.width = e, rows, tab, q, ROWS
         self.layout = _PACKED_LAYOUT[q]
 
     def _at(self, i, part, plus=0):
@@ -449,21 +418,6 @@ class _Packed16:
 
     def q6_scales(self, i, s, pair=False):
         return self._both("q6_scales", i, s, pair)
-
-
-class _Tile16(_Tile):
-    """A 16-row Q6_K tile (`unpack_packed16`): each of _Tile's vectors for rows 0-7, then the
-    same for rows 8-15, one 512-bit load."""
-    width = 2 * ROWS
-
-    def group(self, i, s, k):
-        return self.e.load(self.tq, self.e.index(i, 2 * _Q4_K_TILE_BYTES, 2 * (256 * s + 32 * k)), I8, 64)
-
-    def d(self, i, which=0):
-        return self.e.load(self.td, self.e.index(i, 8 * TD_PER_BLOCK, 64 * which), F32, 16)
-
-    def q6_scales(self, i, s, pair=False):
-        return self.e.load(self.tsm, self.e.index(i, 4 * TSM_Q6_K_PER_BLOCK, 64 * (16 * pair + s)), I16, 32)
 
 
 def _group_sums16(e, src, i, s, cols, x8_at):
@@ -622,7 +576,7 @@ def _literal(*values):
 
 
 def _emit_gemm(context, builder, body, n_cols, source, arrays, nb, t, r):
-    """The block loop of gemm / gemm_packed: out[t + c, r:r + 8] for c < n_cols. arrays: the
+    """gemm's block loop: out[t + c, r:r + source's width] for c < n_cols. arrays: the
     (type, value) of x8, xd, yc, xs, out."""
     e = Emit(context, builder)
     arr = [(ty, context.make_array(ty)(context, builder, v)) for ty, v in arrays]
@@ -645,56 +599,45 @@ def _emit_gemm(context, builder, body, n_cols, source, arrays, nb, t, r):
     return context.get_dummy_value()
 
 
-@intrinsic
-def gemm(typingctx, qtype, ncols, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r):
-    """out[t + c, r:r + 8] = the tile's 8 rows times token t + c, for c < ncols (a constant):
-    x8 the tokens' int8 values, xd their block scales, yc their column_sums, xs Q8_1's s."""
-    q, n_cols = _literal(qtype, ncols)
-
-    def codegen(context, builder, sig, args):
-        tq_p, tsm_p, td_p = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
-                             for k in (2, 3, 4))
-        return _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Tile(e, q, tq_p, tsm_p, td_p),
-                          [(sig.args[k], args[k]) for k in (5, 6, 7, 8, 11)], args[9], args[10], args[12])
-    return types.void(qtype, ncols, tq, tsm, td, x8, xd, yc, xs, types.int64, types.int64, out,
-                      types.int64), codegen
+# Where gemm's weights come from: a per-call tile (interleave, unpack_packed) or a packed matrix
+TILE, PACKED = 0, 1
 
 
 @intrinsic
-def gemm_packed(typingctx, qtype, ncols, w, tab, x8, xd, yc, xs, nb, t, out, r):
-    """gemm on rows r..r+7 of a packed matrix w (`pack`; the 2-d uint8 array of its rows' bytes,
-    8 rows' packed blocks at row r)."""
-    q, n_cols = _literal(qtype, ncols)
+def gemm(typingctx, qtype, source, groups, ncols, a, b, c, x8, xd, yc, xs, nb, t, out, r):
+    """out[t + j, r:r + 8 * groups] = rows r.. times token t + j, for j < ncols (constants, as
+    are source and groups): x8 the tokens' int8 values, xd their block scales, yc their
+    column_sums, xs Q8_1's s. From a TILE, a, b, c are its tq, tsm, td; from a PACKED matrix, a
+    is the 2-d uint8 array of its rows' bytes (`pack`; 8 rows' packed blocks at row r), b the f16
+    table, c unused. Two groups go side by side in 512-bit vectors (_Packed16, _Tile's groups)
+    where the target has AVX512-VNNI, else one after the other."""
+    q, src_kind, g, n_cols = _literal(qtype, source, groups, ncols)
 
     def codegen(context, builder, sig, args):
-        wa = context.make_array(sig.args[2])(context, builder, args[2])
-        rows = cgutils.get_item_pointer(context, builder, sig.args[2], wa, [args[11], ir.Constant(I64, 0)])
-        tab_p = _data(context, builder, sig.args[3], args[3])
-        return _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Packed(e, q, rows, tab_p),
-                          [(sig.args[k], args[k]) for k in (4, 5, 6, 7, 10)], args[8], args[9], args[11])
-    return types.void(qtype, ncols, w, tab, x8, xd, yc, xs, types.int64, types.int64, out, types.int64), codegen
+        at = [builder.add(args[14], ir.Constant(I64, ROWS * h)) for h in range(g)]
+        if src_kind == TILE:
+            tq, tsm, td = (builder.bitcast(_data(context, builder, sig.args[k], args[k]), I8.as_pointer())
+                           for k in (4, 5, 6))
 
+            def source(half):
+                return lambda e: _Tile(e, q, tq, tsm, td, g, half)
+        else:
+            wa = context.make_array(sig.args[4])(context, builder, args[4])
+            rows = [cgutils.get_item_pointer(context, builder, sig.args[4], wa, [r, ir.Constant(I64, 0)]) for r in at]
+            tab = _data(context, builder, sig.args[5], args[5])
 
-@intrinsic
-def gemm_packed16(typingctx, qtype, ncols, w, tab, x8, xd, yc, xs, nb, t, out, r):
-    """gemm_packed on rows r..r+15 in 512-bit vectors (_Packed16) where the target has
-    AVX512-VNNI, else as two 8-row gemm_packed."""
-    q, n_cols = _literal(qtype, ncols)
-
-    def codegen(context, builder, sig, args):
-        wa = context.make_array(sig.args[2])(context, builder, args[2])
-        tab_p = _data(context, builder, sig.args[3], args[3])
-        at = [builder.add(args[11], ir.Constant(I64, k)) for k in (0, ROWS)]
-        rows = [cgutils.get_item_pointer(context, builder, sig.args[2], wa, [r, ir.Constant(I64, 0)]) for r in at]
-        arrays = [(sig.args[k], args[k]) for k in (4, 5, 6, 7, 10)]
-        if Emit(context, builder).vnni:
-            return _emit_gemm(context, builder, _gemm_body(q), n_cols,
-                              lambda e: _Packed16(e, q, rows[0], rows[1], tab_p), arrays, args[8], args[9], at[0])
-        for r, row in zip(at, rows):
-            _emit_gemm(context, builder, _gemm_body(q), n_cols, lambda e: _Packed(e, q, row, tab_p),
-                       arrays, args[8], args[9], r)
+            def source(half):
+                if half is None and g == 2:
+                    return lambda e: _Packed16(e, q, rows[0], rows[1], tab)
+                return lambda e: _Packed(e, q, rows[half or 0], tab)
+        arrays = [(sig.args[k], args[k]) for k in (7, 8, 9, 10, 13)]
+        if g == 1 or Emit(context, builder).vnni:
+            return _emit_gemm(context, builder, _gemm_body(q), n_cols, source(None), arrays, args[11], args[12], at[0])
+        for h in range(g):
+            _emit_gemm(context, builder, _gemm_body(q), n_cols, source(h), arrays, args[11], args[12], at[h])
         return context.get_dummy_value()
-    return types.void(qtype, ncols, w, tab, x8, xd, yc, xs, types.int64, types.int64, out, types.int64), codegen
+    return types.void(qtype, source, groups, ncols, a, b, c, x8, xd, yc, xs, types.int64, types.int64, out,
+                      types.int64), codegen
 
 
 @njit(inline="always")
@@ -707,6 +650,18 @@ def covers(qtype, n_tok):
     if qtype == _Q6_K:
         return n_tok >= _Q6_K_MIN
     return (qtype == _Q4_1 or qtype == _Q5_0 or qtype == _Q5_1 or qtype == _Q8_0) and n_tok >= _LANES_MIN
+
+
+@njit(inline="always")
+def _wide_enough(qtype, n_tok):
+    """Whether n_tok tokens of a packed matrix go 16 rows a pass (WIDE_MIN_TOKENS)."""
+    if qtype == _Q4_0:
+        return n_tok >= _Q4_0_WIDE
+    if qtype == _Q4_K:
+        return n_tok >= _Q4_K_WIDE
+    if qtype == _Q8_0:
+        return n_tok >= _Q8_0_WIDE
+    return qtype == _Q6_K and n_tok >= _Q6_K_MIN
 
 
 @njit(inline="always")
@@ -758,19 +713,22 @@ def _new_tile(qtype, nb):
 
 
 @njit(inline="always")
-def _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r):
-    """The tile's 8 rows (at row r) times every token, 4 (Q4_0/Q4_K), 2 or 1 at a time."""
+def _times_tokens(qtype, source, groups, a, b, c, x8, xd, yc, xs, nb, out, r):
+    """Rows r..r + 8 * groups - 1 (gemm's source, groups, a, b, c) times every token, 4 at a
+    time for Q4_0/Q4_K; the lane types' 8 accumulators a token allow 2, 16-row Q6_K's 8 lane and
+    8 sum vectors a token 1."""
     n_tok = x8.shape[0]
     t = 0
     if qtype == _Q4_0 or qtype == _Q4_K:
         while t + 4 <= n_tok:
-            gemm(qtype, 4, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+            gemm(qtype, source, groups, 4, a, b, c, x8, xd, yc, xs, nb, t, out, r)
             t += 4
-    while t + 2 <= n_tok:
-        gemm(qtype, 2, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
-        t += 2
+    if qtype != _Q6_K or groups == 1:
+        while t + 2 <= n_tok:
+            gemm(qtype, source, groups, 2, a, b, c, x8, xd, yc, xs, nb, t, out, r)
+            t += 2
     while t < n_tok:
-        gemm(qtype, 1, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+        gemm(qtype, source, groups, 1, a, b, c, x8, xd, yc, xs, nb, t, out, r)
         t += 1
 
 
@@ -782,53 +740,32 @@ def matmul(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
     r = r0
     while r + ROWS <= r1:
         interleave(qtype, w, r, nb, tab, tq, tsm, td)
-        _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
+        _times_tokens(qtype, TILE, 1, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
         r += ROWS
     return r
 
 
 @njit(inline="always")
 def matmul_packed(qtype, w, x8, xd, xs, out, r0, r1, tab, nb):
-    """Rows r0..r1-1 (multiples of 8) of a packed matrix w (kernels/packing.py) times every token."""
-    n_tok = x8.shape[0]
+    """Rows r0..r1-1 (multiples of 8) of a packed matrix w (kernels/packing.py) times every
+    token, 16 rows a vector where the target has AVX512-VNNI."""
     yc = column_sums(qtype, x8, xs, nb)
-    if qtype == _Q6_K and n_tok >= _Q6_K_MIN:  # a prompt: the values unpacked once, for all its tokens
-        tq, tsm, td = _new_tile(qtype, 2 * nb)
-        r = r0
-        if lanes.target_has_vnni():  # 16 rows a vector
+    wide = lanes.target_has_vnni() and _wide_enough(qtype, x8.shape[0])
+    r = r0
+    if qtype == _Q6_K and x8.shape[0] >= _Q6_K_MIN:  # a prompt: the values unpacked once, for all its tokens
+        tq, tsm, td = _new_tile(qtype, (2 if wide else 1) * nb)
+        if wide:
             while r + 2 * ROWS <= r1:
-                unpack_packed16(qtype, w, r, nb, tab, tq, tsm, td)
-                for t in range(n_tok):
-                    gemm16(qtype, 1, tq, tsm, td, x8, xd, yc, xs, nb, t, out, r)
+                unpack_packed(qtype, 2, w, r, nb, tab, tq, tsm, td)
+                _times_tokens(qtype, TILE, 2, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
                 r += 2 * ROWS
         for r in range(r, r1, ROWS):
-            unpack_packed(qtype, w, r, nb, tab, tq, tsm, td)
-            _tile_times_tokens(qtype, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
+            unpack_packed(qtype, 1, w, r, nb, tab, tq, tsm, td)
+            _times_tokens(qtype, TILE, 1, tq, tsm, td, x8, xd, yc, xs, nb, out, r)
         return
-    r = r0
-    if qtype != _Q6_K and lanes.target_has_vnni():  # 16 rows a vector
+    if wide:
         while r + 2 * ROWS <= r1:
-            t = 0
-            if qtype == _Q4_0 or qtype == _Q4_K:
-                while t + 4 <= n_tok:
-                    gemm_packed16(qtype, 4, w, tab, x8, xd, yc, xs, nb, t, out, r)
-                    t += 4
-            while t + 2 <= n_tok:
-                gemm_packed16(qtype, 2, w, tab, x8, xd, yc, xs, nb, t, out, r)
-                t += 2
-            while t < n_tok:
-                gemm_packed16(qtype, 1, w, tab, x8, xd, yc, xs, nb, t, out, r)
-                t += 1
+            _times_tokens(qtype, PACKED, 2, w, tab, tab, x8, xd, yc, xs, nb, out, r)
             r += 2 * ROWS
     for r in range(r, r1, ROWS):
-        t = 0
-        if qtype == _Q4_0 or qtype == _Q4_K:  # a lane type's 8 accumulators a token: 2 at most
-            while t + 4 <= n_tok:
-                gemm_packed(qtype, 4, w, tab, x8, xd, yc, xs, nb, t, out, r)
-                t += 4
-        while t + 2 <= n_tok:
-            gemm_packed(qtype, 2, w, tab, x8, xd, yc, xs, nb, t, out, r)
-            t += 2
-        while t < n_tok:
-            gemm_packed(qtype, 1, w, tab, x8, xd, yc, xs, nb, t, out, r)
-            t += 1
+        _times_tokens(qtype, PACKED, 1, w, tab, tab, x8, xd, yc, xs, nb, out, r)
