@@ -196,3 +196,21 @@ def test_float16_rounding_helpers_match_numpy():
         want = xs.astype(np.float16)
     np.testing.assert_array_equal(round_all(xs), want.astype(np.float32))
     np.testing.assert_array_equal(bits_all(xs), want.view(np.uint16).astype(np.int64))
+
+
+def test_the_step_quantizes_activations_for_the_families_its_matrices_read():
+    """A Q4_K_M model's matrices read only Q8_K blocks, so the step makes no Q8_0 ones; the token
+    embedding (here row 0) is only looked up and does not count."""
+    from ggufile.runtime.kernels import step_layout as S
+    from ggufile.runtime.model.step import _activation_kinds
+
+    def table(*types):
+        t = np.zeros((len(types), S.TENSOR_COLS), np.int64)
+        t[:, S.T_TYPE] = types
+        return t
+    Q4_0, Q8_0, Q4_K, Q6_K, F16 = GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16
+    assert _activation_kinds(table(Q6_K, Q4_K, Q6_K, Q4_K), 0) == S.A_Q8_K
+    assert _activation_kinds(table(Q8_0, Q4_K, Q6_K), 0) == S.A_Q8_K
+    assert _activation_kinds(table(Q6_K, Q4_0, Q8_0), 0) == S.A_Q8_0
+    assert _activation_kinds(table(Q4_K, Q4_0, Q6_K), 0) == S.A_Q8_0 | S.A_Q8_K
+    assert _activation_kinds(table(F16, F16), 0) == 0

@@ -32,8 +32,10 @@ LAYER_COLS = 17
 
 # cfg
 (C_N_EMBD, C_N_HEAD, C_N_KV, C_HEAD_DIM, C_N_FF, C_N_VOCAB, C_N_ROT, C_NEOX, C_GELU, C_WINDOW,
- C_N_LAYER, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_N_EXPERT, C_N_EXPERT_USED) = range(18)
-CFG_LEN = 18
+ C_N_LAYER, C_EMBD, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_N_EXPERT, C_N_EXPERT_USED, C_ACTS) = range(19)
+CFG_LEN = 19
+# C_ACTS: the 8-bit activation blocks the model's matrices read (bits; a Q4_K_M model none of Q8_0's)
+A_Q8_0, A_Q8_K = 1, 2
 
 # cfg_f
 F_EPS, F_EMBD_SCALE, F_ATTN_SOFTCAP = range(3)  # soft-cap 0: none

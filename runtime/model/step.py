@@ -27,6 +27,7 @@ from ggufile.runtime.kernels import packing
 from ggufile.runtime.kernels import step_layout as S
 from ggufile.runtime.kernels.compiled import F16_TABLE
 from ggufile.runtime.kernels.reference import row_elements
+from ggufile.runtime.kernels.types import Q8_0_FAMILY, Q8_K_FAMILY
 from ggufile.runtime.kernels.types import WEIGHT_TYPES as STEP_WEIGHT_TYPES  # its dispatch covers them all (tested)
 
 # Tokens per step call in a prompt: the scratch (activations, their 8-bit blocks) grows with it
@@ -131,6 +132,7 @@ class CompiledStep:
         cfg_f = np.zeros(S.CFG_F_LEN, dtype=np.float32)
         cfg_f[S.F_EPS], cfg_f[S.F_EMBD_SCALE], cfg_f[S.F_ATTN_SOFTCAP] = c.rms_eps, c.embd_scale, c.attn_softcap
         tensors = np.array(packer.tensors, dtype=np.int64).reshape(-1, S.TENSOR_COLS)
+        cfg[S.C_ACTS] = _activation_kinds(tensors, int(cfg[S.C_EMBD]))
         vecs = np.concatenate(packer.vectors).astype(np.float32)
         _assert_shapes(c, tensors, layers, cfg, packer.vectors)
         packed = _pack_weights(backend, tensors, packer.blob, int(cfg[S.C_EMBD]))
@@ -315,6 +317,13 @@ def _assert_shapes(c, tensors, layers, cfg, vectors) -> None:
     vector(cfg[S.C_OUTPUT_NORM], E, "output norm")
     if not (0 < c.n_rot <= D and c.n_rot % 2 == 0) or len(layers) != c.n_layer:
         raise GGUFFormatError(f"compiled step: rope dimensions {c.n_rot} / head {D} / layers {len(layers)}")
+
+
+def _activation_kinds(tensors: np.ndarray, embd_row: int) -> int:
+    """step_layout's A_* bits of the activation blocks the step's matrices read (the token
+    embedding is only looked up: a tied output matrix has a row of its own)."""
+    kinds = {GGMLType(int(t)) for row, t in enumerate(tensors[:, S.T_TYPE]) if row != embd_row}
+    return S.A_Q8_0 * bool(kinds & Q8_0_FAMILY) | S.A_Q8_K * bool(kinds & Q8_K_FAMILY)
 
 
 def _pack_weights(backend, tensors: np.ndarray, blob: np.ndarray, embd: int) -> np.ndarray:

@@ -22,12 +22,13 @@ from ggufile.runtime.kernels.src import exports
 from ggufile.runtime.kernels.src.exports import _f16_bits, _fmuladd, _round_f16, gelu_f16, v_expf
 from ggufile.runtime.kernels.src.lanes import dot_f16
 from ggufile.runtime.kernels.step_layout import (
-    C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED, C_N_FF, C_N_HEAD, C_N_KV,
-    C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_QK, C_QK_K, C_WINDOW,
-    F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS, L_FFN_NORM, L_GATE,
-    L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER, L_SWA, L_UP, L_WK,
-    L_WO, L_WQ, L_WV, PACKED_TYPE_BASE, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q, ROPE_ROWS, ROPE_SWA,
-    T_BLOB, T_COLS, T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H, W_MOE, W_QKV, W_X)
+    A_Q8_0, A_Q8_K, C_ACTS, C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED,
+    C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_QK,
+    C_QK_K, C_WINDOW, F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS,
+    L_FFN_NORM, L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER,
+    L_SWA, L_UP, L_WK, L_WO, L_WQ, L_WV, PACKED_TYPE_BASE, R_COS_K, R_COS_Q, R_SIN_K, R_SIN_Q,
+    ROPE_ROWS, ROPE_SWA, T_BLOB, T_COLS, T_OFFSET, T_ROW_BYTES, T_ROWS, T_TYPE, W_ATT, W_FFN, W_H,
+    W_MOE, W_QKV, W_X)
 from ggufile.runtime.kernels.src.sync import barrier
 
 _F32, _F16, _BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
@@ -215,16 +216,19 @@ def _rope(x, n_rot, cos, sin, neox):
 
 
 @njit
-def _quantize(x, k, acts, t0, t1, qk, qk_k):
+def _quantize(x, k, acts, t0, t1, cfg):
     """Tokens t0..t1-1 of x ((tokens, k) at the start of a flat buffer) -> their 8-bit blocks in
     acts = (Q8_0/Q8_1 values, scales, d*sums, Q8_K values, scales, group sums), flat buffers
-    laid out (tokens, ...); the Q8_K ones only when k holds whole super-blocks."""
+    laid out (tokens, ...), those of the families the model's matrices read (C_ACTS); the Q8_K
+    ones only when k holds whole super-blocks."""
     if t1 <= t0:
         return
+    qk, qk_k, kinds = cfg[C_QK], cfg[C_QK_K], cfg[C_ACTS]
     row = _rows(x, t0, t1, k)
-    _quantize_q8_0(row, _rows(acts[0], t0, t1, k), _rows(acts[1], t0, t1, k // qk),
-                   _rows(acts[2], t0, t1, k // qk), qk)
-    if k % qk_k == 0:
+    if kinds & A_Q8_0:
+        _quantize_q8_0(row, _rows(acts[0], t0, t1, k), _rows(acts[1], t0, t1, k // qk),
+                       _rows(acts[2], t0, t1, k // qk), qk)
+    if kinds & A_Q8_K and k % qk_k == 0:
         _quantize_q8_k(row, _rows(acts[3], t0, t1, k), _rows(acts[4], t0, t1, k // qk_k),
                        _rows(acts[5], t0, t1, k // 16), qk_k)
 
@@ -340,20 +344,24 @@ def _softmax_exp(s, first, last, n, best):
     return total
 
 
-@njit(fastmath=False)
+# numpy's error model: no zero-division branch, so the SiLU loop vectorizes (8192 values,
+# one thread: 19.5 -> 11.4 us; the same bits)
+@njit(fastmath=False, error_model="numpy")
 def _glu(out, g, u, r0, r1, use_gelu, gelu_table):
     """out[r0:r1] = act(g) * u of rows of g.shape[0]: GELU (gemma, ggml's f16 table) or SiLU
     (llama) as ggml_vec_swiglu_f32 computes it: ggml_v_expf in whole vectors of 8, libm's
     expf for the n % 8 left at the end."""
-    vectored = g.shape[0] // 8 * 8
-    for i in range(r0, r1):
+    if use_gelu:
+        for i in range(r0, r1):
+            out[i] = gelu_f16(g[i], gelu_table) * u[i]
+        return
+    vectored = min(r1, g.shape[0] // 8 * 8)
+    for i in range(r0, vectored):
         v = g[i]
-        if use_gelu:
-            a = gelu_f16(v, gelu_table)
-        else:
-            e = v_expf(np.float32(0.0) - v) if i < vectored else np.exp(-v)
-            a = v / (np.float32(1.0) + e)
-        out[i] = a * u[i]
+        out[i] = v / (np.float32(1.0) + v_expf(np.float32(0.0) - v)) * u[i]
+    for i in range(max(r0, vectored), r1):
+        v = g[i]
+        out[i] = v / (np.float32(1.0) + np.exp(-v)) * u[i]
 
 
 # --- the step ----------------------------------------------------------------------------------
@@ -403,7 +411,7 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
         n = lay[L_ATTN_NORM]
         for t in range(t0, t1):
             _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
-        _quantize(work[W_H], E, a, t0, t1, qk, qk_k)
+        _quantize(work[W_H], E, a, t0, t1, cfg)
         if not barrier(sync, n_threads):
             return 1
         fused = lay[L_WK] < 0  # one q|k|v matrix
@@ -432,7 +440,7 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
                     k_cache, v_cache, scores[tid], tab, att[t])
         if not barrier(sync, n_threads):
             return 1
-        _quantize(work[W_ATT], H * D, a, t0, t1, qk, qk_k)
+        _quantize(work[W_ATT], H * D, a, t0, t1, cfg)
         if not barrier(sync, n_threads):
             return 1
         r0, r1 = _share(E, tid, n_threads)
@@ -444,7 +452,7 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
         for t in range(t0, t1):
             _residual(x[t], o[t], E, lay[L_POST_ATTN_NORM], vecs, eps, h[t])
             _rmsnorm(x[t], E, vecs[n:n + E], eps, h[t])
-        _quantize(work[W_H], E, a, t0, t1, qk, qk_k)
+        _quantize(work[W_H], E, a, t0, t1, cfg)
         if not barrier(sync, n_threads):
             return 1
         if lay[L_EXPERTS] >= 0:
@@ -469,7 +477,7 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
                     _glu(g[t], g[t], u[t], r0, r1, gelu, gelu_table)
             if not barrier(sync, n_threads):
                 return 1
-            _quantize(work[W_FFN], F, a, t0, t1, qk, qk_k)
+            _quantize(work[W_FFN], F, a, t0, t1, cfg)
             if not barrier(sync, n_threads):
                 return 1
             r0, r1 = _share(E, tid, n_threads)
@@ -486,7 +494,7 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
     j0, j1 = _tokens(n_out, tid, n_threads)
     for j in range(j0, j1):
         _rmsnorm(x[outputs[j]], E, vecs[n:n + E], eps, h[j])
-    _quantize(work[W_H], E, a, j0, j1, qk, qk_k)
+    _quantize(work[W_H], E, a, j0, j1, cfg)
     if not barrier(sync, n_threads):
         return 1
     r0, r1 = _share(cfg[C_N_VOCAB], tid, n_threads)
@@ -536,7 +544,7 @@ def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, x, a, moe, out, gelu
     outs = ffn[2 * k * F:]
     x2 = _rows(x, 0, 1, E)
     if tid == 0:
-        _quantize(x, E, a, 0, 1, qk, qk_k)
+        _quantize(x, E, a, 0, 1, cfg)
     if not barrier(sync, n_threads):
         return False
     r0, r1 = _share(n_expert, tid, n_threads)
@@ -557,7 +565,7 @@ def _experts(tid, n_threads, sync, blob, tensors, lay, cfg, x, a, moe, out, gelu
     if not barrier(sync, n_threads):
         return False
     for j in range(tid, k, n_threads):
-        _quantize(ffn[2 * j * F:], F, _acts_at(a, j * F, qk, qk_k), 0, 1, qk, qk_k)
+        _quantize(ffn[2 * j * F:], F, _acts_at(a, j * F, qk, qk_k), 0, 1, cfg)
     if not barrier(sync, n_threads):
         return False
     r0, r1 = _share(E, tid, n_threads)
