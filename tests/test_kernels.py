@@ -241,7 +241,7 @@ def test_interleaved_tiles_equal_one_token_at_a_time(qtype):
 
 @pytest.mark.parametrize("qtype", list(packing.PACKED_LAYOUT), ids=lambda t: t.name)
 def test_packed_matrices_give_the_files_bits(qtype):
-    """The Q4_0/Q4_K/Q6_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
+    """The Q4_0/Q4_K/Q5_0/Q6_K/Q8_0 matrices the step packs at load (kernels/packing.py) give the bits of the
     file's layout for any number of tokens, on a thread's rows (multiples of 8), and write
     nothing else."""
     k, rows, r0, r1 = _BIT_FOR_BIT_K[qtype], 56, 8, 48  # 40 rows: two 16-row passes and one of 8
@@ -264,6 +264,34 @@ def test_packed_matrices_give_the_files_bits(qtype):
             b._mv[qtype](w, *acts, want, r0, r1, compiled.F16_TABLE, block)
             b.mv_packed[qtype](packed, *acts, got, r0, r1, compiled.F16_TABLE, block)
             np.testing.assert_array_equal(got, want, err_msg=f"{name}, {n} tokens")
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")
+@pytest.mark.parametrize("n", [64, 77, 256 + 13])
+def test_one_row_against_several_heads_is_each_heads_own_dot(n):
+    """lanes.dot_f16_heads (attention: a key or value row shared by a kv head's query heads)
+    gives each head dot_f16's bits, the head's values as float32 holding fp16 numbers."""
+    from numba import njit
+
+    from ggufile.runtime.kernels.src import lanes
+
+    @njit
+    def both(row, xs, x16s, tab, n):
+        got, want = np.zeros((4, 4), np.float32), np.zeros(4, np.float32)
+        lanes.dot_f16_heads(1, row, xs, tab, n, got[0])
+        lanes.dot_f16_heads(2, row, xs, tab, n, got[1])
+        lanes.dot_f16_heads(3, row, xs, tab, n, got[2])
+        lanes.dot_f16_heads(4, row, xs, tab, n, got[3])
+        for g in range(4):
+            want[g] = lanes.dot_f16(row, x16s[g], tab, n)
+        return got, want
+
+    rng = np.random.default_rng(3)
+    row = rng.standard_normal(n).astype(np.float16).view(np.uint16)
+    x16s = (rng.standard_normal((4, n)) * 3).astype(np.float16)
+    got, want = both(row, x16s.astype(np.float32), x16s.view(np.uint16), compiled.F16_TABLE, n)
+    for heads in range(1, 5):
+        np.testing.assert_array_equal(got[heads - 1, :heads], want[:heads])
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="needs numba")

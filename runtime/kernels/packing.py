@@ -1,4 +1,4 @@
-"""Q4_0/Q4_K/Q6_K/Q8_0 matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
+"""Q4_0/Q4_K/Q5_0/Q6_K/Q8_0 matrices of 8k rows repacked once, at load, 8 rows interleaved (NumPy only).
 
 A decode reads each weight once per token, so it is bound by memory only if its kernel spends
 less than a byte's read time per byte. On the file's layout the 8-row tiles (src/tiles.py) first
@@ -11,6 +11,9 @@ Q4_K's 6-bit scales and mins as bytes.
 
 PACKED_LAYOUT gives, per type, one 8-row block's bytes and where each part starts in it:
 - Q4_0 (144 bytes, as 8 file blocks): d [row] fp16, then qs [m 4][row 8][4 bytes].
+- Q5_0 (176 bytes, as 8 file blocks): d [row] fp16, high [row 8][4 bytes], qs as Q4_0's. Byte
+  4j + b of `high` holds in bit k the fifth bit of row j's value 4k + b, so the tile's group k
+  (values + 16, unsigned 5-bit) is Q4_0's nibbles ORed with that bit moved to bit 4.
 - Q8_0 (272 bytes, as 8 file blocks): d [row] fp16, then qs [k 8][row 8][4 bytes] (the tile's
   group k as it is: Q8_0's values are already bytes, so its prompts skip the per-call tile copy).
 - Q4_K (1184 bytes, 8 file blocks are 1152): d [row] fp16, dmin [row] fp16, scales
@@ -34,6 +37,8 @@ import numpy as np
 from ggufile.runtime.gguf.constants import QUANT_TABLE, GGMLType
 
 ROWS = 8
+# where a file block's qs start (after d, and Q5_0's 4 bytes of fifth bits)
+FILE_QS = {GGMLType.Q4_0: 2, GGMLType.Q5_0: 6, GGMLType.Q8_0: 2}
 
 
 class PackedLayout(NamedTuple):
@@ -42,10 +47,12 @@ class PackedLayout(NamedTuple):
     scales: int       # Q4_K only (-1: none)
     mins: int
     qs: int
+    high: int = -1    # Q5_0 only: the values' fifth bits
 
 
 PACKED_LAYOUT = {
     GGMLType.Q4_0: PackedLayout(block_bytes=144, d=0, scales=-1, mins=-1, qs=16),
+    GGMLType.Q5_0: PackedLayout(block_bytes=176, d=0, scales=-1, mins=-1, qs=48, high=16),
     GGMLType.Q4_K: PackedLayout(block_bytes=1184, d=0, scales=32, mins=96, qs=160),
     GGMLType.Q8_0: PackedLayout(block_bytes=272, d=0, scales=-1, mins=-1, qs=16),
     GGMLType.Q6_K: PackedLayout(block_bytes=1680, d=0, scales=16, mins=-1, qs=144),
@@ -95,6 +102,13 @@ def _pack_q6_k(a: np.ndarray, out: np.ndarray, lay: PackedLayout) -> None:
     out[:, :, lay.qs:] = vectors.transpose(0, 2, 3, 4, 5, 1, 6).reshape(groups, nb, -1)
 
 
+def _q5_0_high(a: np.ndarray) -> np.ndarray:
+    """Q5_0 blocks (..., 22) -> their fifth bits as the layout's `high` (..., 4): byte b's bit k
+    is value 4k + b's."""
+    bits = np.unpackbits(a[..., 2:6], axis=-1, bitorder="little").reshape(*a.shape[:-1], 8, 4)  # (k, b)
+    return (bits << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=-2, dtype=np.uint8)
+
+
 def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
     """The packed copy of w (rows, row bytes) uint8, rows a multiple of 8 (PACKED_LAYOUT)."""
     rows, rb = w.shape
@@ -106,11 +120,14 @@ def pack(qtype: GGMLType, w: np.ndarray) -> np.ndarray:
     # Q4_K's 144), which NumPy copies several times faster than single bytes
     if qtype == GGMLType.Q6_K:
         _pack_q6_k(a, out, lay)
-    elif qtype in (GGMLType.Q4_0, GGMLType.Q8_0):
+    elif qtype in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0):
         a16, out16 = a.view(np.uint16), out.view(np.uint16)
-        out16[:, :, lay.d // 2:lay.qs // 2] = _by_block(a16[..., 0:1])
-        qs = a16[..., 1:].reshape(groups, ROWS, nb, (block - 2) // 4, 2)  # (m, 2-byte half)
+        out16[:, :, lay.d // 2:lay.d // 2 + ROWS] = _by_block(a16[..., 0:1])
+        first = FILE_QS[qtype] // 2
+        qs = a16[..., first:].reshape(groups, ROWS, nb, (block - 2 * first) // 4, 2)  # (m, 2-byte half)
         out16[:, :, lay.qs // 2:] = qs.transpose(0, 2, 3, 1, 4).reshape(groups, nb, -1)
+        if qtype == GGMLType.Q5_0:
+            out[:, :, lay.high:lay.qs] = _by_block(_q5_0_high(a))
     else:
         a16, out16 = a.view(np.uint16), out.view(np.uint16)
         out16[:, :, lay.d // 2:lay.scales // 2] = np.concatenate([_by_block(a16[..., 0:1]), _by_block(a16[..., 1:2])],

@@ -50,6 +50,10 @@ ROPE_ROWS = 8
 W_X, W_H, W_QKV, W_ATT, W_FFN, W_MOE = range(6)
 WORK_ROWS = 6
 
+# scores: float32 (threads, ATTN_HEADS * n_ctx): each thread's attention scores for as many
+# query heads of one kv head as one call serves
+ATTN_HEADS = 4
+
 # sync: barrier arrivals, barrier generation, abort (set when a thread could not start)
 S_COUNT, S_GENERATION, S_ABORT = range(3)
 SYNC_LEN = 8  # the rest pads the array past a cache line

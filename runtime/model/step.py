@@ -98,7 +98,7 @@ class CompiledStep:
                           c.n_expert + 2 * k + 2 * c.n_ff * k + c.n_embd * k)
         self._max_k = max(c.n_embd, c.n_ff * k, c.n_head * c.head_dim)
         self._work = self._acts = np.zeros((0, 0), dtype=np.float32)  # sized per call (_scratch)
-        self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, n_ctx), sized by _run()
+        self._scores = np.zeros((0, 0), dtype=np.float32)  # (threads, ATTN_HEADS * n_ctx), sized by _run()
         self._sync = np.zeros(S.SYNC_LEN, dtype=np.int64)
         self._gelu = ops.gelu_f16_table()
         self._rope = np.zeros((0, S.ROPE_ROWS, c.n_rot), dtype=np.float32)  # by position, grown
@@ -203,9 +203,9 @@ class CompiledStep:
         n = len(ids)
         self._fill_rope(int(positions.max()) + 1, cache)
         n_threads = self.backend.pool.n_threads
-        if self._scores.shape[0] != n_threads or self._scores.shape[1] < cache.n_ctx:
-            # one row of attention scores per thread (the step trusts this shape: no bounds checks)
-            self._scores = np.zeros((n_threads, cache.n_ctx), dtype=np.float32)
+        if self._scores.shape[0] != n_threads or self._scores.shape[1] < S.ATTN_HEADS * cache.n_ctx:
+            # ATTN_HEADS rows of attention scores per thread (the step trusts this shape: no bounds checks)
+            self._scores = np.zeros((n_threads, S.ATTN_HEADS * cache.n_ctx), dtype=np.float32)
         if self._work.shape[1] < n * self._width:
             self._work = np.zeros((S.WORK_ROWS, n * self._width), dtype=np.float32)
             self._acts = np.zeros((6, n * self._max_k), dtype=np.float32)

@@ -28,7 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ggufile.runtime.gguf.constants import QK_K, QUANT_TABLE, GGMLType
-from ggufile.runtime.kernels.packing import PACKED_LAYOUT
+from ggufile.runtime.kernels.packing import FILE_QS, PACKED_LAYOUT
 from ggufile.runtime.kernels.types import BLOCK_TYPES, LANE_TYPES, WITH_SUMS  # by name: numba has `types`
 from ggufile.runtime.kernels.src import lanes, tiles
 
@@ -196,6 +196,11 @@ def mv_q4_0_packed(w, xq, xd, out, r0, r1, tab, qk):
     tiles.matmul_packed(_Q4_0_REPACKED, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
 
 
+def mv_q5_0_packed(w, xq, xd, out, r0, r1, tab, qk):
+    """mv_q5_0 of a matrix packed at load, r0 and r1 multiples of 8."""
+    tiles.matmul_packed(_Q5_0, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
+
+
 def mv_q8_0_packed(w, xq, xd, out, r0, r1, tab, qk):
     """mv_q8_0 of a matrix packed at load, r0 and r1 multiples of 8."""
     tiles.matmul_packed(_Q8_0, w, _int8(xq), xd, xd, out, r0, r1, tab, xq.shape[1] // qk)
@@ -218,19 +223,22 @@ def mv_q6_k_packed(w, xq, xd, xbs, out, r0, r1, tab, qk_k):
 _LAYOUT_Q4_0, _LAYOUT_Q4_K = PACKED_LAYOUT[GGMLType.Q4_0], PACKED_LAYOUT[GGMLType.Q4_K]
 _P4_0_BLOCK, _P4_0_QS = _LAYOUT_Q4_0.block_bytes, _LAYOUT_Q4_0.qs
 _P8_0_BLOCK, _P8_0_QS = PACKED_LAYOUT[GGMLType.Q8_0].block_bytes, PACKED_LAYOUT[GGMLType.Q8_0].qs
+_LAYOUT_Q5_0 = PACKED_LAYOUT[GGMLType.Q5_0]
+_P5_0_BLOCK, _P5_0_QS, _P5_0_HIGH = _LAYOUT_Q5_0.block_bytes, _LAYOUT_Q5_0.qs, _LAYOUT_Q5_0.high
+_FILE_QS_Q4_0, _FILE_QS_Q5_0, _FILE_QS_Q8_0 = (FILE_QS[t] for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0))
 _P4_K_BLOCK, _P4_K_SCALES, _P4_K_MINS, _P4_K_QS = (
     _LAYOUT_Q4_K.block_bytes, _LAYOUT_Q4_K.scales, _LAYOUT_Q4_K.mins, _LAYOUT_Q4_K.qs)
-_Q4_0_BYTES, _Q8_0_BYTES, _Q4_K_BYTES, _Q6_K_BYTES = (QUANT_TABLE[t].type_size for t in (
-    GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
+_Q4_0_BYTES, _Q5_0_BYTES, _Q8_0_BYTES, _Q4_K_BYTES, _Q6_K_BYTES = (QUANT_TABLE[t].type_size for t in (
+    GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K))
 _LAYOUT_Q6_K = PACKED_LAYOUT[GGMLType.Q6_K]
 _P6_K_BLOCK, _P6_K_SCALES, _P6_K_QS = _LAYOUT_Q6_K.block_bytes, _LAYOUT_Q6_K.scales, _LAYOUT_Q6_K.qs
 
 
 @njit(inline="always")
-def _pack_d_qs(w, out, g0, g1, block, packed_block, qs):
-    """Q4_0/Q8_0 (a 2-byte d, then the qs): per 8 rows and block, the 8 d, then vector m of the
-    8 rows' qs bytes 4m.."""
-    nb, units = w.shape[1] // block, (block - 2) // 4
+def _pack_d_qs(w, out, g0, g1, block, packed_block, qs, file_qs):
+    """Q4_0/Q5_0/Q8_0 (a 2-byte d, the qs from byte file_qs): per 8 rows and block, the 8 d,
+    then vector m of the 8 rows' qs bytes 4m.."""
+    nb, units = w.shape[1] // block, (block - file_qs) // 4
     w16, o16 = w.view(np.uint16), out.reshape(-1).view(np.uint16)
     for g in range(g0, g1):
         for i in range(nb):
@@ -240,15 +248,32 @@ def _pack_d_qs(w, out, g0, g1, block, packed_block, qs):
                 o16[base + j] = w16[row, i * (block // 2)]
                 for m in range(units):
                     for h in range(2):
-                        o16[base + qs // 2 + (m * 8 + j) * 2 + h] = w16[row, i * (block // 2) + 1 + m * 2 + h]
+                        o16[base + qs // 2 + (m * 8 + j) * 2 + h] = w16[row, i * (block // 2) + file_qs // 2 + m * 2 + h]
 
 
 def pack_q4_0(w, out, g0, g1):
-    _pack_d_qs(w, out, g0, g1, _Q4_0_BYTES, _P4_0_BLOCK, _P4_0_QS)
+    _pack_d_qs(w, out, g0, g1, _Q4_0_BYTES, _P4_0_BLOCK, _P4_0_QS, _FILE_QS_Q4_0)
+
+
+def pack_q5_0(w, out, g0, g1):
+    _pack_d_qs(w, out, g0, g1, _Q5_0_BYTES, _P5_0_BLOCK, _P5_0_QS, _FILE_QS_Q5_0)
+    nb, o8 = w.shape[1] // _Q5_0_BYTES, out.reshape(-1)
+    for g in range(g0, g1):
+        for i in range(nb):
+            for j in range(8):
+                o = i * _Q5_0_BYTES + 2
+                qh = 0
+                for n in range(4):
+                    qh |= int(w[8 * g + j, o + n]) << (8 * n)
+                for b in range(4):  # byte b's bit k: value 4k + b's fifth bit
+                    byte = 0
+                    for k in range(8):
+                        byte |= ((qh >> (4 * k + b)) & 1) << k
+                    o8[(g * nb + i) * _P5_0_BLOCK + _P5_0_HIGH + 4 * j + b] = byte
 
 
 def pack_q8_0(w, out, g0, g1):
-    _pack_d_qs(w, out, g0, g1, _Q8_0_BYTES, _P8_0_BLOCK, _P8_0_QS)
+    _pack_d_qs(w, out, g0, g1, _Q8_0_BYTES, _P8_0_BLOCK, _P8_0_QS, _FILE_QS_Q8_0)
 
 
 def pack_q4_k(w, out, g0, g1):

@@ -807,28 +807,38 @@ def _dot_q6_k(e, p):
 _F16_STEP, _F16_EPR = 32, 8
 
 
-def _half_row(e, row, x16, n, load8, load1, reduce):
-    """ggml's 16-bit float dot products (vec_dot_f16/bf16 on AVX2): four <8 x float> sums,
-    sum[j] = fma(x, y, sum[j]) over elements 8j..8j+7 of each 32 (load8 widens 8 values at a
-    byte offset), reduce((sum0 + sum2) + (sum1 + sum3)) widened to double, then the n % 32
-    leftovers' float products added in double, in order (load1: one value); stored as float."""
+def _half_rows(e, row, xs, n, load_row, load_x, reduce):
+    """ggml's 16-bit float dot products (vec_dot_f16/bf16 on AVX2) of one row with each of xs:
+    four <8 x float> sums, sum[j] = fma(x, y, sum[j]) over elements 8j..8j+7 of each 32,
+    reduce((sum0 + sum2) + (sum1 + sum3)) widened to double, then the n % 32 leftovers' float
+    products added in double, in order; one float32 per x. load_row / load_x (base, element
+    index, 8 or 0) give 8 of their values (or one) as float; the row's are widened once for
+    all the xs."""
     b = e.b
-    row, x16 = (b.bitcast(v, I8.as_pointer()) for v in (row, x16))
     steps = b.sdiv(n, ir.Constant(I64, _F16_STEP))
+    per = _F16_STEP // _F16_EPR
 
     def step(i, accs):
-        o = e.index(i, 2 * _F16_STEP)
-        return [e.fmuladd(load8(row, e.plus(o, 2 * _F16_EPR * j)), load8(x16, e.plus(o, 2 * _F16_EPR * j)), acc)
-                for j, acc in enumerate(accs)]
-    sums = e.block_loop(steps, [_zeros(8)] * (_F16_STEP // _F16_EPR), step)
-    total = b.fpext(reduce(b.fadd(b.fadd(sums[0], sums[2]), b.fadd(sums[1], sums[3]))), F64)
+        at = [e.index(i, _F16_STEP, _F16_EPR * j) for j in range(per)]
+        w = [load_row(row, o, _F16_EPR) for o in at]
+        return [e.fmuladd(w[j], load_x(x, at[j], _F16_EPR), accs[per * k + j])
+                for k, x in enumerate(xs) for j in range(per)]
+    sums = e.block_loop(steps, [_zeros(8)] * (per * len(xs)), step)
+    totals = [b.fpext(reduce(b.fadd(b.fadd(s[0], s[2]), b.fadd(s[1], s[3]))), F64)
+              for s in (sums[per * k:per * k + per] for k in range(len(xs)))]
     done = e.index(steps, _F16_STEP)
 
     def leftover(i, accs):
-        o = e.index(b.add(done, i), 2)
-        return [b.fadd(accs[0], b.fpext(b.fmul(load1(row, o), load1(x16, o)), F64))]
-    total, = e.block_loop(b.sub(n, done), [total], leftover)
-    return b.fptrunc(total, F32)
+        at = b.add(done, i)
+        w = load_row(row, at, 0)
+        return [b.fadd(acc, b.fpext(b.fmul(w, load_x(x, at, 0)), F64)) for acc, x in zip(accs, xs)]
+    totals = e.block_loop(b.sub(n, done), totals, leftover)
+    return [b.fptrunc(t, F32) for t in totals]
+
+
+def _f16_values(e, tab):
+    """load_row for fp16 bit patterns: 8 (GGML_F32Cx8_LOAD) or one as float."""
+    return lambda base, at, n: e.f16x8(tab, base, e.index(at, 2)) if n else e.f16(tab, base, e.index(at, 2))
 
 
 def _dot_f16(e, p):
@@ -836,15 +846,47 @@ def _dot_f16(e, p):
     exact in float32, so FMA or a multiply then an add round alike: targets without FMA give
     the same bits.)"""
     row, x16, tab, n = p
-    return _half_row(e, row, x16, n, lambda base, o: e.f16x8(tab, base, o),
-                     lambda base, o: e.f16(tab, base, o), e.reduce8)
+    values = _f16_values(e, tab)
+    row, x16 = (e.b.bitcast(v, I8.as_pointer()) for v in (row, x16))
+    return _half_rows(e, row, [x16], n, values, values, e.reduce8)[0]
 
 
 def _dot_bf16(e, p):
     """ggml_vec_dot_bf16's __AVX2__ branch: _mm256_add_ps(_mm256_mul_ps(x, y), c) steps, fused
     as GCC compiles them, then extract + movehl + movehdup, hsum8's order."""
     row, x16, n = p
-    return _half_row(e, row, x16, n, lambda base, o: e.bf16(base, o, 8), e.bf16, e.hsum8)
+    row, x16 = (e.b.bitcast(v, I8.as_pointer()) for v in (row, x16))
+
+    def values(base, at, k):
+        return e.bf16(base, e.index(at, 2), k)
+    return _half_rows(e, row, [x16], n, values, values, e.hsum8)[0]
+
+
+@intrinsic
+def dot_f16_heads(typingctx, heads, row, xs, tab, n, out):
+    """ggml_vec_dot_f16 of one row of n fp16 bit patterns with each of the first `heads` (a
+    constant) rows of xs, float32 numbers that are fp16 values (so each product is the fp16
+    one's): out[g] = the g-th. The row is widened once for all of them (attention: a key or
+    value row shared by its group's query heads)."""
+    if not isinstance(heads, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(heads)
+    g = heads.literal_value
+
+    def codegen(context, builder, sig, args):
+        e = Emit(context, builder)
+        row_p, xs_p, tab_p, n, out_p = _pointers(context, builder, sig.replace(args=sig.args[1:]), args[1:])
+        stride = builder.extract_value(context.make_array(sig.args[2])(context, builder, args[2]).strides, 0)
+        xs_p = builder.bitcast(xs_p, I8.as_pointer())
+        xrows = [builder.gep(xs_p, [builder.mul(stride, ir.Constant(I64, k))]) for k in range(g)]
+
+        def floats(base, at, k):
+            return e.load(base, e.index(at, 4), F32, k)
+        results = _half_rows(e, builder.bitcast(row_p, I8.as_pointer()), xrows, n, _f16_values(e, tab_p),
+                             floats, e.reduce8)
+        for k, r in enumerate(results):
+            builder.store(r, builder.gep(out_p, [ir.Constant(I64, k)]))
+        return context.get_dummy_value()
+    return types.void(heads, row, xs, tab, types.int64, out), codegen
 
 
 _BODIES = {int(t): body for t, body in (

@@ -20,9 +20,9 @@ from numba import njit
 from ggufile.runtime.gguf.constants import GGMLType
 from ggufile.runtime.kernels.src import exports
 from ggufile.runtime.kernels.src.exports import _f16_bits, _fmuladd, _round_f16, gelu_f16, v_expf
-from ggufile.runtime.kernels.src.lanes import dot_f16
+from ggufile.runtime.kernels.src.lanes import dot_f16_heads
 from ggufile.runtime.kernels.step_layout import (
-    A_Q8_0, A_Q8_K, C_ACTS, C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED,
+    A_Q8_0, A_Q8_K, ATTN_HEADS, C_ACTS, C_EMBD, C_GELU, C_HEAD_DIM, C_N_EMBD, C_N_EXPERT, C_N_EXPERT_USED,
     C_N_FF, C_N_HEAD, C_N_KV, C_N_LAYER, C_N_ROT, C_N_VOCAB, C_NEOX, C_OUTPUT, C_OUTPUT_NORM, C_QK,
     C_QK_K, C_WINDOW, F_ATTN_SOFTCAP, F_EMBD_SCALE, F_EPS, L_ATTN_NORM, L_DOWN, L_EXPERTS,
     L_FFN_NORM, L_GATE, L_K_NORM, L_POST_ATTN_NORM, L_POST_FFN_NORM, L_Q_NORM, L_QKV_BIAS, L_ROUTER,
@@ -36,8 +36,8 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int
                                      int(GGMLType.Q5_1), int(GGMLType.Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
                                      int(GGMLType.Q5_K), int(GGMLType.Q6_K))
-_P4_0, _P4_K, _P6_K, _P8_0 = (PACKED_TYPE_BASE + _Q4_0, PACKED_TYPE_BASE + _Q4_K, PACKED_TYPE_BASE + _Q6_K,
-                              PACKED_TYPE_BASE + _Q8_0)  # packed at load
+_P4_0, _P4_K, _P5_0, _P6_K, _P8_0 = (PACKED_TYPE_BASE + _Q4_0, PACKED_TYPE_BASE + _Q4_K, PACKED_TYPE_BASE + _Q5_0,
+                                     PACKED_TYPE_BASE + _Q6_K, PACKED_TYPE_BASE + _Q8_0)  # packed at load
 
 
 def _kernel(name):
@@ -50,8 +50,9 @@ _mv_q4_0, _mv_q4_1, _mv_q5_0, _mv_q5_1, _mv_q8_0 = (
     _kernel("mv_q4_0"), _kernel("mv_q4_1"), _kernel("mv_q5_0"), _kernel("mv_q5_1"), _kernel("mv_q8_0"))
 _mv_q2_k, _mv_q3_k, _mv_q4_k, _mv_q5_k, _mv_q6_k = (
     _kernel("mv_q2_k"), _kernel("mv_q3_k"), _kernel("mv_q4_k"), _kernel("mv_q5_k"), _kernel("mv_q6_k"))
-_mv_q4_0_packed, _mv_q4_k_packed, _mv_q6_k_packed, _mv_q8_0_packed = (
-    _kernel("mv_q4_0_packed"), _kernel("mv_q4_k_packed"), _kernel("mv_q6_k_packed"), _kernel("mv_q8_0_packed"))
+_mv_q4_0_packed, _mv_q4_k_packed, _mv_q5_0_packed, _mv_q6_k_packed, _mv_q8_0_packed = (
+    _kernel("mv_q4_0_packed"), _kernel("mv_q4_k_packed"), _kernel("mv_q5_0_packed"), _kernel("mv_q6_k_packed"),
+    _kernel("mv_q8_0_packed"))
 _dq_f16, _dq_bf16 = _kernel("dq_f16"), _kernel("dq_bf16")
 _dq_q4_0, _dq_q4_1, _dq_q5_0, _dq_q5_1, _dq_q8_0 = (
     _kernel("dq_q4_0"), _kernel("dq_q4_1"), _kernel("dq_q5_0"), _kernel("dq_q5_1"), _kernel("dq_q8_0"))
@@ -108,7 +109,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q4_k_packed(w, xq, xd, xs, out, r0, r1, tab, qk_k)
         elif qt == _P6_K:
             _mv_q6_k_packed(w, xq, xd, xs, out, r0, r1, tab, qk_k)
-    elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0 or qt == _P4_0 or qt == _P8_0:
+    elif qt == _Q4_0 or qt == _Q4_1 or qt == _Q5_0 or qt == _Q5_1 or qt == _Q8_0 or qt == _P4_0 or qt == _P5_0 \
+            or qt == _P8_0:
         xq, xd, xs = _rows(acts[0], 0, n, k), _rows(acts[1], 0, n, k // qk), _rows(acts[2], 0, n, k // qk)
         if qt == _Q4_0:
             _mv_q4_0(w, xq, xd, out, r0, r1, tab, qk)
@@ -122,6 +124,8 @@ def _matvec(blob, tensors, t, x, acts, out, r0, r1, tab, qk, qk_k):
             _mv_q8_0(w, xq, xd, out, r0, r1, tab, qk)
         elif qt == _P4_0:
             _mv_q4_0_packed(w, xq, xd, out, r0, r1, tab, qk)
+        elif qt == _P5_0:
+            _mv_q5_0_packed(w, xq, xd, out, r0, r1, tab, qk)
         elif qt == _P8_0:
             _mv_q8_0_packed(w, xq, xd, out, r0, r1, tab, qk)
     # no else: the packer (model/step.py) admits only the types above, a test keeps the two equal
@@ -289,36 +293,67 @@ def _add_bias(bias, vecs, q, k, v):
 
 
 @njit(fastmath=False)
-def _attend(cache_layer, cfg, window, softcap, pos, h, q, k_cache, v_cache, scores, tab, out):
-    """Head h of softmax(q.K) V for the query at position pos over the keys it sees (ops.attention
-    with one query; q, out: the token's rows; the cache holds fp16 bit patterns). q.k is
-    ggml_vec_dot_f16 of the fp16 key and the fp16-rounded query, as llama.cpp's KQ product on
-    its float16 K cache; scores soft-capped where softcap > 0 (ops.softcap); the probabilities
-    rounded to float16 and dotted with each row of the transposed V cache (n_kv, head_dim, n_ctx)."""
+def _attend_heads(heads, cache_layer, cfg, window, softcap, pos, h0, q, k_cache, v_cache, scores, tab, out):
+    """Heads h0..h0+heads-1 (a constant; one kv head's) of softmax(q.K) V for the query at
+    position pos over the keys it sees (ops.attention with one query; q, out: the token's rows;
+    the cache holds fp16 bit patterns; scores: (ATTN_HEADS, n_ctx)). q.k is ggml_vec_dot_f16 of
+    the fp16 key and the fp16-rounded query, as llama.cpp's KQ product on its float16 K cache;
+    scores soft-capped where softcap > 0 (ops.softcap); the probabilities rounded to float16
+    and dotted with each row of the transposed V cache (n_kv, head_dim, n_ctx). Each key and
+    value row is widened once for all the heads (lanes.dot_f16_heads: each head's sums in its
+    own order, the same bits as one head alone)."""
     H, KV, D = cfg[C_N_HEAD], cfg[C_N_KV], cfg[C_HEAD_DIM]
     first = max(0, pos - window + 1) if window > 0 else 0
-    kv = h // (H // KV)
-    qh = q[h * D:(h + 1) * D]
-    q16 = np.empty(D, np.uint16)
-    for i in range(D):
-        q16[i] = np.uint16(_f16_bits(qh[i]))
-    best = -np.inf
+    kv = h0 // (H // KV)
+    qf = np.empty((heads, D), np.float32)
+    for g in range(heads):
+        for i in range(D):
+            qf[g, i] = _round_f16(q[(h0 + g) * D + i])
+    s = np.empty(heads, np.float32)
+    best = np.full(heads, -np.inf, np.float32)
     for j in range(first, pos + 1):
-        s = dot_f16(k_cache[cache_layer, kv, j], q16, tab, D)
-        if softcap > 0:
-            s = np.float32(np.tanh(s * np.float32(1.0 / softcap))) * softcap
-        scores[j] = s
-        best = max(best, s)
+        dot_f16_heads(heads, k_cache[cache_layer, kv, j], qf, tab, D, s)
+        for g in range(heads):
+            v = s[g]
+            if softcap > 0:
+                v = np.float32(np.tanh(v * np.float32(1.0 / softcap))) * softcap
+            scores[g, j] = v
+            best[g] = max(best[g], v)
     # softmax and V^T times the fp16 probabilities (ggml_vec_dot_f16) over the cache's cells,
-    # which llama.cpp pads to a multiple of 32 (masked past pos and before the window: exp 0)
+    # which llama.cpp pads to a multiple of 32 (masked past pos and before the window: 0)
     n_kv = min((pos + 1 + 31) // 32 * 32, v_cache.shape[3])
-    inv = np.float32(1.0 / _softmax_exp(scores, first, pos + 1, n_kv, best))
-    p16 = np.zeros(n_kv, np.uint16)
-    for j in range(first, pos + 1):
-        p16[j] = np.uint16(_f16_bits(scores[j] * inv))
-    o = out[h * D:(h + 1) * D]
+    for g in range(heads):
+        p = scores[g]
+        inv = np.float32(1.0 / _softmax_exp(p, first, pos + 1, n_kv, best[g]))
+        for j in range(first, pos + 1):
+            p[j] = _round_f16(p[j] * inv)
+        p[:first] = 0
+        p[pos + 1:n_kv] = 0
     for i in range(D):
-        o[i] = dot_f16(v_cache[cache_layer, kv, i], p16, tab, n_kv)
+        dot_f16_heads(heads, v_cache[cache_layer, kv, i], scores, tab, n_kv, s)
+        for g in range(heads):
+            out[(h0 + g) * D + i] = s[g]
+
+
+@njit(fastmath=False)
+def _attend(cache_layer, cfg, window, softcap, pos, h0, heads, q, k_cache, v_cache, scores, tab, out):
+    """_attend_heads of `heads` (1..ATTN_HEADS) heads from h0."""
+    if heads == 4:
+        _attend_heads(4, cache_layer, cfg, window, softcap, pos, h0, q, k_cache, v_cache, scores, tab, out)
+    elif heads == 3:
+        _attend_heads(3, cache_layer, cfg, window, softcap, pos, h0, q, k_cache, v_cache, scores, tab, out)
+    elif heads == 2:
+        _attend_heads(2, cache_layer, cfg, window, softcap, pos, h0, q, k_cache, v_cache, scores, tab, out)
+    else:
+        _attend_heads(1, cache_layer, cfg, window, softcap, pos, h0, q, k_cache, v_cache, scores, tab, out)
+
+
+@njit
+def _heads_per_call(n_tok, KV, group, n_threads):
+    """How many of a kv head's query heads one _attend call serves: its whole group (at most
+    ATTN_HEADS) while there are (token, kv head) pairs enough to keep the threads busy, else
+    one (a decode with one kv head)."""
+    return min(group, ATTN_HEADS) if n_tok * KV >= 2 * n_threads else 1
 
 
 @njit(fastmath=False)
@@ -434,10 +469,15 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
         if not barrier(sync, n_threads):
             return 1
         window = cfg[C_WINDOW] if lay[L_SWA] else 0
-        for item in range(tid, N * H, n_threads):  # (token, head) pairs, dealt in turn
-            t = item // H
-            _attend(seqs[t] * n_layer + il, cfg, window, softcap, positions[t], item % H, q[t],
-                    k_cache, v_cache, scores[tid], tab, att[t])
+        group = H // KV
+        per = _heads_per_call(N, KV, group, n_threads)
+        calls = KV * ((group + per - 1) // per)  # per token
+        own = scores[tid].reshape((ATTN_HEADS, -1))
+        for item in range(tid, N * calls, n_threads):  # (token, kv head, heads) triples, dealt in turn
+            t, c = item // calls, item % calls
+            h0 = (c // (calls // KV)) * group + (c % (calls // KV)) * per
+            _attend(seqs[t] * n_layer + il, cfg, window, softcap, positions[t], h0,
+                    min(per, group - (h0 % group)), q[t], k_cache, v_cache, own, tab, att[t])
         if not barrier(sync, n_threads):
             return 1
         _quantize(work[W_ATT], H * D, a, t0, t1, cfg)

@@ -43,7 +43,11 @@ groups straight from the packed rows, 3 loads and a few bit steps per 4 groups (
 scale shuffles, 8 rows a vector: 2x the one-row kernel), and a prompt from 16 tokens unpacks
 each 8 rows once into the tile (`unpack_packed`) for all its tokens.
 
-With AVX512-VNNI (the x86-64-v4-vnni variant), packed Q4_0/Q4_K/Q8_0 matrices go 16 rows at a
+Q5_0 packed at load keeps Q4_0's nibble vectors and one vector of the 8 rows' fifth bits per
+block (packing.py): a group is its nibbles ORed with its bit moved to 16, the tile's values + 16
+straight from the packed rows (gemma-3-270m's 640-wide matrices are Q5_0 in its Q4_K_M file).
+
+With AVX512-VNNI (the x86-64-v4-vnni variant), packed Q4_0/Q4_K/Q5_0/Q8_0 matrices go 16 rows at a
 time: one 512-bit vector holds two 8-row groups' vectors side by side (`_Packed16`), so every
 integer and float step covers 16 rows in one instruction, each row's lanes and float order its
 own (the same bits). Q6_K prompts unpack 16 rows into a tile whose vectors each hold both
@@ -93,12 +97,12 @@ _QK_TILE_BYTES, _Q4_K_TILE_BYTES = (QK // 4) * 32, (QK_K // 4) * 32
 _BLOCK_BYTES = {q: QUANT_TABLE[GGMLType(q % lanes.REPACKED)].type_size for q in (_Q4_0, _Q4_K, _Q6_K, *LANE_TYPES)}
 # tsm int16 per block: Q4_K 8 scale + 4 min vectors of 16; Q6_K 16 scale + 8 scale-pair vectors
 TSM_PER_BLOCK, TSM_Q6_K_PER_BLOCK, TD_PER_BLOCK = 12 * 16, 24 * 16, 16
-_PACKED_LAYOUT = {q: PACKED_LAYOUT[GGMLType(q % lanes.REPACKED)] for q in (_Q4_0, _Q4_K, _Q6_K, _Q8_0)}
+_PACKED_LAYOUT = {q: PACKED_LAYOUT[GGMLType(q % lanes.REPACKED)] for q in (_Q4_0, _Q4_K, _Q5_0, _Q6_K, _Q8_0)}
 # How far ahead a packed matrix's block loop asks for its cache lines (0: not at all). A decode
 # streams the rows from memory; for Q4_0, whose loop is short, the hardware prefetcher alone
 # left a sixth of the bandwidth unused (1.2 GB, 2 threads: 20.6 -> 25.6 GB/s, a STREAM-like read
 # 30); Q4_K's longer loop lost speed with any distance tried (23.1 -> 15-21 GB/s).
-PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q6_K: 0, _Q8_0: 1024}
+PREFETCH_BYTES = {_Q4_0: 1024, _Q4_K: 0, _Q5_0: 1024, _Q6_K: 0, _Q8_0: 1024}
 # From this many tokens a matmul goes through the tiles; below, the copy costs more than it
 # saves. Q4_0 gains even for one token: its vec_dot order needs a horizontal sum per block and
 # row, which the tile does 8 rows at a time (2048 x 2048, one thread: 1.6x at 1 token, 7x at 64).
@@ -112,8 +116,8 @@ _Q4_0_MIN, _Q4_K_MIN, _Q6_K_MIN, _LANES_MIN = MIN_TOKENS[_Q4_0], MIN_TOKENS[_Q4_
 # left much of the bandwidth unused (Zen 5, 57344 x 4096 Q4_K, one token, one thread: 8 rows
 # 38-42 GB/s, 16 rows 27; 8B Q4_K_M decode 10-11 -> 14.1-14.6 tok/s on 2 threads); at 2 tokens
 # 8 rows were still faster for Q4_0/Q4_K (213 against 140 GOP/s), 16 for Q8_0 (140 against 105).
-WIDE_MIN_TOKENS = {_Q4_0: 3, _Q4_K: 3, _Q8_0: 2}
-_Q4_0_WIDE, _Q4_K_WIDE, _Q8_0_WIDE = WIDE_MIN_TOKENS[_Q4_0], WIDE_MIN_TOKENS[_Q4_K], WIDE_MIN_TOKENS[_Q8_0]
+WIDE_MIN_TOKENS = {_Q4_0: 3, _Q4_K: 3, _Q5_0: 2, _Q8_0: 2}
+_Q4_0_WIDE, _Q4_K_WIDE, _Q5_0_WIDE, _Q8_0_WIDE = (WIDE_MIN_TOKENS[q] for q in (_Q4_0, _Q4_K, _Q5_0, _Q8_0))
 
 
 def _transpose8(e, rows):
@@ -345,14 +349,25 @@ class _Packed(_Tile):
             return self.e.load(self.rows, self._at(i, "qs", 32 * k), I8, 32)
         if self.q == _Q6_K:
             return self._q6_k_group(i, s, k)
+        if self.q == _Q5_0:
+            return self.e.b.or_(self._nibbles(i, 0, k % 4, k // 4), self._q5_0_fifth_bits(i, k))
         if self.q == _Q4_0:  # vector m's low nibbles are values 4m.., its high ones 16 + 4m..
             chunk, m, high = 0, k % 4, k // 4
         else:  # sub-block s: chunk s // 2, low nibbles for s even
             chunk, m, high = s // 2, k, s % 2
+        return self._nibbles(i, chunk, m, high)
+
+    def _nibbles(self, i, chunk, m, high):
         bits = self.e.load(self.rows, self._at(i, "qs", 256 * chunk + 32 * m), I8, 32)
         if high:
             bits = self.e.b.lshr(bits, _splat(I8, 32, 4))
         return self.e.b.and_(bits, _splat(I8, 32, 15))
+
+    def _q5_0_fifth_bits(self, i, k):
+        """Group k's fifth bits as 16 (packing.py's `high`: bit k of each byte)."""
+        b, v = self.e.b, self.e.load(self.rows, self._at(i, "high"), I8, 32)
+        v = b.shl(v, _splat(I8, 32, 4 - k)) if k < 4 else (b.lshr(v, _splat(I8, 32, k - 4)) if k > 4 else v)
+        return b.and_(v, _splat(I8, 32, 16))
 
     def d(self, i, which=0):
         return self.e.f16x8(self.tab, self.rows, self._at(i, "d", 16 * which))
@@ -659,6 +674,8 @@ def _wide_enough(qtype, n_tok):
         return n_tok >= _Q4_0_WIDE
     if qtype == _Q4_K:
         return n_tok >= _Q4_K_WIDE
+    if qtype == _Q5_0:
+        return n_tok >= _Q5_0_WIDE
     if qtype == _Q8_0:
         return n_tok >= _Q8_0_WIDE
     return qtype == _Q6_K and n_tok >= _Q6_K_MIN
