@@ -241,11 +241,12 @@ METRICS = [("load_s", "load (s)", ".2f"), ("pp128", "prefill 128 (tok/s)", ".1f"
            ("peak_rss_mib", "peak RSS (MiB)", ".0f")]
 
 
-def format_table(model: str, rounds: list[list[dict]], bandwidth: float | None = None) -> str:
+def format_table(model: str, rounds: list[list[dict]], bandwidths: list[float] | None = None) -> str:
     """A Markdown table, one column per engine (the median over rounds), plus one ratio column
     ggufile / each other engine: the median of the rounds' ratios, and their range when there
     are several rounds (each round runs the engines one after the other, so a ratio compares
-    figures measured under the same load)."""
+    figures measured under the same load). bandwidths: one read bandwidth per round, taken
+    right after it (a shared VM's moves from minute to minute)."""
     results = [_median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     names = [r["engine"] for r in results]
     n_others = len(results) - 1 if names[0] == "ggufile" else 0
@@ -261,14 +262,24 @@ def format_table(model: str, rounds: list[list[dict]], bandwidth: float | None =
             spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
             row.append(f"{float(np.median(ratios)):.2f}×{spread}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
-    if bandwidth:
-        per_token = decode_bytes(model)
-        tg = f"tg{DECODE_TOKENS}"
-        lines += ["", f"memory bandwidth ({results[0]['threads']} threads, 1 GB read): {bandwidth:.1f} GB/s; "
-                  f"weights read per token: {per_token / 1e9:.3f} GB; decode at "
-                  + ", ".join(f"{r['engine']} {r[tg] * per_token / 1e9 / bandwidth:.0%}" for r in results)
-                  + " of it"]
+    if bandwidths:
+        lines += ["", _bandwidth_line(model, rounds, bandwidths)]
     return "\n".join(lines)
+
+
+def _bandwidth_line(model: str, rounds: list[list[dict]], bandwidths: list[float]) -> str:
+    """The rounds' read bandwidths and each engine's decode as a share of its round's reading:
+    the median share, and the range over the rounds."""
+    per_token, tg = decode_bytes(model), f"tg{DECODE_TOKENS}"
+    read = f"{min(bandwidths):.1f}-{max(bandwidths):.1f}" if len(bandwidths) > 1 else f"{bandwidths[0]:.1f}"
+    shares = []
+    for i, r in enumerate(rounds[0]):
+        share = sorted(rnd[i][tg] * per_token / 1e9 / gbs for rnd, gbs in zip(rounds, bandwidths))
+        spread = f" ({share[0]:.0%}-{share[-1]:.0%})" if len(share) > 1 else ""
+        shares.append(f"{r['engine']} {float(np.median(share)):.0%}{spread}")
+    return (f"memory bandwidth ({rounds[0][0]['threads']} threads, 1 GB read, after each round): {read} GB/s; "
+            f"weights read per token: {per_token / 1e9:.3f} GB; decode at " + ", ".join(shares)
+            + " of its round's reading")
 
 
 def _median_result(runs: list[dict]) -> dict:
@@ -306,7 +317,7 @@ def bench_command(model_path, threads, repeats, compare, transformers_python, ro
                    "(pip install 'ggufile[bench]' for the side-by-side run)", err=True)
     if transformers_python:
         engines.append("transformers")
-    all_rounds = []
+    all_rounds, readings = [], []
     for _ in range(rounds):
         results = [r for r in (_run_worker(e, model_path, threads, repeats, transformers_python)
                                for e in engines) if r]
@@ -315,8 +326,9 @@ def bench_command(model_path, threads, repeats, compare, transformers_python, ro
         if all_rounds and len(results) != len(all_rounds[0]):
             continue  # an engine failed this round: its ratios would not be comparable
         all_rounds.append(results)
-    gbs = bandwidth_gbs(threads) if bandwidth else None
-    click.echo(format_table(model_path, all_rounds, gbs))
+        if bandwidth:
+            readings.append(bandwidth_gbs(threads))
+    click.echo(format_table(model_path, all_rounds, readings))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ def test_rounds_give_medians_and_the_ratios_range():
     assert "| prefill 128 (tok/s) | 100.0 | 200.0 | 0.50× (0.25-1.00) |" in bench.format_table("m.gguf", rounds)
 
 
+def test_each_rounds_decode_is_a_share_of_its_own_bandwidth_reading(monkeypatch):
+    monkeypatch.setattr(bench, "decode_bytes", lambda model: 2 * 10**9)  # 2 GB a token
+    rounds = [[_fake("ggufile", s), _fake("llama.cpp", 1)] for s in (1, 2)]  # ggufile 10, 20 tok/s
+    line = bench.format_table("m.gguf", rounds, [40.0, 20.0]).splitlines()[-1]
+    assert line == ("memory bandwidth (2 threads, 1 GB read, after each round): 20.0-40.0 GB/s; weights read "
+                    "per token: 2.000 GB; decode at ggufile 125% (50%-200%), llama.cpp 75% (50%-100%) of its "
+                    "round's reading")
+
+
 def test_no_ratio_without_ggufile():
     table = bench.format_table("m.gguf", [[_fake("llama.cpp", 1), _fake("transformers", 2)]])
     assert "ggufile/" not in table
