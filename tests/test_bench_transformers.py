@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ggufile.builder import bench
@@ -43,6 +44,16 @@ def test_each_rounds_decode_is_a_share_of_its_own_bandwidth_reading(monkeypatch)
     assert line == ("memory bandwidth (2 threads, 1 GB read, after each round): 20.0-40.0 GB/s; weights read "
                     "per token: 2.000 GB; decode at ggufile 125% (50%-200%), llama.cpp 75% (50%-100%) of its "
                     "round's reading")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM")
+def test_a_workers_peak_rss_is_its_own_not_its_parents():
+    """The bench's 1 GB bandwidth read must not show in the workers it starts after it."""
+    big = np.ones(300 << 17, dtype=np.int64)  # 300 MiB, touched
+    del big
+    code = "from ggufile.builder import bench; print(bench._peak_rss_mib())"
+    peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < peak < 200
 
 
 def test_no_ratio_without_ggufile():
