@@ -165,9 +165,28 @@ class Emit:
         return self.b.add(o, ir.Constant(I64, k))
 
     def index(self, i, scale, plus=0):
-        """i * scale + plus as an i64 value."""
+        """i * scale + plus as an i64 value (plus: a constant or an i64 value)."""
         v = self.b.mul(i, ir.Constant(I64, scale))
+        if isinstance(plus, ir.Value):
+            return self.b.add(v, plus)
         return self.b.add(v, ir.Constant(I64, plus)) if plus else v
+
+    def scaled(self, k, scale, plus=0):
+        """k * scale + plus, a constant when k and plus are (each an int or an i64 value)."""
+        if isinstance(k, int):
+            return self.total(k * scale, plus)
+        return self.index(k, scale, plus)
+
+    def total(self, *terms):
+        """The sum of terms (ints or i64 values), a constant when they all are."""
+        const = sum(t for t in terms if isinstance(t, int))
+        values = [t for t in terms if not isinstance(t, int)]
+        if not values:
+            return const
+        out = values[0]
+        for v in values[1:]:
+            out = self.b.add(out, v)
+        return self.b.add(out, ir.Constant(I64, const)) if const else out
 
     # --- vectors ---
     def shuffle(self, a, b, mask):
@@ -196,6 +215,11 @@ class Emit:
     def either(self, cond, if_set, if_clear):
         """Per byte of <32 x i1> cond: the constant if_set or if_clear."""
         return self.b.select(cond, _splat(I8, 32, if_set), _splat(I8, 32, if_clear))
+
+    def opaque(self, n):
+        """The i64 constant n, hidden from LLVM (an empty asm that returns its operand): a loop
+        counted by it stays a loop, neither unrolled nor scheduled as one straight block."""
+        return self.b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [ir.Constant(I64, n)], side_effect=False)
 
     def call(self, name, ret, args):
         fnty = ir.FunctionType(ret, [a.type for a in args])

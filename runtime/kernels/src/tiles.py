@@ -245,10 +245,10 @@ def _unpack_q6_k(e, sources, tq, tsm, td, i):
             for m in range(QK // 4):
                 _store(e, tq, e.index(i, g * _Q4_K_TILE_BYTES, g * (256 * q + 32 * m) + 32 * h), src.group(i, q, m))
         for s in range(16):
-            _store(e, tsm, e.index(i, 2 * g * TSM_Q6_K_PER_BLOCK, g * 32 * s + 32 * h), src.q6_scales(i, s))
+            _store(e, tsm, e.index(i, 2 * g * TSM_Q6_K_PER_BLOCK, g * 32 * s + 32 * h), src.q6_scales(i, s // 2, s % 2))
         for p in range(8):
             _store(e, tsm, e.index(i, 2 * g * TSM_Q6_K_PER_BLOCK, g * 32 * (16 + p) + 32 * h),
-                   src.q6_scales(i, p, pair=True))
+                   src.q6_scale_pairs(i, p))
         _store(e, td, e.index(i, 4 * g * TD_PER_BLOCK, 32 * h), src.d(i))
 
 
@@ -293,16 +293,18 @@ class _Tile:
         self.skip = 0 if half is None else 32 * half  # each part is 32 bytes per 8 rows
 
     def _load(self, base, i, block_bytes, at, ty, per_group):
+        """The vector at byte `at` (an int or an i64 value) of block i's part. Here and below, a
+        (sub-)block or group index may be an i64 value: a loop over them (_group_sums16)."""
         g = self.groups
-        return self.e.load(base, self.e.index(i, g * block_bytes, g * at + self.skip), ty,
-                           per_group * self.width // ROWS)
+        plus = self.e.scaled(at, g, self.skip)
+        return self.e.load(base, self.e.index(i, g * block_bytes, plus), ty, per_group * self.width // ROWS)
 
     def prefetch(self, i):
         """The tile is in the caches already."""
 
     def group(self, i, s, k):
         """<32 x i8> a group: the 8 rows' values 4k..4k+3 of (sub-)block s of block i."""
-        return self._load(self.tq, i, self.stride, 256 * s + 32 * k, I8, 32)
+        return self._load(self.tq, i, self.stride, self.e.total(self.e.scaled(s, 256), self.e.scaled(k, 32)), I8, 32)
 
     def d(self, i, which=0):
         """<8 x float> a group: the 8 rows' d (which 0) or dmin / m (which 1) of block i."""
@@ -321,9 +323,14 @@ class _Tile:
         """Q4_K: <16 x i16> a group, row j's mins of sub-blocks 2p, 2p + 1 at elements 2j, 2j + 1."""
         return self._load(self.tsm, i, 2 * TSM_PER_BLOCK, 32 * (8 + p), I16, 16)
 
-    def q6_scales(self, i, s, pair=False):
-        """Q6_K: <16 x i16> a group, scale s of each row twice, or (pair) scales 2s, 2s + 1 of each row."""
-        return self._load(self.tsm, i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 * pair + s), I16, 16)
+    def q6_scales(self, i, q, half):
+        """Q6_K: <16 x i16> a group, scale 2q + half of each row twice (quarter q's first or
+        second 16 values)."""
+        return self._load(self.tsm, i, 2 * TSM_Q6_K_PER_BLOCK, self.e.scaled(q, 64, 32 * half), I16, 16)
+
+    def q6_scale_pairs(self, i, m):
+        """Q6_K: <16 x i16> a group, scales 2m, 2m + 1 of each row."""
+        return self._load(self.tsm, i, 2 * TSM_Q6_K_PER_BLOCK, 32 * (16 + m), I16, 16)
 
 
 class _Packed(_Tile):
@@ -334,7 +341,7 @@ class _Packed(_Tile):
         self.layout = _PACKED_LAYOUT[q]
 
     def _at(self, i, part, plus=0):
-        return self.e.index(i, self.layout.block_bytes, getattr(self.layout, part) + plus)
+        return self.e.index(i, self.layout.block_bytes, self.e.total(getattr(self.layout, part), plus))
 
     def prefetch(self, i):
         """The cache lines PREFETCH_BYTES ahead of block i."""
@@ -358,7 +365,7 @@ class _Packed(_Tile):
         return self._nibbles(i, chunk, m, high)
 
     def _nibbles(self, i, chunk, m, high):
-        bits = self.e.load(self.rows, self._at(i, "qs", 256 * chunk + 32 * m), I8, 32)
+        bits = self.e.load(self.rows, self._at(i, "qs", self.e.scaled(m, 32, 256 * chunk)), I8, 32)
         if high:
             bits = self.e.b.lshr(bits, _splat(I8, 32, 4))
         return self.e.b.and_(bits, _splat(I8, 32, 15))
@@ -385,7 +392,8 @@ class _Packed(_Tile):
     def _q6_k_group(self, i, q, m):
         """Quarter q's values 4m..4m+3 of the 8 rows (packing.py's Q6_K vectors)."""
         b, n = self.e.b, m % 4
-        vec = [self.e.load(self.rows, self._at(i, "qs", 192 * q + 96 * (m // 4) + 32 * v), I8, 32) for v in range(3)]
+        vec = [self.e.load(self.rows, self._at(i, "qs", self.e.scaled(q, 192, 96 * (m // 4) + 32 * v)), I8, 32)
+               for v in range(3)]
         if n != 2:
             return b.and_(vec[n if n < 2 else 2], _splat(I8, 32, 63))
         low = b.lshr(vec[0], _splat(I8, 32, 6))
@@ -393,11 +401,12 @@ class _Packed(_Tile):
         top = b.and_(b.lshr(vec[2], _splat(I8, 32, 2)), _splat(I8, 32, 48))
         return b.or_(low, b.or_(mid, top))
 
-    def q6_scales(self, i, s, pair=False):
-        if pair:  # the layout's own order: row j's scales 2s, 2s + 1 at bytes 2j, 2j + 1
-            return self.e.b.sext(self.e.load(self.rows, self._at(i, "scales", 16 * s), I8, 16), _vec(I16, 16))
-        v = self.e.load(self.rows, self._at(i, "scales", 16 * (s // 2)), I8, 16)
-        return self.e.b.sext(self.e.shuffle(v, None, [2 * (j // 2) + s % 2 for j in range(16)]), _vec(I16, 16))
+    def q6_scale_pairs(self, i, m):  # the layout's own order: row j's scales 2m, 2m + 1 at bytes 2j, 2j + 1
+        return self.e.b.sext(self.e.load(self.rows, self._at(i, "scales", 16 * m), I8, 16), _vec(I16, 16))
+
+    def q6_scales(self, i, q, half):
+        v = self.e.load(self.rows, self._at(i, "scales", self.e.scaled(q, 16)), I8, 16)
+        return self.e.b.sext(self.e.shuffle(v, None, [2 * (j // 2) + half for j in range(16)]), _vec(I16, 16))
 
 
 class _Packed16:
@@ -431,8 +440,31 @@ class _Packed16:
     def mins(self, i, p):
         return self._both("mins", i, p)
 
-    def q6_scales(self, i, s, pair=False):
-        return self._both("q6_scales", i, s, pair)
+    def q6_scales(self, i, q, half):
+        return self._both("q6_scales", i, q, half)
+
+    def q6_scale_pairs(self, i, m):
+        return self._both("q6_scale_pairs", i, m)
+
+
+def _group_sums16_loop(e, src, i, subs, cols, x8_at):
+    """_group_sums16 of each sub-block s of `subs` (their columns' lists), as a loop over the
+    8 groups that LLVM cannot see through (Emit.opaque): unrolled, the 64 groups of a Q4_K
+    super-block are one straight block, whose schedule unpacked every group's weights first,
+    spilled them, and reloaded one from the stack per multiply. Q4_K's sub-blocks 2c and 2c + 1
+    are the low and high nibbles of one packed vector, loaded once a group."""
+    n = len(cols)
+
+    def group(k, accs):
+        new = list(accs)
+        for h, s in enumerate(subs):
+            wv = src.group(i, s, k)
+            for c, col in enumerate(cols):
+                y = _token_bytes(e, col.x8, e.b.add(x8_at(s), e.scaled(k, 4)))
+                new[h * n + c] = e.b.add(new[h * n + c], e.maddubs(wv, y))
+        return new
+    accs = e.block_loop(e.opaque(QK // 4), [_splat(I16, 16, 0)] * (n * len(subs)), group)
+    return [accs[h * n:h * n + n] for h in range(len(subs))]
 
 
 def _group_sums16(e, src, i, s, cols, x8_at):
@@ -489,13 +521,15 @@ def _gemm_q4_k(e, src, cols, i):
     dw, dmw, w = src.d(i), src.d(i, 1), src.width
     isum = [_splat(I32, w, 0)] * len(cols)
     for s in range(QK_K // 32):
-        at = e.index(i, QK_K, 32 * s)
         if e.vnni:  # the same integers: row j's 32-value sum times its scale
             scales = src.scales32(i, s)
-            isum = [e.b.add(a, e.b.mul(s32, scales)) for a, s32 in zip(isum, _group_sums32(e, src, i, s, cols, at))]
-        else:
-            scales = src.scales(i, s)
-            isum = [e.b.add(a, e.madd(s16, scales)) for a, s16 in zip(isum, _group_sums16(e, src, i, s, cols, at))]
+            sums = _group_sums32(e, src, i, s, cols, e.index(i, QK_K, 32 * s))
+            isum = [e.b.add(a, e.b.mul(s32, scales)) for a, s32 in zip(isum, sums)]
+        elif s % 2 == 0:
+            pair = _group_sums16_loop(e, src, i, (s, s + 1), cols, lambda s: e.index(i, QK_K, 32 * s))
+            for sub, sums in zip((s, s + 1), pair):
+                scales = src.scales(i, sub)
+                isum = [e.b.add(a, e.madd(s16, scales)) for a, s16 in zip(isum, sums)]
     out = []
     for col, si in zip(cols, isum):
         imin = _splat(I32, w, 0)
@@ -542,20 +576,29 @@ def _gemm_q6_k(e, src, cols, i):
     (d_x * d_w), sumi_m the sum over the quarters q of scale(q, m // 4) * (values 4m..4m+3 of
     quarter q . y), offset_m = 32 * (bsums 2m, 2m + 1 . scales 2m, 2m + 1): ggml's q6_K lanes."""
     dw, w = src.d(i), src.width
-    sumis = [[_splat(I32, w, 0)] * 8 for _ in cols]
-    for q in range(QK_K // 32):
+
+    def quarter(q, flat):
+        sumis = [flat[8 * c:8 * c + 8] for c in range(len(cols))]
         for m in range(QK // 4):
-            wv, scales = src.group(i, q, m), src.q6_scales(i, 2 * q + m // 4)
+            wv, scales = src.group(i, q, m), src.q6_scales(i, q, m // 4)
             for col, sumi in zip(cols, sumis):
-                y = _token_bytes(e, col.x8, e.index(i, QK_K, 32 * q + 4 * m), w)
+                y = _token_bytes(e, col.x8, e.index(i, QK_K, e.scaled(q, 32, 4 * m)), w)
                 sumi[m] = e.madd_add(sumi[m], e.maddubs(wv, y), scales)
+        return [v for sumi in sumis for v in sumi]
+    flat = [_splat(I32, w, 0)] * (8 * len(cols))
+    if e.vnni:
+        for q in range(QK_K // 32):
+            flat = quarter(q, flat)
+    else:  # a loop LLVM keeps (_group_sums16_loop)
+        flat = e.block_loop(e.opaque(QK_K // 32), flat, quarter)
+    sumis = [flat[8 * c:8 * c + 8] for c in range(len(cols))]
     out = []
     for col, sumi in zip(cols, sumis):
         d = e.b.fmul(e.broadcast(_scalar(e, col.xd, i), w), dw)
         new = []
         for m in range(8):
             pair = e.b.bitcast(e.broadcast(_scalar(e, col.yc, e.index(i, 8, m)), w), _vec(I16, 2 * w))
-            offset = e.b.shl(e.madd(src.q6_scales(i, m, pair=True), pair), _splat(I32, w, 5))
+            offset = e.b.shl(e.madd(src.q6_scale_pairs(i, m), pair), _splat(I32, w, 5))
             new.append(e.fmuladd(e.b.sitofp(e.b.sub(sumi[m], offset), _vec(F32, w)), d, col.accs[m]))
         out.append(new)
     return out
