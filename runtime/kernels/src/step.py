@@ -471,11 +471,12 @@ def decode_token(tid, n_threads, sync, blob, tensors, layers, vecs, cfg, cfg_f, 
         window = cfg[C_WINDOW] if lay[L_SWA] else 0
         group = H // KV
         per = _heads_per_call(N, KV, group, n_threads)
-        calls = KV * ((group + per - 1) // per)  # per token
+        chunks = (group + per - 1) // per  # calls per kv head
+        calls = KV * chunks  # per token
         own = scores[tid].reshape((ATTN_HEADS, -1))
         for item in range(tid, N * calls, n_threads):  # (token, kv head, heads) triples, dealt in turn
             t, c = item // calls, item % calls
-            h0 = (c // (calls // KV)) * group + (c % (calls // KV)) * per
+            h0 = (c // chunks) * group + (c % chunks) * per
             _attend(seqs[t] * n_layer + il, cfg, window, softcap, positions[t], h0,
                     min(per, group - (h0 % group)), q[t], k_cache, v_cache, own, tab, att[t])
         if not barrier(sync, n_threads):
